@@ -1,0 +1,16 @@
+"""LLaDA and Dream in JAX. Public contract:
+
+    from qdllm_jax.models import load_pretrained
+    model = load_pretrained(path)            # a local HF directory (config.json + safetensors)
+    logits = model(input_ids)                # int32 [B, T] -> float32 [B, T, vocab]
+"""
+from qdllm_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from qdllm_jax.models.dream import DREAM_7B, dream_config
+from qdllm_jax.models.llada import LLADA_8B, llada_config
+from qdllm_jax.models.model import Model
+from qdllm_jax.models.transformer import block_forward, forward, init_params, num_params
+
+try:  # checkpoint I/O (models/checkpoint_io.py) is added by the foundation's I/O work
+  from qdllm_jax.models.checkpoint_io import load_pretrained, save_pretrained, stream_blocks  # noqa: F401
+except ImportError:  # pragma: no cover
+  pass

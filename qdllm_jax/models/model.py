@@ -1,0 +1,33 @@
+"""`Model`: a params pytree plus its static config, callable as `model(input_ids, attention_mask=None)`.
+
+A `flax.struct.dataclass`, so a Model is itself a pytree: pass it straight into `jax.jit`ted samplers and
+estimators (the config is static aux data, the params are leaves).
+"""
+from __future__ import annotations
+
+import jax
+from flax import struct
+
+from qdllm_jax.models import transformer
+from qdllm_jax.models.config import ModelConfig
+
+
+@struct.dataclass
+class Model:
+  """A LLaDA or Dream network.
+
+  `model(input_ids, attention_mask=None)`: int32 [B, T] (mask bool/int [B, T], 1 = real token) ->
+  float32 logits [B, T, vocab], the same convention as the PyTorch original's forward (Dream: unshifted).
+  """
+  params: dict
+  config: ModelConfig = struct.field(pytree_node=False)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    return transformer.forward_jit(self.params, self.config, input_ids, attention_mask)
+
+  @property
+  def mask_id(self) -> int:
+    return self.config.mask_id
+
+  def replace_params(self, params: dict) -> "Model":
+    return self.replace(params=params)
