@@ -1,0 +1,90 @@
+"""Device meshes and the one table of logical-axis rules (MaxText style).
+
+Every array dimension the project shards carries a *logical* name; `LOGICAL_RULES` maps logical names to
+mesh axes, in one place. Change the rules (or pass your own) to change the parallelism; the model and
+solver code never name mesh axes directly.
+
+Logical names:
+  batch  calibration / evaluation sequences          -> "data"
+  embed  the residual width D                        -> None (replicated)
+  heads  attention projections' head*dim width       -> "model"
+  kv     KV projections' width (few heads under GQA)  -> None
+  mlp    SwiGLU hidden width F                        -> "model"
+  vocab  embedding / LM-head rows                     -> "model"
+  rows   a weight's output rows inside a solver       -> "model"
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from qdllm_jax.errors import ConfigError
+
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"), ("embed", None), ("heads", "model"), ("kv", None), ("mlp", "model"),
+    ("vocab", "model"), ("rows", "model"))
+
+# Logical axes of each canonical param (weights are [out, in]).
+PARAM_AXES = {
+    "embed": ("vocab", "embed"), "head": ("vocab", "embed"), "final_norm": ("embed",),
+    "attn_norm": ("embed",), "ff_norm": ("embed",),
+    "q": ("heads", "embed"), "k": ("kv", "embed"), "v": ("kv", "embed"), "o": ("embed", "heads"),
+    "q_bias": ("heads",), "k_bias": ("kv",), "v_bias": ("kv",),
+    "gate": ("mlp", "embed"), "up": ("mlp", "embed"), "down": ("embed", "mlp")}
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> Mesh:
+  """A mesh of `prod(shape)` devices with explicit `axis_types` (Auto: XLA propagates the rest).
+
+  Raises ConfigError when the device count does not match, naming both numbers.
+  """
+  shape, axis_names = tuple(int(s) for s in shape), tuple(axis_names)
+  if len(shape) != len(axis_names):
+    raise ConfigError(f"mesh shape {shape} and axis names {axis_names} differ in length")
+  devices = list(devices if devices is not None else jax.devices())
+  need = int(np.prod(shape))
+  if need != len(devices):
+    raise ConfigError(f"mesh {dict(zip(axis_names, shape))} needs {need} devices but {len(devices)} are "
+                      f"available; set config.mesh.shape to multiply to {len(devices)}")
+  return jax.make_mesh(shape, axis_names, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules=LOGICAL_RULES,
+                    shape: Sequence[int] | None = None) -> P:
+  """PartitionSpec for logical `axes`. A mesh axis absent from the mesh, already used, or that does not
+  divide the dimension (when `shape` is given) leaves that dimension replicated."""
+  table = dict(rules)
+  used, spec = set(), []
+  for i, name in enumerate(axes):
+    ax = table.get(name) if name is not None else None
+    ok = ax is not None and ax in mesh.axis_names and ax not in used
+    if ok and shape is not None and shape[i] % mesh.shape[ax]:
+      ok = False
+    spec.append(ax if ok else None)
+    if ok:
+      used.add(ax)
+  return P(*spec)
+
+
+def named(mesh: Mesh, axes: Sequence[str | None], shape=None, rules=LOGICAL_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, shape))
+
+
+def param_shardings(params: dict, mesh: Mesh, rules=LOGICAL_RULES):
+  """A pytree of NamedSharding matching `params` (dense leaves; other leaves are replicated)."""
+  def one(path, leaf):
+    name = next((p.key for p in reversed(path) if isinstance(p, jax.tree_util.DictKey)), None)
+    axes = PARAM_AXES.get(name)
+    shape = getattr(leaf, "shape", None)
+    if axes is None or shape is None or len(axes) != len(shape):
+      return NamedSharding(mesh, P())
+    return named(mesh, axes, shape, rules)
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def shard_params(params: dict, mesh: Mesh, rules=LOGICAL_RULES) -> dict:
+  """Place params on the mesh per the rules (device_put with the logical shardings)."""
+  return jax.device_put(params, param_shardings(params, mesh, rules))
