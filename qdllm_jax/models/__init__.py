@@ -9,8 +9,5 @@ from qdllm_jax.models.dream import DREAM_7B, dream_config
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.transformer import block_forward, forward, init_params, num_params
-
-try:  # checkpoint I/O (models/checkpoint_io.py) is added by the foundation's I/O work
-  from qdllm_jax.models.checkpoint_io import load_pretrained, save_pretrained, stream_blocks  # noqa: F401
-except ImportError:  # pragma: no cover
-  pass
+from qdllm_jax.models.checkpoint_io import (CheckpointReader, load_pretrained, load_tokenizer, load_top,
+                                           open_checkpoint, save_pretrained, stream_blocks)
