@@ -1,0 +1,7 @@
+"""Masked-diffusion samplers: LLaDA (semi-autoregressive, low-confidence remasking) and Dream.
+
+    from qdllm_jax.sampling import llada_generate, dream_generate
+"""
+from qdllm_jax.sampling.common import shift_logits, topk_row_mask
+from qdllm_jax.sampling.dream import dream_generate, dream_step_noise, dream_transfer_factors
+from qdllm_jax.sampling.llada import gumbel_precision_check, llada_generate, llada_step_noise
