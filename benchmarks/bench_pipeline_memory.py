@@ -1,0 +1,166 @@
+"""Peak host memory of the streaming quantization pipeline (one block + activations resident).
+
+Writes a random-weight checkpoint of a given shape with `save_pretrained` (sharded safetensors), then, in
+a fresh child process (so writing the checkpoint does not pollute the measurement), opens it with
+`open_checkpoint`, runs `quantize_model` on a reduced calibration set and reports:
+  * peak RSS (resource.getrusage ru_maxrss) and RSS after startup / after each block (VmRSS),
+  * the accelerator's peak bytes in use (when the backend reports memory_stats),
+  * the sizes it should be compared with: the whole checkpoint, one block, the top params (embedding,
+    head), the activations (2 x N L D: block inputs and outputs) and the largest Hessian (F^2 float32).
+A streaming pipeline's peak is ~ startup + top params + one block + activations + Hessian (+ the done
+blocks' quantized params, small at 2 bits), not the model size. tracemalloc is not used: XLA buffers are
+invisible to it.
+
+  python3 benchmarks/bench_pipeline_memory.py                       # small shape, RTN, CPU (~1 min)
+  python3 benchmarks/bench_pipeline_memory.py --shape llada8b --nsamples 8 --seqlen 512 --method gptq
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+def _small(d, heads, layers, mlp, vocab):
+  return dict(d_model=d, n_heads=heads, n_kv_heads=heads, n_layers=layers, mlp_hidden_size=mlp, vocab_size=vocab,
+              embedding_size=vocab, mask_token_id=vocab - 8, eos_token_id=vocab - 7, pad_token_id=vocab - 7,
+              bos_token_id=vocab - 6)
+
+
+SHAPES = {  # LLaDA config.json overrides
+    "tiny": _small(64, 4, 4, 192, 512),
+    "small": _small(512, 8, 8, 1536, 8192),
+    "medium": _small(1024, 8, 24, 2816, 16384),
+    "llada8b": {},  # the real LLaDA-8B shapes
+}
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, shard_bytes: int, seed: int) -> dict:
+  """A random N(0, 0.02^2) LLaDA checkpoint of the given shape; returns its sizes in bytes."""
+  import ml_dtypes
+  from qdllm_jax.models import transformer
+  from qdllm_jax.models.checkpoint_io import save_pretrained
+  from qdllm_jax.models.llada import LLADA_8B, llada_config
+  over = dict(SHAPES[shape])
+  if n_layers:
+    over["n_layers"] = n_layers
+  cfg = llada_config(LLADA_8B, **over)
+  np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+  rng = np.random.default_rng(seed)
+
+  def make(shape_, name):
+    if "norm" in name:
+      return np.ones(shape_, np_dtype)
+    return (0.02 * rng.standard_normal(shape_, dtype=np.float32)).astype(np_dtype)
+
+  shapes = transformer.param_shapes(cfg)
+  params = {k: make(v, k) for k, v in shapes.items() if k != "blocks"}
+  params["blocks"] = [{k: make(v, k) for k, v in blk.items()} for blk in shapes["blocks"]]
+  save_pretrained(params, cfg, path, max_shard_bytes=shard_bytes)
+  nbytes = lambda d: int(sum(a.nbytes for a in d.values()))  # noqa: E731
+  return dict(model=nbytes({k: v for k, v in params.items() if k != "blocks"}) + sum(map(nbytes, params["blocks"])),
+              block=nbytes(params["blocks"][0]), top=nbytes({k: v for k, v in params.items() if k != "blocks"}),
+              d_model=cfg.d_model, mlp_hidden=cfg.mlp_hidden, n_layers=cfg.n_layers, itemsize=np_dtype.itemsize)
+
+
+def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size: int, chunk_size: int,
+                 offload: bool) -> dict:
+  """Child process: quantize the checkpoint streaming; returns memory and timing numbers."""
+  import jax
+  from qdllm_jax.calib import mcs, windows
+  from qdllm_jax.models.checkpoint_io import open_checkpoint
+  from qdllm_jax.quant import pipeline, rules
+  jax.numpy.zeros(1).block_until_ready()
+  rss0 = _rss_bytes()
+  reader = open_checkpoint(ckpt)
+  cfg = reader.config
+  stream = np.random.default_rng(0).integers(0, min(cfg.vocab_size, cfg.mask_id or cfg.vocab_size),
+                                             size=nsamples * seqlen * 2).astype(np.int32)
+  ids = mcs.calibration_inputs(windows.make_windows(stream, nsamples, seqlen, 0), cfg)
+  trace = []
+
+  def on_block(state, rep):
+    trace.append(dict(block=state.next_block - 1, rss=_rss_bytes(), t=time.perf_counter() - t0,
+                      rel_err=float(np.mean([r["rel_err"] for r in rep]))))
+    print(f"block {state.next_block - 1}: rss {trace[-1]['rss'] / 2**20:.0f} MiB, "
+          f"{trace[-1]['t']:.1f} s, mean rel_err {trace[-1]['rel_err']:.4f}", file=sys.stderr, flush=True)
+
+  t0 = time.perf_counter()
+  _, report = pipeline.quantize_model(reader, ids, rules.default_rules(method, 2, group_size), chunk_size=chunk_size,
+                                      callback=on_block, offload_activations=offload)
+  dev = {}
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    dev = {k: stats[k] for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
+  except Exception:  # noqa: BLE001 - not every backend reports memory
+    pass
+  return dict(rss_startup=rss0, peak_rss=_peak_rss_bytes(), trace=trace, device=dev, seconds=time.perf_counter() - t0,
+              matrices=len(report), backend=jax.default_backend())
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+  ap.add_argument("--n-layers", type=int, default=None, help="override the number of blocks")
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  ap.add_argument("--shard-bytes", type=int, default=2**30)
+  ap.add_argument("--nsamples", type=int, default=8)
+  ap.add_argument("--seqlen", type=int, default=128)
+  ap.add_argument("--method", default="rtn", choices=["rtn", "gptq", "quant_dllm"])
+  ap.add_argument("--group-size", type=int, default=64)
+  ap.add_argument("--chunk-size", type=int, default=4)
+  ap.add_argument("--offload", action="store_true", help="keep activations in host memory")
+  ap.add_argument("--ckpt", default=None, help="existing checkpoint directory (skip writing)")
+  ap.add_argument("--out", default=None, help="write the JSON result here")
+  ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  a = ap.parse_args(argv)
+  if a.child:
+    print(json.dumps(run_pipeline(a.ckpt, a.nsamples, a.seqlen, a.method, a.group_size, a.chunk_size, a.offload)))
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpt = a.ckpt or os.path.join(tmp, "ckpt")
+    sizes = write_checkpoint(ckpt, a.shape, a.n_layers, a.dtype, a.shard_bytes, 0) if a.ckpt is None else {}
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--ckpt", ckpt, "--nsamples", str(a.nsamples),
+           "--seqlen", str(a.seqlen), "--method", a.method, "--group-size", str(a.group_size),
+           "--chunk-size", str(a.chunk_size)] + (["--offload"] if a.offload else [])
+    res = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
+  res.update(sizes=sizes, args=vars(a))
+  if sizes:
+    act = 2 * a.nsamples * a.seqlen * sizes["d_model"] * sizes["itemsize"]
+    hess = 4 * sizes["mlp_hidden"] ** 2
+    res["expected_resident"] = dict(block=sizes["block"], top=sizes["top"], activations=act, hessian=hess,
+                                    total=sizes["block"] + sizes["top"] + act + hess)
+  mib = lambda b: f"{b / 2**20:9.1f} MiB"  # noqa: E731
+  print(f"backend {res['backend']}, {res['matrices']} matrices in {res['seconds']:.1f} s")
+  if sizes:
+    print(f"checkpoint        {mib(sizes['model'])}  ({sizes['n_layers']} blocks of {mib(sizes['block']).strip()})")
+    for k, v in res["expected_resident"].items():
+      print(f"expected {k:<9}{mib(v)}")
+  print(f"RSS at startup    {mib(res['rss_startup'])}")
+  print(f"peak RSS          {mib(res['peak_rss'])}  (above startup: {mib(res['peak_rss'] - res['rss_startup'])})")
+  if res["trace"]:
+    print("RSS after blocks  " + " ".join(f"{t['rss'] / 2**20:.0f}" for t in res["trace"]) + " MiB")
+  if res["device"]:
+    print(f"device peak       {mib(res['device'].get('peak_bytes_in_use', 0))}")
+  if a.out:
+    with open(a.out, "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

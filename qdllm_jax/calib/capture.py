@@ -1,0 +1,132 @@
+"""Functional calibration passes over one transformer block.
+
+`capture_block` runs calibration activations [N, L, D] through `transformer.block_forward` in chunks of
+`chunk_size` sequences and accumulates, per linear group ("qkv", "o", "gate_up", "down"), the input
+Hessian of GPTQ:
+    H_g = (2 / n) sum_s X_{g,s}^T X_{g,s}     float32 [c_g, c_g],  X_{g,s}: [L, c_g], n = number of sequences,
+which equals the running update H <- H n/(n+1); n <- n+1; H <- H + (2/n) X^T X. q/k/v share one H (their
+common input), gate/up share one. It optionally also returns the block's outputs (the next block's
+inputs). The chunk step is jitted once per (chunk shape, config, taps): params and activations are
+arguments, never closed-over constants. A last partial chunk is taken as the final `chunk_size` rows
+(overlapping the previous chunk) with the already counted rows weighted 0, so every call has one shape.
+
+Activations may be a device array or a host NumPy array (host offload); outputs come back in the same
+kind. X^T X is computed with `Precision.HIGHEST` so accelerators do not round it to bf16/tf32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdllm_jax.errors import ConfigError
+from qdllm_jax.models import layers, transformer
+from qdllm_jax.models.config import ModelConfig
+
+TAPS = tuple(transformer.LINEAR_GROUPS)
+
+
+@dataclasses.dataclass
+class Capture:
+  """Result of `capture_block`.
+
+  Attributes:
+    hessians: {tap: float32 [c, c]} H = (2/n) sum_s X_s^T X_s for each requested tap.
+    n: number of sequences counted.
+    outputs: the block's outputs [N, L, D] (device or host array like the inputs), or None.
+  """
+  hessians: dict
+  n: int
+  outputs: object = None
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "taps", "with_outputs"))
+def _chunk_step(p, x, weight, key_mask, cfg, taps, with_outputs):
+  """One chunk: (block outputs [B, L, D] or None, {tap: sum_b weight_b X_b^T X_b float32 [c, c]})."""
+  b, t, _ = x.shape
+  pos, km = transformer.positions_and_mask(cfg, jnp.zeros((b, t), jnp.int32), key_mask)
+  cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+  out, tp = transformer.block_forward(p, x, cfg, cos, sin, km, return_taps=True)
+  xtx = {}
+  for g in taps:
+    a = tp[g].astype(jnp.float32)
+    xtx[g] = jnp.einsum("btc,btd->cd", a * weight[:, None, None], a, precision=jax.lax.Precision.HIGHEST)
+  return (out if with_outputs else None), xtx
+
+
+def _put_rows(buf, rows, start):
+  return jax.lax.dynamic_update_slice(buf, rows.astype(buf.dtype), (start,) + (0,) * (buf.ndim - 1))
+
+
+_put_donated = jax.jit(_put_rows, donate_argnums=0)
+
+
+def chunk_starts(n: int, chunk_size: int) -> list[tuple[int, int]]:
+  """[(start, first_new_row)] covering rows 0..n-1 with windows of min(chunk_size, n) rows; the last window
+  is [n - chunk_size, n) and its rows below `first_new_row` were already counted."""
+  cs = min(chunk_size, n)
+  out, s = [], 0
+  while s < n:
+    start = min(s, n - cs)
+    out.append((start, s))
+    s = start + cs
+  return out
+
+
+def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int = 8, key_mask=None,
+                  with_outputs: bool = True, host_buffer: bool | None = None) -> Capture:
+  """Run one block over the calibration activations; accumulate per-tap Hessians and the outputs.
+
+  Args:
+    p: the block's params (dense [out, in] linears; quantized ones already dequantized in place).
+    xs: [N, L, D] block inputs (jax or NumPy array, the model dtype).
+    cfg: model config (static).
+    taps: which linear-group inputs to accumulate H for (subset of "qkv", "o", "gate_up", "down").
+    chunk_size: sequences per jitted step.
+    key_mask: optional bool [N, L] (Dream padding; None for full calibration windows).
+    with_outputs: also return the block outputs [N, L, D].
+    host_buffer: collect the outputs in a host buffer (None: when xs is a NumPy array or the backend is CPU,
+      which cannot donate buffers) or in a donated device buffer.
+  Returns:
+    Capture(hessians={tap: float32 [c, c]}, n=N, outputs=[N, L, D] or None).
+  """
+  taps = tuple(taps)
+  bad = [t for t in taps if t not in TAPS]
+  if bad:
+    raise ConfigError(f"capture_block: unknown taps {bad}; expected a subset of {TAPS}")
+  if chunk_size < 1:
+    raise ConfigError(f"capture_block: chunk_size={chunk_size}; expected >= 1")
+  n = int(xs.shape[0])
+  host = isinstance(xs, np.ndarray)
+  sums = {}
+  # Outputs go to a host buffer when the inputs are on the host, or on CPU (which cannot donate buffers,
+  # so an on-device update would copy the whole buffer per chunk); else to a donated device buffer.
+  host_out = (host or jax.default_backend() == "cpu") if host_buffer is None else host_buffer
+  out = None
+  if with_outputs:
+    out = np.empty(xs.shape, xs.dtype) if host_out else jnp.empty(xs.shape, xs.dtype)
+  for start, new in chunk_starts(n, chunk_size):
+    cs = min(chunk_size, n)
+    x = jnp.asarray(xs[start:start + cs])
+    weight = (jnp.arange(start, start + cs) >= new).astype(jnp.float32)
+    km = None if key_mask is None else jnp.asarray(key_mask[start:start + cs])
+    o, xtx = _chunk_step(p, x, weight, km, cfg, taps, with_outputs)
+    for g, v in xtx.items():
+      sums[g] = v if g not in sums else sums[g] + v
+    if with_outputs:
+      if host_out:
+        out[start:start + cs] = np.asarray(o)
+      else:
+        out = _put_donated(out, o, start)
+  if with_outputs and host_out and not host:
+    out = jnp.asarray(out)
+  hessians = {g: (2.0 / n) * s for g, s in sums.items()}
+  return Capture(hessians=hessians, n=n, outputs=out)
+
+
+def block_outputs(p: dict, xs, cfg: ModelConfig, *, chunk_size: int = 8, key_mask=None):
+  """The block's outputs [N, L, D] on the calibration activations (no Hessians)."""
+  return capture_block(p, xs, cfg, taps=(), chunk_size=chunk_size, key_mask=key_mask).outputs

@@ -1,0 +1,84 @@
+"""Model-wide ABMP: block saliences from a full-precision pass, one global order allocation.
+
+Sequential quantization only knows block b's Hessians when it reaches b, so a global allocation needs
+its saliences first. This pass streams the blocks once in full precision:
+    x_0 = Embed[ids];  for each block b: H_tap = (2/n) sum_s X_s^T X_s of block_b(x_b) with FP weights,
+    sal_m[k] = sum_{i, j in column block k} W_ij^2 / U_jj^2  (U from `prepare_hessian(W, H_tap, percdamp)`,
+    dead columns zeroed, exactly as the per-matrix rule);  x_{b+1} = block_b(x_b)  (FP propagation)
+then `abmp.allocate_orders_global` assigns orders 1/2/3 over all participating matrices under one exact
+true-bits budget (planes + scales + order bytes). The sequential pass then quantizes with these orders
+fixed. Differences from the per-matrix rule: H comes from FP-propagated activations with the block's
+other linears in FP (the sequential pass would see quantized upstream weights), and blocks compete across
+matrices and layers.
+
+Participants: linears whose rule is quant_dllm with bits 2 (the ABMP setting); they must share one
+group_size (the column block) and scale_dtype.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax.numpy as jnp
+
+from qdllm_jax.calib import capture
+from qdllm_jax.errors import ConfigError
+from qdllm_jax.models import transformer
+
+log = logging.getLogger(__name__)
+SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
+
+
+def participants(plan, cfg) -> dict:
+  """{(layer, name): Rule} of the linears that take part in the global allocation (quant_dllm, 2 bits)."""
+  out = {}
+  for path, rule in plan.modules.items():
+    if rule is not None and rule.method == "quant_dllm" and rule.bits == 2:
+      out[plan.names[path]] = rule
+  if not out:
+    raise ConfigError("global ABMP needs linears quantized with method 'quant_dllm' at bits=2; the plan has none")
+  sizes = {(r.group_size, dict(r.options).get("scale_dtype", "float16")) for r in out.values()}
+  if len(sizes) != 1:
+    raise ConfigError(f"global ABMP needs one column block and scale dtype for all its matrices; the plan mixes "
+                      f"(group_size, scale_dtype) = {sorted(sizes)}")
+  return out
+
+
+def global_orders(source, x0, plan, *, ratio: float | None = 0.05, target_bits: float | None = None,
+                  chunk_size: int = 8, key_mask=None):
+  """Orders for every participating linear from one FP pass and one global allocation.
+
+  Args:
+    source: a reader (`.config`, `.block(i)`), e.g. `pipeline.as_source(model)`.
+    x0: [N, L, D] embedded calibration inputs (device or host array).
+    plan: a resolved `rules.Plan`.
+    ratio: fraction of all pooled blocks demoted to order 1 (and promoted to 3 as the budget allows).
+    target_bits: true bits per weight of the pool (planes + scales + orders); None = uniform order 2's.
+  Returns:
+    ({(layer, name): int8 orders [in / group_size]}, achieved true bits per weight).
+  """
+  from qdllm_jax.quant import abmp, hessian  # the quantizer package (written alongside)
+  cfg = source.config
+  parts = participants(plan, cfg)
+  group_size, scale_dtype = next(iter({(r.group_size, dict(r.options).get("scale_dtype", "float16"))
+                                       for r in parts.values()}))
+  if scale_dtype not in SCALE_BITS:
+    raise ConfigError(f"scale_dtype={scale_dtype!r}; expected one of {sorted(SCALE_BITS)}")
+  sal, rows = {}, {}
+  x = x0
+  for b in range(cfg.n_layers):
+    p = {k: jnp.asarray(v) for k, v in source.block(b).items()}
+    names = [n for n in transformer.LINEARS if (b, n) in parts]
+    taps = tuple(dict.fromkeys(transformer.TAP_OF[n] for n in names))
+    cap = capture.capture_block(p, x, cfg, taps=taps, chunk_size=chunk_size, key_mask=key_mask,
+                                with_outputs=b + 1 < cfg.n_layers)
+    for n in names:
+      percdamp = dict(parts[(b, n)].options).get("percdamp", 0.01)
+      ph = hessian.prepare_hessian(jnp.asarray(p[n], jnp.float32), cap.hessians[transformer.TAP_OF[n]], percdamp)
+      key = plan.path_of(b, n)
+      sal[key] = abmp.block_salience(ph.w, ph.u, group_size)
+      rows[key] = int(p[n].shape[0])
+    x = cap.outputs
+  by_path, achieved = abmp.allocate_orders_global(sal, rows, ratio=ratio, target_bits=target_bits, block=group_size,
+                                                  scale_bits=SCALE_BITS[scale_dtype])
+  log.info("global ABMP: %d matrices, %.4f true bits/weight", len(by_path), achieved)
+  return {plan.names[path]: o for path, o in by_path.items()}, float(achieved)

@@ -1,0 +1,156 @@
+"""Layer Hessians in the GPTQ convention and the inverse Cholesky factor U (GPTQ's `Hinv`).
+
+For a linear y = x W^T with W [out, in], calibration inputs give
+    H = (2/n) sum_s X_s^T X_s            X_s [tokens, in] of sequence s, n = number of sequences,
+and the layer's output error for a quantized W^ is proportional to tr((W - W^) H (W - W^)^T).
+
+`prepare_hessian` applies GPTQ's fixes in the original order:
+    dead columns (H_jj == 0):  H_jj <- 1, W[:, j] <- 0
+    delta = percdamp * mean(diag H),  U = upper Cholesky factor of (H + delta I)^-1,  (H + delta I)^-1 = U^T U.
+If (H + delta I) is not numerically positive definite (NaN in U), percdamp is multiplied by 10 and the
+factorisation retried, up to `max_percdamp`; the damping actually used is returned so the caller can log it.
+
+U is computed as J inv(chol(J Hd J)) J (J = row reversal): J Hd J = L L^T gives Hd = R R^T with
+R = J L J upper triangular, so Hd^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J. This is one Cholesky and one
+triangular inverse instead of GPTQ's chol -> cholesky_inverse -> chol, and equals it up to float rounding.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qdllm_jax.errors import QuantizationError
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+class PreparedHessian(NamedTuple):
+  """Result of `prepare_hessian`.
+
+  w: float32 [out, in], the weight with dead columns zeroed.
+  u: float32 [in, in], upper triangular, (H + delta I)^-1 = u^T u.
+  percdamp: float, the damping fraction actually used (>= the requested one after escalation).
+  delta: float, percdamp * mean(diag H) (H after the dead-column fix).
+  dead: bool [in], the dead columns (H_jj == 0).
+  """
+  w: jax.Array
+  u: jax.Array
+  percdamp: float
+  delta: float
+  dead: jax.Array
+
+
+def hessian_update(h, n, x):
+  """Running GPTQ Hessian: H <- H n/(n+m) + (2/(n+m)) sum_s X_s^T X_s, n <- n + m.
+
+  Args:
+    h: float32 [in, in], the current Hessian (zeros when n == 0).
+    n: int, number of sequences already accumulated (python int or int32 scalar).
+    x: [tokens, in] (one sequence, m = 1) or [m, tokens, in] (m sequences), any float dtype.
+  Returns:
+    (h float32 [in, in], n + m).
+  """
+  x = jnp.asarray(x)
+  m = 1 if x.ndim == 2 else x.shape[0]
+  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  nf = jnp.asarray(n, jnp.float32)
+  tot = nf + m
+  xtx = jnp.matmul(x2.T, x2, precision=_HI)
+  return h * (nf / tot) + (2.0 / tot) * xtx, n + m
+
+
+def fix_dead_columns(w, h):
+  """GPTQ's dead-column fix: where H_jj == 0 set H_jj = 1 and W[:, j] = 0.
+
+  Args: w float [out, in], h float [in, in]. Returns (w, h, dead bool [in]).
+  """
+  dead = jnp.diagonal(h) == 0
+  idx = jnp.arange(h.shape[0])
+  h = h.at[idx, idx].set(jnp.where(dead, jnp.ones((), h.dtype), jnp.diagonal(h)))
+  w = jnp.where(dead[None, :], jnp.zeros((), w.dtype), w)
+  return w, h, dead
+
+
+def tri_inv_lower(l, base: int = 512):
+  """L^-1 of a lower triangular l [n, n] by recursive 2x2 blocking (inv([[A, 0], [B, C]]) =
+  [[A^-1, 0], [-C^-1 B A^-1, C^-1]]): 2/3 n^3 flops in large matmuls instead of an n^3 triangular solve."""
+  n = l.shape[0]
+  if n <= base:
+    return jax.scipy.linalg.solve_triangular(l, jnp.eye(n, dtype=l.dtype), lower=True)
+  h = n // 2
+  a = tri_inv_lower(l[:h, :h], base)
+  c = tri_inv_lower(l[h:, h:], base)
+  b = -jnp.matmul(c, jnp.matmul(l[h:, :h], a, precision=_HI), precision=_HI)
+  top = jnp.concatenate([a, jnp.zeros((h, n - h), l.dtype)], axis=1)
+  return jnp.concatenate([top, jnp.concatenate([b, c], axis=1)], axis=0)
+
+
+def chol_inverse_upper(hd):
+  """U upper triangular with hd^-1 = U^T U (hd symmetric positive definite [n, n]); NaN if not PD."""
+  lr = jnp.linalg.cholesky(hd[::-1, ::-1])
+  return jnp.triu(tri_inv_lower(lr)[::-1, ::-1])
+
+
+@jax.jit
+def _damped_u(h, percdamp):
+  delta = percdamp * jnp.mean(jnp.diagonal(h))
+  hd = h + delta * jnp.eye(h.shape[0], dtype=h.dtype)
+  u = chol_inverse_upper(hd)
+  return u, delta, jnp.all(jnp.isfinite(u))
+
+
+_fix_dead_jit = jax.jit(fix_dead_columns)
+
+
+def prepare_hessian(w, h, percdamp: float = 0.01, max_percdamp: float = 10.0) -> PreparedHessian:
+  """Dead-column fix, damping with automatic escalation, and U = chol_upper((H + delta I)^-1).
+
+  Args:
+    w: float [out, in] weight (PyTorch layout).
+    h: float [in, in] Hessian, H = (2/n) sum X^T X.
+    percdamp: damping fraction of mean(diag H) (GPTQ default 0.01).
+    max_percdamp: the largest damping fraction tried; percdamp is multiplied by 10 on each failure.
+  Returns:
+    PreparedHessian(w, u, percdamp_used, delta, dead); arrays keep the dtype of `h` (float32 in practice).
+  Raises:
+    QuantizationError if the damped Hessian is still not positive definite at max_percdamp.
+  """
+  w = jnp.asarray(w)
+  h = jnp.asarray(h)
+  w, h, dead = _fix_dead_jit(w, h)
+  p = float(percdamp)
+  tried = []
+  while True:
+    u, delta, ok = _damped_u(h, jnp.asarray(p, h.dtype))
+    tried.append(p)
+    if bool(ok):
+      return PreparedHessian(w, u, p, float(delta), dead)
+    if p * 10.0 > max_percdamp * (1 + 1e-9):
+      raise QuantizationError(
+          f"Hessian is not positive definite even with damping percdamp={tried} (x mean diag H); "
+          f"expected a symmetric PSD H = (2/n) sum X^T X with finite entries. Check the calibration "
+          f"activations for NaN/Inf or raise max_percdamp (now {max_percdamp}).")
+    p *= 10.0
+
+
+@jax.jit
+def layer_loss(w, w_hat, h):
+  """tr((W - W^) H (W - W^)^T) for W, W^ [out, in] and H [in, in]; float32 scalar."""
+  d = (w - w_hat).astype(jnp.float32)
+  return jnp.sum(jnp.matmul(d, h.astype(jnp.float32), precision=_HI) * d)
+
+
+@jax.jit
+def relative_output_error(w, w_hat, h):
+  """tr((W - W^) H (W - W^)^T) / tr(W H W^T): the relative squared output error on the calibration set."""
+  w32 = w.astype(jnp.float32)
+  den = jnp.sum(jnp.matmul(w32, h.astype(jnp.float32), precision=_HI) * w32)
+  return layer_loss(w, w_hat, h) / den
+
+
+__all__ = [
+    "PreparedHessian", "hessian_update", "fix_dead_columns", "tri_inv_lower", "chol_inverse_upper", "prepare_hessian",
+    "layer_loss", "relative_output_error",
+]

@@ -1,0 +1,331 @@
+"""Sequential, streaming post-training quantization of a LLaDA/Dream model (Quant-dLLM §0, GPTQ convention).
+
+Only one block's weights plus the calibration activations are resident. With x_0 = Embed[calib_ids]:
+
+  for block b = 0..n_layers-1:
+    for each group of linears G, in `module_order` (default [q,k,v] -> [o] -> [gate,up] -> [down]):
+      H_G = (2/n) sum_s X_s^T X_s    over the block run on x_b with the already quantized groups in place
+      W_hat = quantize(W, H_G)       for every linear of G (one shared-H call per rule), per the plan
+    x_{b+1} = block_b(x_b) with all of its quantized weights              (sequential propagation)
+
+`module_order="llada_runner"` gives the published LLaDA runner's singleton groups attn_out, ff_out, q, k,
+v, ff_proj, up_proj (§6). A tap's H depends only on the quantized modules upstream of it, so H is cached
+per (tap, quantized upstream set) and groups reading the same input share one capture.
+
+Global ABMP (`global_abmp=...`): sequential propagation only knows a block's H when it gets there, so
+the per-128-column-block saliences are first computed in an FP pass over all blocks (FP-propagated
+activations, FP weights inside each block), orders are allocated across the whole model under one
+exact bits budget with `abmp.allocate_orders_global`, and the sequential pass then uses those fixed
+orders. The per-matrix default (`abmp_ratio` inside the rule) needs no extra pass.
+
+The state between blocks is explicit (`PipelineState`: next block index, its input activations, the done
+blocks' quantized params, the report so far, fixed orders); `callback(state, block_report)` runs after
+every block, and `quantize_model(..., resume=state)` continues from a saved state.
+
+Per matrix the report logs the relative output error on the calibration data,
+    rel_err = ||(W - W_hat) X|| / ||W X|| = sqrt(tr(E H E^T) / tr(W H W^T)),  E = W - W_hat,
+plus the quantizer's layer loss, damping and orders (from its info) and the time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdllm_jax.calib import capture
+from qdllm_jax.errors import ConfigError
+from qdllm_jax.models import transformer
+from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.quant import rules as rules_lib
+
+log = logging.getLogger(__name__)
+
+STANDARD_ORDER = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+LLADA_RUNNER_ORDER = (("o",), ("down",), ("q",), ("k",), ("v",), ("gate",), ("up",))
+MODULE_ORDERS = {"standard": STANDARD_ORDER, "llada_runner": LLADA_RUNNER_ORDER}
+# Linears whose quantization changes each tap's activations (within one block).
+UPSTREAM = {"qkv": (), "o": ("q", "k", "v"), "gate_up": ("q", "k", "v", "o"),
+            "down": ("q", "k", "v", "o", "gate", "up")}
+
+
+@dataclasses.dataclass
+class PipelineState:
+  """Everything `quantize_model` needs to continue after a block.
+
+  Attributes:
+    next_block: index of the next block to quantize.
+    x: its input activations [N, L, D] (model dtype; device or host array).
+    blocks: quantized params of blocks 0..next_block-1 (QuantizedWeight leaves; host arrays).
+    report: per-matrix report entries so far.
+    orders: {(layer, name): int orders per column block} fixed by global ABMP, or None.
+    global_bits: the true bits per weight of the global ABMP allocation, or None.
+  """
+  next_block: int
+  x: object
+  blocks: list
+  report: list
+  orders: dict | None = None
+  global_bits: float | None = None
+
+
+class _ModelSource:
+  """A `Model` (or params + config) seen through the checkpoint-reader interface."""
+
+  def __init__(self, params: dict, config: ModelConfig):
+    self.params, self.config = params, config
+
+  def block(self, i: int) -> dict:
+    return dict(self.params["blocks"][i])
+
+  def top(self) -> dict:
+    return {k: v for k, v in self.params.items() if k != "blocks"}
+
+
+def as_source(source):
+  """A reader (`.config`, `.block(i)`, `.top()`) from a CheckpointReader, a Model or a (params, cfg) pair."""
+  if hasattr(source, "block") and hasattr(source, "top") and hasattr(source, "config"):
+    return source
+  if hasattr(source, "params") and hasattr(source, "config"):
+    return _ModelSource(source.params, source.config)
+  if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], ModelConfig):
+    return _ModelSource(*source)
+  raise ConfigError(f"quantize_model: source of type {type(source).__name__}; expected a CheckpointReader "
+                    "(models.checkpoint_io.open_checkpoint), a Model, or (params, ModelConfig)")
+
+
+def module_groups(module_order) -> tuple:
+  """Groups of canonical linear names in processing order, from "standard", "llada_runner" or a list of
+  lists. Every linear must appear exactly once and a group's linears must read the same input (shared H)."""
+  groups = MODULE_ORDERS.get(module_order) if isinstance(module_order, str) else module_order
+  if groups is None:
+    raise ConfigError(f"module_order={module_order!r}; expected one of {sorted(MODULE_ORDERS)} or a list of groups")
+  groups = tuple(tuple(g) for g in groups)
+  flat = [n for g in groups for n in g]
+  if sorted(flat) != sorted(transformer.LINEARS):
+    raise ConfigError(f"module_order {groups} must list each of {transformer.LINEARS} exactly once")
+  for g in groups:
+    if len({transformer.TAP_OF[n] for n in g}) != 1:
+      raise ConfigError(f"module_order group {g} mixes linears with different inputs; a group shares one H, "
+                        f"so it may only hold linears of one of {dict(transformer.LINEAR_GROUPS)}")
+  return groups
+
+
+def relative_output_error(w, w_hat, h) -> float:
+  """||(W - W_hat) X|| / ||W X|| = sqrt(tr(E H E^T) / tr(W H W^T)). w, w_hat [r, c]; h float32 [c, c]."""
+  w = jnp.asarray(w, jnp.float32)
+  e = w - jnp.asarray(w_hat, jnp.float32)
+  hp = jax.lax.Precision.HIGHEST
+  num = jnp.sum(jnp.matmul(e, h, precision=hp) * e)
+  den = jnp.sum(jnp.matmul(w, h, precision=hp) * w)
+  return float(jnp.sqrt(num / jnp.maximum(den, 1e-30)))
+
+
+def _rel_err(info, w, w_hat, h) -> float:
+  """sqrt of the quantizer's relative_output_error (its tr(E H E^T) / tr(W H W^T)) when it reports one."""
+  r = (info or {}).get("relative_output_error")
+  return float(np.sqrt(max(float(r), 0.0))) if r is not None else relative_output_error(w, w_hat, h)
+
+
+def _scalar(v):
+  if isinstance(v, (jax.Array, np.ndarray)):
+    return v.item() if v.size == 1 else np.asarray(v).tolist()
+  return v
+
+
+def _quantize_batch(ws: list, h, rule: rules_lib.Rule, orders: list | None) -> list:
+  """[(QuantizedWeight, info)] for matrices sharing one H (one shared call), or one call per matrix with
+  fixed orders (global ABMP: the orders differ per matrix)."""
+  from qdllm_jax.quant import api  # imported lazily: the quantizer pulls in the kernels
+  kw = rule.kwargs()
+  if orders is not None:
+    return [api.quantize_weight(w, h, return_info=True, **dict(kw, orders=o)) for w, o in zip(ws, orders)]
+  if len(ws) == 1:
+    return [api.quantize_weight(ws[0], h, return_info=True, **kw)]
+  return list(api.quantize_weights_shared(ws, h, return_info=True, **kw))
+
+
+_INFO_FIELDS = {"loss": "solver_loss", "layer_loss": "layer_loss", "damp": "percdamp", "delta": "delta",
+                "orders": "orders", "bits_per_weight": "bits_per_weight", "dead_columns": "dead_columns"}
+
+
+def _info_entry(info) -> dict:
+  """Report fields from the quantizer's info: loss (the solver's sum (w - q)^2 / U_cc^2 / 2, the reference's
+  logged error), layer_loss tr(E H E^T), damp (percdamp used), delta, orders, bits_per_weight."""
+  info = dict(info or {})
+  out = {k: _scalar(info.get(src)) for k, src in _INFO_FIELDS.items()}
+  if info.get("orders") is not None:
+    out["orders"] = np.asarray(info["orders"]).reshape(-1).tolist()
+  return out
+
+
+def check_plan(plan: rules_lib.Plan, cfg: ModelConfig) -> None:
+  """Validate every rule against its module's shape and the quantizer's options, before any heavy work.
+
+  Raises ConfigError naming the module: unknown option for the method, group_size not dividing in_features
+  (quant_dllm: also a multiple of 32; gptq: dividing 128 or a multiple of it), bits out of range.
+  """
+  from qdllm_jax.quant import api
+  shapes = transformer.param_shapes(cfg)["blocks"][0]
+  for path, rule in plan.modules.items():
+    if rule is None:
+      continue
+    _, name = plan.names[path]
+    n_in = shapes[name][1]
+    bad = sorted(set(dict(rule.options)) - set(api.OPTIONS[rule.method]) - {"abmp_ratio"})
+    g = rule.group_size
+    why = None
+    if bad:
+      why = f"unknown option(s) {bad} for {rule.method} (allowed: {sorted(api.OPTIONS[rule.method] | {'abmp_ratio'})})"
+    elif n_in % g:
+      why = f"group_size {g} does not divide in_features {n_in}"
+    elif rule.method == "quant_dllm" and (g % 32 or rule.bits > 3):
+      why = "quant_dllm needs group_size a multiple of 32 and bits in 1..3"
+    elif rule.method == "gptq" and not (128 % g == 0 or g % 128 == 0):
+      why = f"gptq needs group_size dividing 128 or a multiple of 128, got {g}"
+    elif rule.method in ("gptq", "rtn") and rule.bits < 2:
+      why = f"{rule.method} needs bits in 2..8"
+    if why:
+      raise ConfigError(f"rule for {path} ({rule}): {why}; fix the rules table")
+
+
+def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Plan, *, groups=STANDARD_ORDER,
+                   chunk_size: int = 8, key_mask=None, orders: dict | None = None):
+  """Quantize one block group by group; return (quantized params, outputs [N, L, D], report entries).
+
+  Args:
+    p: block `layer`'s params (dense arrays, model dtype).
+    x: its calibration inputs [N, L, D].
+    plan: resolved rules (None rules leave a linear in full precision).
+    groups: linear groups in order (see `module_groups`).
+    orders: {(layer, name): orders} fixed by global ABMP, or None.
+  Returns:
+    (params with QuantizedWeight for quantized linears, the block's outputs on x with every quantized weight
+     in place (dequantized, model dtype), [report dict per quantized matrix]).
+  """
+  work, qparams, done, cache, report = dict(p), dict(p), set(), {}, []
+  for group in groups:
+    todo = [n for n in group if plan.rule_for(layer, n) is not None]
+    if not todo:
+      continue
+    tap = transformer.TAP_OF[group[0]]
+    ckey = (tap, frozenset(done & set(UPSTREAM[tap])))
+    if ckey not in cache:
+      cache[ckey] = capture.capture_block(work, x, cfg, taps=(tap,), chunk_size=chunk_size, key_mask=key_mask,
+                                          with_outputs=False).hessians[tap]
+    h = cache[ckey]
+    batches = {}
+    for n in todo:
+      batches.setdefault(plan.rule_for(layer, n), []).append(n)
+    for rule, names in batches.items():
+      ws = [jnp.asarray(p[n], jnp.float32) for n in names]
+      fixed = None if orders is None else [orders.get((layer, n)) for n in names]
+      fixed = None if fixed is None or any(o is None for o in fixed) else fixed
+      t0 = time.perf_counter()
+      results = jax.block_until_ready(_quantize_batch(ws, h, rule, fixed))
+      dt = (time.perf_counter() - t0) / len(names)
+      for n, w, (qw, info) in zip(names, ws, results):
+        w_hat = jnp.asarray(qw.dequantize(), jnp.float32).reshape(w.shape)
+        work[n] = w_hat.astype(p[n].dtype)
+        qparams[n] = qw
+        entry = dict(layer=layer, name=n, module=plan.path_of(layer, n), method=rule.method, bits=rule.bits,
+                     group_size=rule.group_size, rel_err=_rel_err(info, w, w_hat, h), time_s=dt,
+                     n_samples=int(x.shape[0]), shared_with=[m for m in names if m != n])
+        entry.update(_info_entry(info))
+        report.append(entry)
+        log.info("block %d %-5s %s rel_err=%.4f loss=%s %.2fs", layer, n, rule, entry["rel_err"],
+                 entry["loss"], dt)
+      done.update(names)
+  outputs = capture.block_outputs(work, x, cfg, chunk_size=chunk_size, key_mask=key_mask)
+  return qparams, outputs, report
+
+
+def embed_inputs(source, calib_ids, *, offload_activations: bool = False):
+  """x_0 = Embed[calib_ids]: int32 [N, L] -> [N, L, D] (model dtype); host NumPy when offloading."""
+  src = as_source(source)
+  ids = np.asarray(calib_ids)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ConfigError(f"calib_ids has shape {ids.shape} dtype {ids.dtype}; expected int [N, L] token ids")
+  v = src.config.vocab_size
+  if ids.size and (ids.min() < 0 or ids.max() >= v):
+    raise ConfigError(f"calib_ids hold ids in [{ids.min()}, {ids.max()}], outside the vocabulary [0, {v}); "
+                      "tokenize with this model's tokenizer and mask with its mask id")
+  x = transformer.embed(src.top(), jnp.asarray(ids, jnp.int32))
+  return np.asarray(x) if offload_activations else x
+
+
+def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_size: int = 8, key_mask=None,
+                   global_abmp: dict | None = None, callback: Callable | None = None,
+                   resume: PipelineState | None = None, offload_activations: bool = False,
+                   dequantize: bool = False):
+  """Quantize every block linear of a model, streaming block by block (see module docstring).
+
+  Args:
+    source: a CheckpointReader (only one block is read at a time), a Model, or (params, ModelConfig).
+    calib_ids: int32 [N, L] calibration ids, already MCS-masked (`calib.mcs.calibration_inputs`).
+    plan: a rules table (`rules.default_rules(...)`, a list of (regex, rule)) or a resolved `rules.Plan`.
+    module_order: "standard", "llada_runner" or a list of groups of canonical names.
+    chunk_size: sequences per jitted block pass.
+    key_mask: optional bool [N, L] (False at padding; None for full windows).
+    global_abmp: None (per-matrix ABMP from each rule's abmp_ratio) or kwargs of
+      `calib.salience.global_orders` ({"ratio": 0.05} and/or {"target_bits": b}) to allocate the orders of all
+      quant_dllm 2-bit linears model-wide first (module docstring).
+    callback: `callback(state, block_report)` after every block (progress, resume checkpoints).
+    resume: a PipelineState to continue from (its x are the inputs of block `resume.next_block`).
+    offload_activations: keep the [N, L, D] activations in host memory (chunks move to the device).
+    dequantize: return dense fake-quantized weights (model dtype) instead of QuantizedWeight leaves.
+  Returns:
+    (params, report): the params pytree with quantized linears replaced (other leaves unchanged) and the
+    list of per-matrix report dicts.
+  """
+  src = as_source(source)
+  cfg = src.config
+  plan = rules_lib.resolve_rules(plan, cfg)
+  check_plan(plan, cfg)
+  groups = module_groups(module_order)
+  if chunk_size < 1:
+    raise ConfigError(f"chunk_size={chunk_size}; expected >= 1")
+  n, seqlen = np.shape(calib_ids)[:2] if np.ndim(calib_ids) == 2 else (None, None)
+  if resume is None:
+    x = embed_inputs(src, calib_ids, offload_activations=offload_activations)
+    orders = bits = None
+    if global_abmp is not None:
+      from qdllm_jax.calib import salience  # the FP salience pass, beside the other calibration passes
+      orders, bits = salience.global_orders(src, x, plan, chunk_size=chunk_size, key_mask=key_mask,
+                                            **dict(global_abmp))
+    state = PipelineState(next_block=0, x=x, blocks=[], report=[], orders=orders, global_bits=bits)
+  else:
+    state = resume
+    want = (n, seqlen, cfg.d_model)
+    if tuple(np.shape(state.x)) != want or len(state.blocks) != state.next_block or \
+        not 0 <= state.next_block <= cfg.n_layers:
+      raise ConfigError(f"resume state does not fit: x {tuple(np.shape(state.x))} (expected {want}), "
+                        f"{len(state.blocks)} done blocks for next_block={state.next_block} of {cfg.n_layers}; "
+                        "resume with the state saved by the same run")
+    if offload_activations and not isinstance(state.x, np.ndarray):
+      state = dataclasses.replace(state, x=np.asarray(state.x))
+  for b in range(state.next_block, cfg.n_layers):
+    p = {k: jnp.asarray(v) for k, v in src.block(b).items()}
+    qp, out, rep = quantize_block(p, state.x, cfg, b, plan, groups=groups, chunk_size=chunk_size,
+                                  key_mask=key_mask, orders=state.orders)
+    del p
+    # a new state per block (lists are not mutated), so states handed to callbacks stay valid snapshots
+    state = dataclasses.replace(state, next_block=b + 1, x=out, blocks=state.blocks + [jax.device_get(qp)],
+                                report=state.report + rep)
+    if callback is not None:
+      callback(state, rep)
+  params = dict(src.top())
+  params["blocks"] = [dense_block(b) for b in state.blocks] if dequantize else list(state.blocks)
+  return params, state.report
+
+
+def dense_block(blk: dict) -> dict:
+  """A block with every QuantizedWeight replaced by its dequantized weight in the model dtype (the dtype of
+  the block's norm weights), e.g. for `save_pretrained` (fake-quantized checkpoint, as the reference)."""
+  dt = np.dtype(blk["attn_norm"].dtype)
+  return {k: v if isinstance(v, (jax.Array, np.ndarray)) else np.asarray(v.dequantize()).astype(dt)
+          for k, v in blk.items()}
