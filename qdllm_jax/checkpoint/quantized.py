@@ -1,0 +1,196 @@
+"""Quantized model checkpoints: an Orbax array tree plus a JSON sidecar, written atomically.
+
+Directory layout (`save_quantized`):
+  arrays/               Orbax PyTree checkpoint of every stored array (dense leaves and the packed fields
+                        planes/a_r/a_c/orders/plane_block or qweight/scales/zeros/g_idx), bit-exact
+  qdllm_checkpoint.json {"format", "version", "layout_version", "tree": structure spec (checkpoint/tree.py),
+                         "metadata": the caller's run metadata, "tokenizer": {"files", "source"}}
+  config.json           the model's HF config (`config_to_hf`)
+  tokenizer files       copied from `tokenizer_from`, so the directory serves on its own
+
+Sizes: for the packed linears Q and every stored array A,
+  true bits per weight = 8 * sum_{w in Q} nbytes(w) / sum_{w in Q} out_w * in_w
+  model bits per weight = 8 * sum_{a in A} nbytes(a) / (number of model parameters)
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+
+from qdllm_jax import sharding as sharding_lib
+from qdllm_jax.checkpoint import store, tree
+from qdllm_jax.errors import CheckpointError
+from qdllm_jax.models import transformer
+from qdllm_jax.models.checkpoint_io import _TOKENIZER_CORE, TOKENIZER_FILES
+from qdllm_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from qdllm_jax.models.model import Model
+
+SIDECAR = "qdllm_checkpoint.json"
+CONFIG = "config.json"
+FORMAT = "qdllm-jax.quantized"
+VERSION = 1
+
+
+def tokenizer_files(directory: str | None, what: str) -> list[str]:
+  """The TOKENIZER_FILES present in `directory` (None -> []); CheckpointError if none of the core ones is."""
+  if directory is None:
+    return []
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{what}: tokenizer_from={directory!r} is not a directory; pass the original "
+                          "checkpoint directory (or None)")
+  files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+  if not any(f in files for f in _TOKENIZER_CORE):
+    raise CheckpointError(f"{what}: tokenizer_from={directory!r} holds none of {_TOKENIZER_CORE}")
+  return files
+
+
+def check_structure(spec: dict, cfg: ModelConfig, where: str) -> None:
+  """CheckpointError unless the tree has exactly the params of `cfg` with its shapes (packed weights by
+  their logical [out, in] shape)."""
+  shapes = transformer.param_shapes(cfg)
+  want = {(k,): tuple(v) for k, v in shapes.items() if k != "blocks"}
+  want.update({("blocks", str(i), k): tuple(v) for i, b in enumerate(shapes["blocks"]) for k, v in b.items()})
+  have = {path: tuple(s["meta"]["shape"] if s["kind"] == "quantized" else s["shape"])
+          for path, s in tree.iter_specs(spec)}
+  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+  if missing or extra:
+    raise CheckpointError(f"{where}: params do not match {CONFIG}: missing {['.'.join(p) for p in missing[:4]]}, "
+                          f"unexpected {['.'.join(p) for p in extra[:4]]}")
+  for path, shp in want.items():
+    if have[path] != shp:
+      raise CheckpointError(f"{where}: {'.'.join(path)} has shape {have[path]}, expected {shp} from {CONFIG}")
+
+
+def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: dict | None = None,
+                   tokenizer_from: str | None = None, overwrite: bool = False) -> str:
+  """Write a quantized model checkpoint directory atomically (layout in the module docstring).
+
+  Args:
+    path: target directory; written to a temporary sibling and renamed into place.
+    params: the params pytree (transformer.py layout) with dense arrays and QuantizedWeight leaves
+      (e.g. `quantize_model(...)[0]`); arrays are stored bit-exactly in their own dtypes.
+    config: the model's ModelConfig (written as config.json).
+    metadata: JSON-serializable run metadata (rules, report summary, fingerprint, ...).
+    tokenizer_from: a directory whose tokenizer files are copied in (None: no tokenizer).
+    overwrite: replace an existing `path` (atomically: the old one is deleted only after the swap).
+  Returns:
+    the absolute path. Raises CheckpointError (unwritable target, full disk, bad tree), FormatError (a
+    packed weight that fails `validate()`) or ConfigError (metadata not JSON) before anything is written,
+    or CheckpointError after cleaning up when a write fails.
+  """
+  where = "save_quantized"
+  if not isinstance(config, ModelConfig):
+    raise CheckpointError(f"{where}: config must be a ModelConfig, found {type(config).__name__}")
+  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, tree.QuantizedWeight)):
+    if isinstance(leaf, tree.QuantizedWeight):
+      leaf.validate()
+  arrays, spec = tree.encode(params)
+  check_structure(spec, config, where)
+  tok = tokenizer_files(tokenizer_from, where)
+  sidecar = store.to_json({"format": FORMAT, "version": VERSION, "layout_version": tree.packed.LAYOUT_VERSION,
+                           "tree": spec, "metadata": metadata or {},
+                           "tokenizer": {"files": tok, "source": None if tokenizer_from is None
+                                         else os.path.abspath(tokenizer_from)}}, f"{where} metadata")
+  cfg_json = store.to_json(config_to_hf(config), CONFIG)
+  need = sum(tree.leaf_nbytes(s) for _, s in tree.iter_specs(spec)) + len(sidecar) + sum(
+      os.path.getsize(os.path.join(tokenizer_from, f)) for f in tok)
+  target = store.preflight(path, need, overwrite=overwrite, what=where)
+  if tokenizer_from is not None and os.path.realpath(tokenizer_from) == os.path.realpath(target):
+    raise CheckpointError(f"{where}: target {target} is the tokenizer_from directory; choose another target")
+  with store.atomic_dir(target, overwrite=overwrite, what=where) as tmp:
+    store.save_arrays(tmp, arrays)
+    store.write_text(os.path.join(tmp, CONFIG), cfg_json)
+    for f in tok:
+      shutil.copy2(os.path.join(tokenizer_from, f), os.path.join(tmp, f))
+    store.write_text(os.path.join(tmp, SIDECAR), sidecar)
+  return target
+
+
+def read_sidecar(path: str) -> tuple[dict, ModelConfig]:
+  """(the sidecar dict, the ModelConfig) of a checkpoint directory, validated; no array is read.
+
+  Raises CheckpointError for a missing/malformed directory and FormatError for an unknown layout version.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"quantized checkpoint {path!r} does not exist (or is not a directory); expected a "
+                          f"directory written by save_quantized with {SIDECAR}")
+  side = store.read_json(os.path.join(path, SIDECAR), "checkpoint sidecar")
+  if side.get("format") != FORMAT or side.get("version") != VERSION or not isinstance(side.get("tree"), dict):
+    raise CheckpointError(f"{os.path.join(path, SIDECAR)}: format {side.get('format')!r} version "
+                          f"{side.get('version')!r}; expected {FORMAT!r} version {VERSION} with a 'tree'")
+  tree.check_layout(side["tree"], path)
+  cfg = config_from_hf(store.read_json(os.path.join(path, CONFIG), "model config"), os.path.join(path, CONFIG))
+  check_structure(side["tree"], cfg, path)
+  return side, cfg
+
+
+def read_params(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, host: bool = False):
+  """(params, ModelConfig, sidecar) of a checkpoint directory; host=True gives numpy arrays (no device)."""
+  side, cfg = read_sidecar(path)
+  spec = side["tree"]
+  shard = None if mesh is None else tree.shardings(spec, mesh, rules)
+  arrays = store.restore_arrays(path, store.nest(tree.stored_arrays(spec)), shard)
+  if mesh is None and not host:
+    arrays = jax.tree.map(jnp.asarray, arrays)
+  return tree.decode(spec, arrays, os.fspath(path)), cfg, side
+
+
+def load_quantized(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES) -> Model:
+  """Restore a `save_quantized` directory as a Model whose packed linears are QuantizedWeight leaves.
+
+  Args:
+    path: the checkpoint directory.
+    mesh: None (arrays on the default device) or a jax Mesh: dense leaves are sharded by
+      `sharding.PARAM_AXES`, packed fields along their output-row axis (logical "rows") where it divides,
+      others replicated (`tree.shardings`); Orbax reads each array straight into its shards.
+    rules: logical-axis rules (sharding.LOGICAL_RULES).
+  Returns:
+    Model(params, config); every packed weight has passed `validate()` (unknown layout -> FormatError,
+    raised from the sidecar before any array is read).
+  """
+  params, cfg, _ = read_params(path, mesh=mesh, rules=rules)
+  return Model(params=params, config=cfg)
+
+
+def checkpoint_nbytes(path: str) -> int:
+  """Bytes of the stored weight arrays, sum of prod(shape) * itemsize over every array Orbax recorded.
+
+  (The logical array bytes; the files on disk may be smaller when the store compresses.) Raises
+  CheckpointError when Orbax's record disagrees with the sidecar's structure.
+  """
+  side, _ = read_sidecar(path)
+  want = {".".join(p): (tuple(a["shape"]), a["dtype"]) for p, a in tree.stored_arrays(side["tree"]).items()}
+  have = store.stored_metadata(path)
+  if have != want:
+    diff = sorted(set(have.items()) ^ set(want.items()))[:4]
+    raise CheckpointError(f"{path}: the stored arrays differ from {SIDECAR} (e.g. {diff}); the checkpoint is "
+                          "corrupt, re-save it")
+  return int(sum(jnp.dtype(dt).itemsize * math.prod(shape) for shape, dt in have.values()))
+
+
+def size_summary(source) -> dict:
+  """Model-level sizes of a quantized checkpoint directory (sidecar only) or a params pytree.
+
+  Returns a dict:
+    quantized_params  sum over packed linears of out * in
+    quantized_bytes   sum of their stored bytes (every packed array: planes/codes, scales, zeros, orders, ...)
+    true_bits_per_weight = 8 * quantized_bytes / quantized_params (nan without packed linears)
+    dense_params, dense_bytes  the other leaves (embedding, head, norms, unquantized linears)
+    total_params, total_bytes, model_bits_per_weight = 8 * total_bytes / total_params
+  """
+  spec = read_sidecar(source)[0]["tree"] if isinstance(source, (str, os.PathLike)) else tree.encode(source)[1]
+  s = {"quantized_params": 0, "quantized_bytes": 0, "dense_params": 0, "dense_bytes": 0}
+  for _, leaf in tree.iter_specs(spec):
+    kind = "quantized" if leaf["kind"] == "quantized" else "dense"
+    s[f"{kind}_params"] += tree.leaf_params(leaf)
+    s[f"{kind}_bytes"] += tree.leaf_nbytes(leaf)
+  s["total_params"] = s["quantized_params"] + s["dense_params"]
+  s["total_bytes"] = s["quantized_bytes"] + s["dense_bytes"]
+  s["true_bits_per_weight"] = 8 * s["quantized_bytes"] / s["quantized_params"] if s["quantized_params"] else float("nan")
+  s["model_bits_per_weight"] = 8 * s["total_bytes"] / max(s["total_params"], 1)
+  return s

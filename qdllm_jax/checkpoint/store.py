@@ -1,0 +1,210 @@
+"""Atomic checkpoint directories, JSON sidecars, and Orbax array trees.
+
+`atomic_dir(target, ...)` yields a fresh temporary directory beside `target`; on success it is renamed into
+place (an existing target, with overwrite=True, is moved aside first and deleted after the swap), on any
+failure it is deleted. The target therefore either holds a complete checkpoint or is untouched; a kill -9
+mid-write leaves only a hidden `.<name>.tmp-*` sibling, never a half-written `target`.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdllm_jax.errors import CheckpointError, ConfigError, QdllmError
+
+ARRAYS_DIR = "arrays"
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT) if hasattr(errno, "EDQUOT") else (errno.ENOSPC,)
+
+
+def to_json(value, what: str) -> str:
+  """JSON text of `value` (numpy scalars/arrays become numbers/lists, tuples lists); ConfigError if impossible."""
+  def default(o):
+    if isinstance(o, np.generic):
+      return o.item()
+    if isinstance(o, (np.ndarray, jax.Array)):
+      return np.asarray(o).tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+  try:
+    return json.dumps(value, indent=1, default=default)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{what} cannot be written as JSON ({e}); pass plain dicts/lists/str/numbers") from e
+
+
+def write_text(path: str, text: str) -> None:
+  """Write and fsync a text file."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_json(path: str, what: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except FileNotFoundError as e:
+    raise CheckpointError(f"{path}: missing {what}; the directory is not a complete qdllm-jax checkpoint") from e
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: cannot read the {what} ({e}); expected a valid JSON file") from e
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{path}: the {what} is a JSON {type(d).__name__}, expected an object")
+  return d
+
+
+def _fsync_dir(path: str) -> None:
+  with contextlib.suppress(OSError):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+def _disk_error(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+      return True
+    if "No space left" in str(e) or "Disk quota" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def preflight(target: str, need_bytes: int, *, overwrite: bool, what: str) -> str:
+  """Absolute target path after checking, before any write: it does not exist (or overwrite), its parent
+  is (or can be made) a writable directory, and the disk there has `need_bytes` free. Raises CheckpointError."""
+  target = os.path.abspath(os.fspath(target))
+  parent = os.path.dirname(target)
+  if os.path.lexists(target) and (not overwrite or not os.path.isdir(target)):
+    raise CheckpointError(f"{what}: {target} already exists; pass overwrite=True or choose a new directory")
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise CheckpointError(f"{what}: cannot create the parent directory {parent} ({e.strerror}); choose a "
+                          "writable location") from e
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise CheckpointError(f"{what}: {parent} is not a writable directory; choose a writable location")
+  free = shutil.disk_usage(parent).free
+  if free < need_bytes:
+    raise CheckpointError(f"{what}: {parent} has {free} bytes free, the checkpoint needs about {need_bytes}; free "
+                          "disk space or choose another disk")
+  return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str, *, overwrite: bool = False, what: str = "checkpoint"):
+  """Yield a temporary directory beside `target`, renamed to `target` when the block succeeds.
+
+  Any exception inside the block deletes the temporary directory; OSError / Orbax errors become
+  CheckpointError (a full disk says so). `target` must have passed `preflight`.
+  """
+  parent, base = os.path.split(target)
+  try:
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  except OSError as e:
+    raise CheckpointError(f"{what}: cannot write in {parent} ({e.strerror}); choose a writable location") from e
+  old = None
+  try:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is an ordinary readable directory
+    yield tmp
+    _fsync_dir(tmp)
+    if os.path.lexists(target):  # overwrite: move the old one aside, swap the new one in, delete the old
+      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+      os.rename(target, os.path.join(old, base))
+    try:
+      os.rename(tmp, target)
+    except OSError:
+      if old is not None:
+        os.rename(os.path.join(old, base), target)
+      raise
+    _fsync_dir(parent)
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, QdllmError)):
+      raise
+    if _disk_error(e):
+      raise CheckpointError(f"{what}: the disk under {parent} is full ({e}); nothing was written to {target}. "
+                            "Free disk space and save again") from e
+    raise CheckpointError(f"{what}: writing {target} failed ({type(e).__name__}: {e}); nothing was written "
+                          "there. Fix the cause and save again") from e
+  finally:
+    if old is not None and os.path.isdir(target):  # never delete the only copy if the restore failed too
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(tree):
+  """Drop empty dicts (Orbax stores no empty subtrees); numpy scalars become 0-d arrays."""
+  if isinstance(tree, dict):
+    out = {k: _prune(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+  return np.asarray(tree) if isinstance(tree, np.generic) else tree
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp  # heavy import, only when arrays are written or read
+  return ocp, ocp.PyTreeCheckpointer()
+
+
+def save_arrays(directory: str, arrays: dict) -> None:
+  """Write a nested dict of arrays (numpy or jax, any sharding) as an Orbax PyTree checkpoint at
+  `directory/arrays` (synchronously: the files are complete when this returns)."""
+  ocp, ckptr = _checkpointer()
+  ckptr.save(os.path.join(directory, ARRAYS_DIR), args=ocp.args.PyTreeSave(_prune(arrays)))
+
+
+def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -> dict:
+  """Read the Orbax arrays of `directory/arrays`.
+
+  specs: nested dict (as saved) of {"shape", "dtype"} leaves; shardings: the same nesting of NamedShardings
+  (arrays come back as sharded jax.Arrays, each host reading its shards) or None (host numpy arrays).
+  """
+  ocp, ckptr = _checkpointer()
+  path = os.path.join(directory, ARRAYS_DIR)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{directory}: no {ARRAYS_DIR}/ (the Orbax arrays); the checkpoint is incomplete")
+  is_spec = lambda s: isinstance(s, dict) and "dtype" in s and "shape" in s  # noqa: E731
+  specs = _prune(specs)
+  if shardings is None:
+    rargs = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), specs, is_leaf=is_spec)
+  else:
+    rargs = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=tuple(s["shape"]),
+                                                            dtype=jnp.dtype(s["dtype"])),
+                         specs, _prune(shardings), is_leaf=is_spec)
+  try:
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=rargs))
+  except (ValueError, KeyError, OSError, FileNotFoundError) as e:
+    raise CheckpointError(f"{path}: cannot restore the arrays ({type(e).__name__}: {e}); the checkpoint is "
+                          "incomplete or corrupt") from e
+
+
+def stored_metadata(directory: str) -> dict:
+  """{dotted name: (shape, dtype)} of the arrays as Orbax recorded them (no array data is read)."""
+  _, ckptr = _checkpointer()
+  md = ckptr.metadata(os.path.join(directory, ARRAYS_DIR))
+  md = getattr(md, "item_metadata", md)
+  md = getattr(md, "tree", md)
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      md, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]:
+    name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    out[name] = (tuple(int(s) for s in leaf.shape), jnp.dtype(leaf.dtype).name)
+  return out
+
+
+def nest(flat: dict[tuple, object]) -> dict:
+  """{("a", "b"): v} -> {"a": {"b": v}}."""
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
