@@ -1,0 +1,109 @@
+"""The model card (README.md) of the shipped tiny LLaDA, written from the training summary."""
+from __future__ import annotations
+
+import os
+
+_TEMPLATE = """# tiny-llada: a {params_m:.2f} M-parameter masked-diffusion LM in the exact LLaDA format
+
+The model every quantization method of qdllm-jax is measured on when no hub checkpoint can be reached.
+It is a LLaDA-8B architecture (`model_type` "llada", `LLaDAModelLM` tensor names, SwiGLU, RMSNorm,
+half-split RoPE with theta 500000, bidirectional attention, untied head) scaled down with
+`llada_config(LLADA_8B, **overrides)`:
+
+| field | value |
+|---|---|
+| d_model / n_layers / n_heads (head_dim) | {d_model} / {n_layers} / {n_heads} ({head_dim}) |
+| mlp_hidden_size | {mlp} (`ff_out` has {mlp} input columns) |
+| vocab (= embedding_size) | {vocab} |
+| special ids | `<|endoftext|>` {eos} (EOS = pad), `<|bos|>` {bos}, `<|mdm_mask|>` {mask} |
+| max_sequence_length | {max_len} |
+| weights | float32 safetensors, {size_mb:.1f} MB |
+
+Load it with `qdllm_jax.models.checkpoint_io.load_pretrained("assets/tiny-llada")` and the tokenizer with
+`transformers.AutoTokenizer.from_pretrained("assets/tiny-llada", local_files_only=True)`.
+
+## Reproduce
+
+```
+{command}
+```
+seed {seed}, {steps} steps, {train_min:.1f} min of training ({total_min:.1f} min in all) on a shared 2-core CPU
+(jax {jax_version}). The run is a pure function of the seed (keys `fold_in(PRNGKey(seed), step)`, host batches
+`default_rng([seed, step])`); bit-exactness across machines is not promised (XLA CPU reductions).
+
+## Data
+
+* Corpus: {n_train_tok} training tokens of King James Version chapters (`assets/corpus/kjv.txt`, public domain,
+  see `assets/corpus/SOURCE.md`); a chapter is held out iff sha256("kjv:" + title) mod 20 == 0.
+  Documents are packed as `[BOS] text [EOS]`, and training reads random windows of {seq_len} tokens.
+* Tokenizer: byte-level BPE (`tokenizers`), trained on the train chapters + 20000 training-pool task strings.
+* Tasks (`qdllm_jax/data/tasks.py`): generation `shift` (4 letters, each to its successor) and `increment`
+  (4 digits, each + 1 mod 10),
+  and multiple choice `max` (largest of 4 digits), `analogy` ("a -> b , p ->": successor letter), and `odd` (odd one out).
+  An instance is reserved for evaluation iff sha256(family:key) mod 5 == 0; training never sees those instances.
+  The fixed eval sets are in `qdllm_jax/data/eval_sets/{{gen,mc}}.jsonl`. Task rows are drawn 2/3 generation and
+  1/3 multiple choice (`TRAIN_FAMILIES` in the script): the MC families are learnt in a few hundred steps,
+  and the generation ones need many more examples. Reversing and sorting 3-5 items (`tasks.EXTRA_GEN_FAMILIES`)
+  reached only 0-5 % exact match after 600-700 steps of this budget, so the shipped model does not train on them.
+
+## Objective
+
+Every step adds two losses. (1) LLaDA pretraining on {batch} corpus windows: t ~ U(0,1) per sequence, p = (1 - 1e-3) t + 1e-3,
+each token masked with probability p, and `sum_masked CE / p / (B L)`. (2) LLaDA SFT on {task_batch} task rows
+`[BOS] prompt answer`. The prompt is never masked. For generation the answer region is the answer plus EOS fill
+to 8 tokens. For multiple choice the region is the correct choice only. The loss is
+`mean_b sum_masked CE / p / |answer_b|`. Padding keys are hidden, so a padded row computes exactly the unpadded sequence.
+Optimizer: AdamW (b1 {b1}, b2 {b2}, wd {wd} on matrices), peak lr {lr}, {warmup} warmup steps, cosine decay to
+{min_lr_ratio} x peak, global-norm clip {clip}.
+
+## Metrics (float32 model as shipped)
+
+| metric | value |
+|---|---|
+| final training loss (last {log_every} steps: total / pretrain / SFT) | {loss:.4f} / {l_pre:.4f} / {l_sft:.4f} |
+| held-out corpus L_pre (MC NLL bound, nats/token) | {held:.4f} |
+{gen_rows}
+{mc_rows}
+
+Generation runs the LLaDA sampler with low-confidence remasking, temperature 0, `gen_length = steps = block_length = 8`.
+The prompt is `[BOS] prompt`. The decoded text up to the first EOS, stripped, must equal the answer exactly.
+Multiple choice takes the argmax over the choices of the LLaDA conditional log-likelihood of `choice | [BOS] prompt`.
+Every choice is one token, so one Monte-Carlo sample is exact. Scorers: `qdllm_jax/data/task_eval.py`.
+
+## Training curve
+
+| step | loss | pretrain | SFT | elapsed s |
+|---|---|---|---|---|
+{curve}
+"""
+
+
+def _rows(kind: str, d: dict) -> str:
+  return "\n".join(f"| {kind} `{k}` | {100 * v:.1f} % |" for k, v in d.items())
+
+
+def write(out_dir: str, summary: dict, history: list[dict]) -> str:
+  """Render README.md into out_dir from the summary dict of scripts/make_tiny_model.py; returns its path."""
+  import jax
+  from qdllm_jax.models.checkpoint_io import load_pretrained
+  cfg = load_pretrained(out_dir).config
+  tc, fl = summary["train_config"], summary["final_loss"]
+  stride = max(1, len(history) // 16)
+  curve = "\n".join(f"| {h['step']} | {h['loss']:.4f} | {h['l_pre']:.4f} | {h['l_sft']:.4f} | {h['elapsed']:.0f} |"
+                    for i, h in enumerate(history) if i % stride == 0 or i == len(history) - 1)
+  text = _TEMPLATE.format(
+      params_m=summary["num_params"] / 1e6, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+      head_dim=cfg.head_dim, mlp=cfg.mlp_hidden, vocab=cfg.vocab_size, eos=cfg.eos_id, bos=cfg.bos_id,
+      mask=cfg.mask_id, max_len=cfg.max_seq_len,
+      size_mb=os.path.getsize(os.path.join(out_dir, "model.safetensors")) / 1e6, command=summary["command"],
+      seed=summary["seed"], steps=summary["steps"], train_min=summary["train_seconds"] / 60,
+      total_min=summary["total_seconds"] / 60, jax_version=jax.__version__, n_train_tok=summary["corpus_train_tokens"],
+      seq_len=tc["seq_len"], batch=tc["batch"], task_batch=tc["task_batch"], b1=tc["b1"], b2=tc["b2"],
+      wd=tc["weight_decay"], lr=tc["lr"], warmup=tc["warmup"], min_lr_ratio=tc["min_lr_ratio"], clip=tc["clip"],
+      log_every=tc["log_every"], loss=fl["loss"], l_pre=fl["l_pre"], l_sft=fl["l_sft"],
+      held=summary["heldout_pretrain_loss"], gen_rows=_rows("generation exact match", summary["gen_exact_match"]),
+      mc_rows=_rows("multiple-choice accuracy", summary["mc_accuracy"]), curve=curve)
+  path = os.path.join(out_dir, "README.md")
+  with open(path, "w") as f:
+    f.write(text)
+  return path

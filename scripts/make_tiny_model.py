@@ -1,0 +1,132 @@
+"""Reproduce the shipped tiny LLaDA (assets/tiny-llada) from a seed, on CPU.
+
+  python3 scripts/make_tiny_model.py --out assets/tiny-llada --seed 0 --steps 900
+
+Steps: read the shipped corpus (assets/corpus/kjv.txt; --extract rebuilds it from the Debian `bible` program),
+split it by chapter hash, train the byte-level BPE on the train split + training-pool task text, export the
+fixed eval sets, train with LLaDA's objective (trainer.py), save the HF checkpoint with the tokenizer, then
+score the tasks and write the model card README.md and training_summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from qdllm_jax.data import corpus, task_eval, tasks, tokenizer, windows  # noqa: E402
+from qdllm_jax.models import checkpoint_io, transformer  # noqa: E402
+from qdllm_jax.models.llada import LLADA_8B, llada_config  # noqa: E402
+from qdllm_jax.train import trainer  # noqa: E402
+
+ARCH = dict(d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=1024, max_sequence_length=256,
+            torch_dtype="float32")
+TOKENIZER_TASK_EXAMPLES = 20000
+# Training family mix: the multiple-choice families are learnt within ~300 steps, the generation ones need
+# far more examples, so generation rows are 2/3 of the task rows (a family listed k times has weight k).
+TRAIN_FAMILIES = tasks.GEN_FAMILIES * 3 + tasks.MC_FAMILIES
+
+
+def build_tokenizer(splits, tok_dir: str, seed: int, vocab: int):
+  """Train the BPE on train chapters + TOKENIZER_TASK_EXAMPLES training-pool task strings."""
+  rng = np.random.default_rng([seed, 7])
+  task_text = []
+  for i in range(TOKENIZER_TASK_EXAMPLES):
+    p, a = tasks.training_text(tasks.sample_example(rng, tasks.FAMILIES[i % len(tasks.FAMILIES)]))
+    task_text.append(p + a)
+  tokenizer.train_tokenizer(splits["train"] + task_text, tok_dir, vocab_size=vocab)
+  return tokenizer.load_tokenizer(tok_dir)
+
+
+def heldout_loss(params, cfg, tok, docs, seed: int, n_batches: int = 8, batch: int = 16, length: int = 128):
+  """Mean L_pre on held-out chapter windows (fixed windows and noise): a Monte-Carlo NLL bound per token."""
+  import jax
+  from qdllm_jax.train import objective
+  stream = windows.encode_stream(tok, docs)
+  rng = np.random.default_rng([seed, 99])
+  f = jax.jit(objective.pretrain_loss, static_argnums=1)
+  vals = [float(f(params, cfg, windows.corpus_batch(stream, rng, batch, length), jax.random.PRNGKey(1000 + i)))
+          for i in range(n_batches)]
+  return float(np.mean(vals))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="assets/tiny-llada")
+  ap.add_argument("--workdir", default="/tmp/tiny-llada-work")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--steps", type=int, default=900)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--task_batch", type=int, default=96)
+  ap.add_argument("--task_width", type=int, default=18)
+  ap.add_argument("--lr", type=float, default=2e-3)
+  ap.add_argument("--warmup", type=int, default=100)
+  ap.add_argument("--vocab", type=int, default=2048)
+  ap.add_argument("--eval_every", type=int, default=300)
+  ap.add_argument("--extract", action="store_true", help="rebuild assets/corpus/kjv.txt from `bible` first")
+  args = ap.parse_args(argv)
+  os.makedirs(args.workdir, exist_ok=True)
+  logf = open(os.path.join(args.workdir, "train.log"), "a")
+
+  def log(msg):
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    logf.write(line + "\n")
+    logf.flush()
+
+  t_start = time.time()
+  if args.extract:
+    log(f"extracted corpus: {corpus.extract_kjv()} bytes")
+  splits = corpus.load_splits()
+  log(f"corpus: {len(splits['train'])} train / {len(splits['heldout'])} held-out chapters")
+  tok_dir = os.path.join(args.workdir, "tokenizer")
+  tok = build_tokenizer(splits, tok_dir, args.seed, args.vocab)
+  paths = tasks.export_eval_sets()
+  log(f"tokenizer: {len(tok)} ids; eval sets {paths}")
+  cfg = llada_config(LLADA_8B, **ARCH, **tokenizer.config_overrides(tok))
+  log(f"model: {transformer.num_params(cfg)} params, {cfg}")
+  stream = windows.encode_stream(tok, splits["train"])
+  tc = trainer.TrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, task_batch=args.task_batch,
+                           task_width=args.task_width,
+                           lr=args.lr, warmup=args.warmup)
+  log(f"train: {stream.shape[0]} corpus tokens; {tc}")
+  gen_set, mc_set = tasks.load_eval_set("gen"), tasks.load_eval_set("mc")
+  ckpt = os.path.join(args.workdir, "ckpt")
+
+  def eval_fn(params, step):
+    checkpoint_io.save_pretrained(params, cfg, ckpt, tokenizer_from=tok_dir, overwrite=True)
+    return {"gen": task_eval.eval_generation(params, cfg, tok, gen_set),
+            "mc": task_eval.eval_multiple_choice(params, cfg, tok, mc_set)}
+
+  t_train = time.time()
+  params, history = trainer.train(cfg, tc, stream, tok, TRAIN_FAMILIES, log=log, eval_fn=eval_fn,
+                                  eval_every=args.eval_every)
+  train_s = time.time() - t_train
+  checkpoint_io.save_pretrained(params, cfg, args.out, tokenizer_from=tok_dir, overwrite=True)
+  model = checkpoint_io.load_pretrained(args.out)  # score what was shipped
+  gen = task_eval.eval_generation(model.params, cfg, tok, gen_set)
+  mc = task_eval.eval_multiple_choice(model.params, cfg, tok, mc_set)
+  held = heldout_loss(model.params, cfg, tok, splits["heldout"], args.seed)
+  summary = {"command": "python3 scripts/make_tiny_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             "seed": args.seed, "steps": args.steps, "train_seconds": round(train_s, 1),
+             "total_seconds": round(time.time() - t_start, 1), "num_params": transformer.num_params(cfg),
+             "final_loss": history[-1], "heldout_pretrain_loss": held, "gen_exact_match": gen,
+             "mc_accuracy": mc, "train_config": dataclasses.asdict(tc),
+             "corpus_train_tokens": int(stream.shape[0]), "arch": ARCH}
+  with open(os.path.join(args.out, "training_summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  from qdllm_jax.data import model_card
+  model_card.write(args.out, summary, history)
+  log(f"done: gen {gen} mc {mc} held-out L_pre {held:.4f}; train {train_s:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
