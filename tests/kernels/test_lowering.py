@@ -1,0 +1,26 @@
+"""The Pallas kernels lower for their accelerators (Mosaic TPU / Triton GPU) without one: `jax.export` runs the
+Pallas lowering to Mosaic / Triton IR on CPU, which rejects unsupported ops, shapes and block specs. (The final
+Mosaic / Triton compilation needs the device and is not covered here.)"""
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from qdllm_jax.kernels import qmatmul
+
+
+def _weights(planes, uniform):
+  return {"planes": planes(256, 1024, [2, 1, 3, 2, 2, 2, 3, 1])[0], "int2": uniform(256, 1024, 2, 128)[0],
+          "int3_act": uniform(256, 1024, 3, 128, act_order=True)[0]}
+
+
+@pytest.mark.parametrize("platform,path", [("tpu", "pallas_tpu"), ("cuda", "pallas_gpu")])
+def test_kernels_lower(planes, uniform, platform, path):
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  for name, qw in _weights(planes, uniform).items():
+    for n, dtype in ((1, jnp.bfloat16), (300, jnp.float32)):
+      x = jax.ShapeDtypeStruct((n, 1024), dtype)
+      exp = export.export(jax.jit(lambda x, q: qmatmul(x, q, path=path)), platforms=[platform],
+                          disabled_checks=checks)(x, qw)
+      text = exp.mlir_module()
+      assert ("tpu_custom_call" in text) if platform == "tpu" else ("xla.gpu.triton" in text), name

@@ -1,0 +1,73 @@
+"""The portable jnp path equals x @ W^T (float64 NumPy reference) in both its decode and prefill regimes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdllm_jax.kernels import qmatmul, xla
+
+PLANE_SHAPES = [(72, 256, [1, 3]), (136, 640, [2, 1, 3, 2, 3]), (200, 384, [3, 1, 2])]
+CASES = [(s, b) for s in PLANE_SHAPES for b in [(1,), (3,), (2, 37)]] + [(PLANE_SHAPES[1], (8,))]
+
+
+@pytest.mark.parametrize("shape,batch", CASES)
+def test_planes_xla(planes, assert_matmul, shape, batch):
+  out, n_in, orders = shape
+  qw, w = planes(out, n_in, orders)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(batch + (n_in,)), jnp.float32)
+  y = jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw)
+  assert y.shape == batch + (out,) and y.dtype == jnp.float32
+  assert_matmul(y.reshape(-1, out), x.reshape(-1, n_in), w, bf16=False)
+
+
+@pytest.mark.parametrize("batch", [(1,), (2, 37)])
+def test_planes_xla_bf16(planes, assert_matmul, batch):
+  qw, w = planes(136, 640, [2, 1, 3, 2, 3])
+  x = jnp.asarray(np.random.default_rng(1).standard_normal(batch + (640,)), jnp.bfloat16)
+  y = jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw)
+  assert y.dtype == jnp.bfloat16
+  assert_matmul(y.reshape(-1, 136), x.reshape(-1, 640), w, bf16=True)
+
+
+@pytest.mark.parametrize("fn", [xla.planes_gemv, xla.planes_dequant_dot])
+def test_planes_both_regimes(planes, assert_matmul, fn):
+  qw, w = planes(96, 512, [3, 1, 2, 2])
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 512)), jnp.float32)
+  assert_matmul(jax.jit(fn)(x, qw), x, w, bf16=False)
+
+
+UNIFORM = [(2, 32, False, False), (2, 128, True, False), (3, 64, False, False), (3, -1, True, False),
+           (4, 64, False, False), (4, 128, False, True), (2, 64, False, True), (8, -1, False, False)]
+
+
+@pytest.mark.parametrize("bits,group,sym,act", UNIFORM)
+@pytest.mark.parametrize("batch", [(1,), (2, 37)])
+def test_uniform_xla(uniform, assert_matmul, bits, group, sym, act, batch):
+  qw, w = uniform(136, 640, bits, group, sym=sym, act_order=act)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal(batch + (640,)), jnp.float32)
+  y = jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw)
+  assert_matmul(y.reshape(-1, 136), x.reshape(-1, 640), w, bf16=False)
+
+
+def test_uniform_xla_ragged_words_bf16(uniform, assert_matmul):
+  """3-bit codes: 384 columns end mid-word (10 codes per word); bf16 activations."""
+  qw, w = uniform(72, 384, 3, 128)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 384)), jnp.bfloat16)
+  assert_matmul(jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw), x, w, bf16=True)
+
+
+@pytest.mark.parametrize("fn", [xla.uniform_gemv, xla.uniform_dequant_dot])
+def test_uniform_both_regimes(uniform, assert_matmul, fn):
+  qw, w = uniform(72, 512, 4, 32)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((3, 512)), jnp.float32)
+  assert_matmul(jax.jit(fn)(x, qw), x, w, bf16=False)
+
+
+def test_larger_shapes(planes, uniform, assert_matmul):
+  """A bigger matrix through both regimes (1 token and a 64-token prefill)."""
+  qw, w = planes(384, 1024, [2, 2, 1, 2, 3, 2, 2, 2])
+  qu, wu = uniform(384, 1024, 2, 128)
+  for n in (1, 64):
+    x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 1024)), jnp.float32)
+    assert_matmul(qmatmul(x, qw, path="xla"), x, w, bf16=False)
+    assert_matmul(qmatmul(x, qu, path="xla"), x, wu, bf16=False)
