@@ -1,0 +1,206 @@
+"""QuaRot (arXiv 2404.00456) fake-quant path as the dLLM PTQ study runs it (reference ptq-baselines.md §2).
+
+1. Fold the RMSNorm scales into the following linears: W <- W diag(g) for q/k/v (attn_norm), gate/up
+   (ff_norm) and the head (final_norm); the norm weights become 1.
+2. Rotate the residual stream by an orthogonal Q [D, D] (random Hadamard H diag(+-1)):
+     embed <- embed Q;  W_in <- W_in Q (q, k, v, gate, up, head);  W_out <- Q^T W_out (o, down).
+   RMSNorm without a scale commutes with Q (it preserves ||x||), so the FP function is unchanged.
+3. V/O per head (fused, exact): v <- blockdiag(H_d)^T v (rows; bias b_v <- b_v blockdiag(H_d)),
+   o <- o blockdiag(H_d) (columns).
+4. Online Hadamard before the down projection: act <- act R_F in the forward (`rots` = [{"down": R_F}] per
+   block), W_down <- W_down R_F.
+Then RTN (or GPTQ, `w_method="gptq"`, as the study's code) per output channel, symmetric, on every block
+linear, and symmetric per-token activations in `actquant.forward_actquant(..., a_sym=True, rots=...)`.
+Hadamard orders: 2^k (Sylvester) times 1 or q+1 with q a prime = 3 mod 4 (Paley I), e.g. 12288 = 12 * 1024;
+other sizes fall back to a random orthogonal matrix (QR of a Gaussian), reported by `rotation`'s flag.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdllm_jax.baselines import actquant
+from qdllm_jax.errors import ConfigError, QuantizationError
+from qdllm_jax.models import layers, transformer
+from qdllm_jax.quant.api import quantize_weights_shared
+
+IN_SIDE = ("q", "k", "v", "gate", "up")
+OUT_SIDE = ("o", "down")
+
+
+def _is_prime(q: int) -> bool:
+  return q > 1 and all(q % d for d in range(2, int(q ** 0.5) + 1))
+
+
+def _paley1(q: int) -> np.ndarray:
+  """Unnormalised Hadamard of order q + 1 (q prime, q = 3 mod 4): I + [[0, 1^T], [-1, Jacobsthal Q]]."""
+  squares = {(i * i) % q for i in range(1, q)}
+  chi = np.array([0] + [1 if i in squares else -1 for i in range(1, q)], np.float64)
+  jac = chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]
+  s = np.zeros((q + 1, q + 1))
+  s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jac
+  return np.eye(q + 1) + s
+
+
+def hadamard_matrix(n: int) -> np.ndarray | None:
+  """Normalised Hadamard H [n, n] float64 (H H^T = I, entries +-1/sqrt(n)), or None when n has no
+  decomposition 2^k * m with m = 1 or m - 1 a prime = 3 mod 4."""
+  k = 0
+  while n % (2 ** (k + 1)) == 0:
+    k += 1
+  for kk in range(k, -1, -1):
+    m = n // 2 ** kk
+    if m == 1:
+      base = np.ones((1, 1))
+    elif m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+      base = _paley1(m - 1)
+    else:
+      continue
+    h = base
+    for _ in range(kk):
+      h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+  return None
+
+
+def rotation(n: int, key: jax.Array, randomize: bool = True) -> tuple[jax.Array, bool]:
+  """Orthogonal Q float32 [n, n]: H diag(d), d_i = +-1 random (randomize) or H; a Haar-random orthogonal
+  matrix (QR of a Gaussian with sign-fixed R diagonal) where no Hadamard of order n is built.
+  Returns (Q, is_hadamard)."""
+  h = hadamard_matrix(n)
+  if h is None:
+    g = np.asarray(jax.random.normal(key, (n, n), jnp.float32), np.float64)
+    qm, r = np.linalg.qr(g)
+    return jnp.asarray(qm * np.sign(np.diag(r))[None, :], jnp.float32), False
+  if randomize:
+    d = np.asarray(jax.random.rademacher(key, (n,), jnp.float32), np.float64)
+    h = h * d[None, :]
+  return jnp.asarray(h, jnp.float32), True
+
+
+def _mm(a, b):
+  return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def fuse_norms(params: dict, cfg) -> dict:
+  """Step 1: W <- W diag(g) for the linears after each RMSNorm; the norm weights become ones."""
+  if cfg.tie_embeddings:
+    raise ConfigError("QuaRot needs an untied LM head (tie_embeddings=False; LLaDA-8B and Dream-7B are untied); "
+                      "got a tied model. Untie it by copying embed into params['head'] and the config first.")
+  blocks = []
+  for p in params["blocks"]:
+    p = dict(p)
+    for norm, names in (("attn_norm", ("q", "k", "v")), ("ff_norm", ("gate", "up"))):
+      g = p[norm].astype(jnp.float32)
+      for n in names:
+        p[n] = (p[n].astype(jnp.float32) * g[None, :]).astype(p[n].dtype)
+      p[norm] = jnp.ones_like(p[norm])
+    blocks.append(p)
+  head = (params["head"].astype(jnp.float32) * params["final_norm"].astype(jnp.float32)[None, :])
+  return dict(params, blocks=blocks, head=head.astype(params["head"].dtype),
+              final_norm=jnp.ones_like(params["final_norm"]))
+
+
+def _blockdiag(h, reps):
+  return jnp.kron(jnp.eye(reps, dtype=jnp.float32), h)
+
+
+def rotate_params(params: dict, cfg, key: jax.Array, *, rotate_ov: bool = True, online_down: bool = True):
+  """Steps 1-4 on an FP params pytree. Returns (rotated params, rots (list of {"down": R_F} per block, or None),
+  info {"residual_hadamard": bool, "down_hadamard": bool})."""
+  p0 = fuse_norms(params, cfg)
+  q, q_had = rotation(cfg.d_model, jax.random.fold_in(key, 0))
+  dt = lambda a, like: a.astype(like.dtype)
+  out = dict(p0, embed=dt(_mm(p0["embed"], q), p0["embed"]), head=dt(_mm(p0["head"], q), p0["head"]))
+  r_f, f_had = (rotation(cfg.mlp_hidden, key, randomize=False) if online_down else (None, False))
+  hd = None
+  if rotate_ov:
+    h, ok = rotation(cfg.head_dim, key, randomize=False)
+    if not ok:
+      raise QuantizationError(f"head_dim={cfg.head_dim} has no Hadamard matrix for the V/O rotation; pass "
+                              f"rotate_ov=False.")
+    hd = (_blockdiag(h, cfg.n_kv_heads), _blockdiag(h, cfg.n_heads))
+  blocks = []
+  for p in p0["blocks"]:
+    p = dict(p)
+    for n in IN_SIDE:
+      p[n] = dt(_mm(p[n], q), p[n])
+    for n in OUT_SIDE:
+      p[n] = dt(_mm(q.T, p[n]), p[n])
+    if hd is not None:
+      p["v"] = dt(_mm(hd[0].T, p["v"]), p["v"])
+      if p.get("v_bias") is not None:
+        p["v_bias"] = dt(_mm(p["v_bias"][None, :], hd[0])[0], p["v_bias"])
+      p["o"] = dt(_mm(p["o"], hd[1]), p["o"])
+    if r_f is not None:
+      p["down"] = dt(_mm(p["down"], r_f), p["down"])
+    blocks.append(p)
+  out["blocks"] = blocks
+  rots = None if r_f is None else [{"down": r_f} for _ in range(cfg.n_layers)]
+  return out, rots, {"residual_hadamard": q_had, "down_hadamard": f_had}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _taps(p, x, cfg, rots):
+  b, t, _ = x.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+  return actquant.actquant_block(p, x, cfg, cos, sin, None, rots=rots, return_taps=True)
+
+
+def gptq_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, percdamp: float = 0.01) -> dict:
+  """QuaRot's weight path: sequential GPTQ, per output channel, symmetric, on the (rotated) FP model.
+
+  Block by block and group by group (q/k/v, o, gate/up, down), H = (2/N) sum_s X_s^T X_s from the block's
+  inputs with the earlier groups already quantized (after the online transforms `rots`, a list of
+  {tap: [C, C]} per block or None; QuaRot: down reads act R_F); the next block
+  reads the quantized block's outputs. Activations are not quantized during calibration (as QuaRot).
+  QuaRot's `--w_clip` MSE clipping grid is not implemented (plain min/max GPTQ grid).
+  """
+  ids = jnp.asarray(calib_ids)
+  if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise QuantizationError(f"calib_ids must be int [N, L]; got shape {ids.shape}, dtype {ids.dtype}.")
+  x = transformer.embed(params, ids)
+  n = ids.shape[0]
+  blocks = []
+  for i, p in enumerate(params["blocks"]):
+    p = dict(p)
+    r = None if rots is None else rots[i]
+    for tap, names in transformer.LINEAR_GROUPS.items():
+      a = _taps(p, x, cfg, r)[1][tap].astype(jnp.float32)
+      h = (2.0 / n) * jnp.einsum("btc,btd->cd", a, a, precision=jax.lax.Precision.HIGHEST)
+      res = quantize_weights_shared([p[m] for m in names], h, method="gptq", bits=w_bits, group_size=-1,
+                                    sym=True, percdamp=percdamp, scale_dtype="float32", return_info=True)
+      for m, (_, info) in zip(names, res):
+        p[m] = info["w_hat"].astype(p[m].dtype)
+    x = _taps(p, x, cfg, r)[0]
+    blocks.append(p)
+  return dict(params, blocks=blocks)
+
+
+def quarot(params: dict, cfg, key: jax.Array, *, w_bits: int = 4, rotate: bool = True, rotate_ov: bool = True,
+           online_down: bool = True, w_method: str = "rtn", calib_ids=None):
+  """QuaRot W{w_bits} (per output channel, symmetric; "rtn" or "gptq" on calib_ids) after the rotation.
+
+  Run with `actquant.forward_actquant(qp, cfg, ids, a_bits, a_sym=True, rots=rots)`.
+  Returns (fake-quantized params, rots or None, info).
+  """
+  actquant.check_bits(w_bits, "w_bits", allow_none=False)
+  if w_method not in ("rtn", "gptq"):
+    raise QuantizationError(f"w_method={w_method!r} is unknown; expected 'rtn' or 'gptq'.")
+  if w_method == "gptq" and calib_ids is None:
+    raise QuantizationError("w_method='gptq' needs calib_ids int [N, L] (WikiText-2 windows in the study).")
+  info, rots = {}, None
+  if rotate:
+    params, rots, info = rotate_params(params, cfg, key, rotate_ov=rotate_ov, online_down=online_down)
+  if w_bits >= 16:
+    return params, rots, info
+  if w_method == "gptq":
+    return gptq_weights(params, cfg, calib_ids, rots, w_bits=w_bits), rots, info
+  return actquant.fake_quant_weights(params, w_bits, group_size=-1, sym=True), rots, info
+
+
+__all__ = ["hadamard_matrix", "rotation", "fuse_norms", "rotate_params", "gptq_weights", "quarot"]

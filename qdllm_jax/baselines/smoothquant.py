@@ -1,0 +1,121 @@
+"""SmoothQuant (arXiv 2211.10438) as run by the dLLM PTQ study (reference ptq-baselines.md §2).
+
+Per block and per input channel j of the q/k/v group and of the gate/up group:
+    s_j = max|X_j|^alpha / max_{W in group, o} |W_{o j}|^(1 - alpha)     (alpha = 0.5; s_j >= 1e-5)
+    X' = X diag(s)^-1   (folded into the preceding RMSNorm weight: attn_norm -> q/k/v, ff_norm -> gate/up)
+    W' = W diag(s)      (column j of every linear reading X scaled by s_j)
+max|X_j| is taken over all calibration tokens (plain unmasked text, one bidirectional pass each).
+The folded model computes the same function in exact arithmetic. Weights are then RTN-quantized per
+output channel and activations per token (asymmetric) with `actquant.forward_actquant`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qdllm_jax.baselines import actquant
+from qdllm_jax.errors import QuantizationError
+from qdllm_jax.models import layers, transformer
+
+# (RMSNorm weight, linears reading its output, tap name) pairs that SmoothQuant folds.
+SMOOTH_GROUPS = (("attn_norm", ("q", "k", "v"), "qkv"), ("ff_norm", ("gate", "up"), "gate_up"))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _absmax_pass(params, cfg, input_ids, attention_mask):
+  """Per block {tap: float32 [c] max over tokens of |x|} for one batch."""
+  pos, key_mask = transformer.positions_and_mask(cfg, input_ids, attention_mask)
+  cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+  x = transformer.embed(params, input_ids)
+  out = []
+  valid = None if key_mask is None else key_mask[..., None]
+  for p in params["blocks"]:
+    x, taps = transformer.block_forward(p, x, cfg, cos, sin, key_mask, return_taps=True)
+    st = {}
+    for g, a in taps.items():
+      a = jnp.abs(a.astype(jnp.float32))
+      if valid is not None:
+        a = jnp.where(valid, a, 0.0)
+      st[g] = jnp.max(a, axis=(0, 1))
+    out.append(st)
+  return out
+
+
+def collect_act_absmax(params: dict, cfg, calib_ids, batch_size: int = 8, attention_mask=None) -> list:
+  """max_t |X_{t, j}| per block and tap over the calibration set.
+
+  Args:
+    params: FP params pytree. cfg: ModelConfig. calib_ids: int [N, L] token windows.
+    batch_size: sequences per jitted pass. attention_mask: optional [N, L] (padding excluded).
+  Returns:
+    list (n_layers) of {"qkv": [D], "o": [Hq*d], "gate_up": [D], "down": [F]} float32 arrays.
+  """
+  ids = jnp.asarray(calib_ids)
+  if ids.ndim != 2 or ids.shape[0] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise QuantizationError(f"calib_ids must be a non-empty int array [N, L]; got shape {ids.shape}, dtype "
+                            f"{ids.dtype}. Tokenize the calibration windows first.")
+  res = None
+  for s in range(0, ids.shape[0], batch_size):
+    m = None if attention_mask is None else jnp.asarray(attention_mask[s:s + batch_size])
+    r = _absmax_pass(params, cfg, ids[s:s + batch_size], m)
+    res = r if res is None else jax.tree.map(jnp.maximum, res, r)
+  return res
+
+
+def smooth_scales(act_absmax: jax.Array, weights, alpha: float = 0.5) -> jax.Array:
+  """s_j = max|X_j|^alpha / max_o |W_{oj}|^(1-alpha) over the concatenated weights, clamped to >= 1e-5.
+
+  Args:
+    act_absmax: float [C]. weights: list of float [out_i, C]. alpha: migration strength in [0, 1].
+  Returns:
+    float32 [C].
+  """
+  if not 0.0 <= alpha <= 1.0:
+    raise QuantizationError(f"alpha={alpha} must lie in [0, 1] (the study uses 0.5).")
+  wmax = jnp.max(jnp.stack([jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0) for w in weights]), axis=0)
+  a = jnp.maximum(act_absmax.astype(jnp.float32), 1e-5)
+  s = a ** alpha / jnp.maximum(wmax, 1e-5) ** (1.0 - alpha)
+  return jnp.maximum(s, 1e-5)
+
+
+def smooth_params(params: dict, act_absmax: list, alpha: float = 0.5) -> tuple[dict, list]:
+  """Fold the smoothing scales: norm_w <- norm_w / s, W <- W diag(s) for each group in SMOOTH_GROUPS.
+
+  Args:
+    params: FP params pytree. act_absmax: output of `collect_act_absmax`.
+  Returns:
+    (smoothed params, list per block of {tap: s [C]}).
+  """
+  if len(act_absmax) != len(params["blocks"]):
+    raise QuantizationError(f"act_absmax has {len(act_absmax)} blocks; the model has {len(params['blocks'])}. "
+                            f"Collect the statistics on this model.")
+  blocks, scales = [], []
+  for p, st in zip(params["blocks"], act_absmax):
+    p, sc = dict(p), {}
+    for norm, names, tap in SMOOTH_GROUPS:
+      s = smooth_scales(st[tap], [p[n] for n in names], alpha)
+      p[norm] = (p[norm].astype(jnp.float32) / s).astype(p[norm].dtype)
+      for n in names:
+        p[n] = (p[n].astype(jnp.float32) * s[None, :]).astype(p[n].dtype)
+      sc[tap] = s
+    blocks.append(p)
+    scales.append(sc)
+  return dict(params, blocks=blocks), scales
+
+
+def smoothquant(params: dict, cfg, calib_ids, *, w_bits: int = 8, alpha: float = 0.5, smooth: bool = True,
+                batch_size: int = 8) -> dict:
+  """SmoothQuant W{w_bits}: smoothing (optional) then per-channel asymmetric RTN of every block linear.
+
+  Run the result with `actquant.forward_actquant(qparams, cfg, ids, a_bits)` (per-token asymmetric A).
+  Returns the fake-quantized params pytree (same structure and dtypes as `params`).
+  """
+  actquant.check_bits(w_bits, "w_bits", allow_none=False)
+  if smooth:
+    params, _ = smooth_params(params, collect_act_absmax(params, cfg, calib_ids, batch_size), alpha)
+  return actquant.fake_quant_weights(params, w_bits, group_size=-1, sym=False)
+
+
+__all__ = ["SMOOTH_GROUPS", "collect_act_absmax", "smooth_scales", "smooth_params", "smoothquant"]
