@@ -74,7 +74,7 @@ def _check_matrix(w, name="w"):
 
 
 def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
-  """Resolve options and check every input; returns (host weights, host H or None, resolved options)."""
+  """Resolve options and check every input; returns (float32 weights, float32 H or None, resolved options)."""
   if method not in METHODS:
     _err(f"method={method!r} is unknown; expected one of {METHODS}.")
   unknown = sorted(set(options) - OPTIONS[method])

@@ -59,7 +59,6 @@ def test_mc_scores_match_official_estimator(shipped):
     np.testing.assert_allclose(np.asarray(ref), s, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_generation_exact_match(shipped):
   model, tok = shipped
   acc = task_eval.eval_generation(model.params, model.config, tok, tasks.load_eval_set("gen"))

@@ -1,5 +1,4 @@
 """Public API: input validation before heavy work, method dispatch, diagnostics, shared-Hessian batching."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

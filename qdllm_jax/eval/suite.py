@@ -1,0 +1,399 @@
+"""`evaluate(model, tok, "tiny")`: score a float or quantized model under a shipped-data protocol.
+
+Metrics (formulas in docs/evaluation.md), each per family and over all examples ("all"):
+  * held-out ELBO perplexity exp(sum_w B_w / sum_w N_w), B_w = `elbo_nll` of corpus window w (nats);
+  * MC accuracy (argmax_k of `llada_loglikelihood`, the official estimator) and the choice NLL
+    mean_e -log softmax_k(score)[label] (a proper score that still moves when accuracy saturates);
+  * generation exact match (`llada_generate`, decoded to the first EOS, stripped) and the answer NLL
+    sum_e B(answer region_e | prompt_e) / sum_e N_e (nats per token; answer_nll_mc > 0).
+Fixed shapes (one compile per task group): MC pairs right-padded, generation prompts left-padded with
+attention_mask, perplexity windows of one length. Keys: fold_in(key(seed), 0 | 1 | 2 | 3) for perplexity, MC,
+generation and answer NLL, so a result is deterministic given the seed.
+
+`elbo_nll`, the LLaDA form of the masked-diffusion bound with a control variate: answer a of N tokens, S a uniform
+l-subset, l ~ U{1..N}, CE_i(S) = -log p(a_i | prompt, a with S masked), c_i = CE_i(whole answer masked):
+  B = sum_{l=1}^{N} (1/l) E_{|S|=l} [sum_{i in S} CE_i(S)]            (= the continuous-time ELBO at eps = 0)
+  B^ = sum_i c_i + mean_rows (N / l) sum_{i in S} (CE_i(S) - c_i)      (unbiased: E[(N/l) sum_S c_i] = sum_i c_i)
+with counts stratified in batches of b rows (likelihood.llada_mc_masks), as in LLaDA's estimator.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdllm_jax.data import corpus, tasks, windows
+from qdllm_jax.errors import ConfigError
+from qdllm_jax.eval import protocols as protocols_lib
+from qdllm_jax.eval.elbo import ElboResult
+from qdllm_jax.eval.likelihood import llada_loglikelihood, llada_mc_masks, masked_ce
+from qdllm_jax.sampling import common
+from qdllm_jax.sampling.llada import gumbel_precision_check, llada_generate
+
+
+# ------------------------------------------------------------------------------------------ ELBO perplexity
+@functools.partial(jax.jit, static_argnames=("mask_id", "n_mc", "mc_batch", "control"))
+def _elbo_chunk(model, seq, attn, prompt_len, answer_len, keys, *, mask_id, n_mc, mc_batch, control):
+  """(mean, mean of squares) over the n_mc per-row estimates of B, float32 [n] each; seq int32 [n, T]."""
+  n, length = seq.shape
+  b = mc_batch
+  pos = jnp.arange(length, dtype=jnp.int32)
+  in_ans = (pos[None] >= prompt_len[:, None]) & (pos[None] < (prompt_len + answer_len)[:, None])
+  if control:
+    c = jnp.where(in_ans, masked_ce(common.call_model(model, jnp.where(in_ans, mask_id, seq), attn), seq), 0.0)
+  else:
+    c = jnp.zeros(seq.shape, jnp.float32)
+  am = None if attn is None else jnp.repeat(attn, b, axis=0)
+  targets = jnp.repeat(seq, b, axis=0)
+
+  def one_batch(acc, r):
+    bkeys = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)
+    m, counts = jax.vmap(llada_mc_masks, (0, 0, 0, None, None))(bkeys, prompt_len, answer_len, length, b)
+    rows = jnp.where(m, mask_id, seq[:, None, :]).reshape(n * b, length)
+    ce = masked_ce(common.call_model(model, rows, am), targets).reshape(n, b, length)
+    w = answer_len[:, None].astype(jnp.float32) / counts.astype(jnp.float32)  # N / l, [n, b]
+    est = c.sum(-1)[:, None] + w * jnp.sum(jnp.where(m, ce - c[:, None], 0.0), axis=-1)
+    return (acc[0] + est.sum(1), acc[1] + (est * est).sum(1)), None
+
+  zeros = jnp.zeros((n,), jnp.float32)
+  (s1, s2), _ = jax.lax.scan(one_batch, (zeros, zeros), jnp.arange(n_mc // b, dtype=jnp.int32))
+  return s1 / n_mc, s2 / n_mc
+
+
+def elbo_nll(model, prompts, answers, *, mask_id, key, n_mc=16, mc_batch=8, control_variate=True,
+             pad_id=None, pairs_per_call=None, rows_per_call=256):
+  """MC estimate of the masked-diffusion NLL bound B(answer | prompt) per pair (formula: module docstring).
+
+  Args:
+    model: model(ids int32 [R, T], attention_mask=None) -> logits [R, T, V] (R = pairs_per_call * mc_batch).
+    prompts, answers: equally long lists of 1-D int sequences (a prompt may be empty; answers not).
+    mask_id: the [MASK] id. key: PRNG key; pair i uses fold_in(key, i) and batch r fold_in(that, r), so a
+      pair's result does not depend on the grouping. n_mc: samples per pair, a multiple of mc_batch (b).
+    control_variate: subtract c_i = CE_i(whole answer masked) (one extra forward per pair); False gives
+      exactly -llada_loglikelihood(prompt, answer) with the same key, mc_num = n_mc, batch_size = b.
+    pad_id: right-padding id (default 0, or 1 if mask_id == 0); pairs are padded to the longest pair and the
+      model gets attention_mask (exact for models that mask padded keys and keep positions, as LLaDA does).
+    pairs_per_call: pairs per compiled call (default rows_per_call // mc_batch).
+  Returns:
+    ElboResult: nll_bound float64 [n] (nats), nll_stderr float64 [n] (iid-row standard error; conservative
+    for stratified rows), n_tokens int64 [n] (answer lengths).
+  """
+  pad_id = (1 if mask_id == 0 else 0) if pad_id is None else int(pad_id)
+  for bad, msg in ((key is None, "the ELBO estimate is random: pass key=jax.random.key(...)"),
+                   (n_mc < 1 or mc_batch < 1 or n_mc % mc_batch, f"n_mc={n_mc} must be a positive multiple of "
+                    f"mc_batch={mc_batch}"),
+                   (len(prompts) != len(answers) or not answers, f"{len(prompts)} prompts and {len(answers)} "
+                    "answers; pass one prompt per answer (>= 1)"),
+                   (pad_id == mask_id, f"pad_id equals mask_id={mask_id}; choose another pad id (e.g. EOS)")):
+    if bad:
+      raise ConfigError(msg + ".")
+  pairs = [(np.asarray(p, np.int64).reshape(-1), np.asarray(a, np.int64).reshape(-1))
+           for p, a in zip(prompts, answers)]
+  for i, (p, a) in enumerate(pairs):
+    if a.size == 0 or np.any(p == mask_id) or np.any(a == mask_id):
+      raise ConfigError(f"pair {i}: empty answer or the mask id {mask_id} in the text; expected clean tokens.")
+  lengths = np.array([p.size + a.size for p, a in pairs])
+  tlen = int(lengths.max())
+  ppc = min(max(1, rows_per_call // mc_batch) if pairs_per_call is None else int(pairs_per_call), len(pairs))
+  mean, sq = np.zeros(len(pairs)), np.zeros(len(pairs))
+  for c in range(0, len(pairs), ppc):
+    idx = np.arange(c, min(c + ppc, len(pairs)))
+    full = np.concatenate([idx, np.repeat(idx[:1], ppc - idx.size)])  # a short last group repeats a pair
+    seq, attn = np.full((ppc, tlen), pad_id, np.int32), np.zeros((ppc, tlen), np.int32)
+    for row, i in enumerate(full):
+      seq[row, :lengths[i]] = np.concatenate(pairs[i])
+      attn[row, :lengths[i]] = 1
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(full, jnp.int32))
+    m1, m2 = _elbo_chunk(model, jnp.asarray(seq), jnp.asarray(attn),
+                         jnp.asarray([pairs[i][0].size for i in full], jnp.int32),
+                         jnp.asarray([pairs[i][1].size for i in full], jnp.int32), keys, mask_id=int(mask_id),
+                         n_mc=int(n_mc), mc_batch=int(mc_batch), control=bool(control_variate))
+    mean[idx], sq[idx] = np.asarray(m1)[:idx.size], np.asarray(m2)[:idx.size]
+  stderr = np.sqrt(np.maximum(sq - mean * mean, 0.0) / n_mc)
+  return ElboResult(nll_bound=mean, nll_stderr=stderr, n_tokens=np.array([a.size for _, a in pairs], np.int64))
+
+
+def corpus_windows(tok, spec: protocols_lib.PerplexitySpec) -> np.ndarray:
+  """int32 [W, window]: `spec.n_windows` evenly spaced non-overlapping windows of the encoded corpus split
+  (windows.encode_stream: [BOS] doc [EOS] ...); window k of the stream is tokens [k w, (k + 1) w)."""
+  stream = windows.encode_stream(tok, corpus.load_splits()[spec.corpus_split])
+  n_all = stream.size // spec.window
+  if n_all < 1:
+    raise ConfigError(f"the {spec.corpus_split} stream has {stream.size} tokens, fewer than window={spec.window}.")
+  n = n_all if spec.n_windows is None else min(spec.n_windows, n_all)
+  ks = np.unique(np.floor(np.linspace(0, n_all - 1, n)).astype(int))
+  return np.stack([stream[k * spec.window:(k + 1) * spec.window] for k in ks]).astype(np.int32)
+
+
+def perplexity_summary(res: ElboResult) -> dict:
+  """{'elbo_ppl': exp(sum B / sum N), 'nats_per_token': sum B / sum N, 'stderr_nats_per_token':
+  sqrt(sum se_w^2) / sum N, 'n_windows', 'n_tokens'} from per-window results."""
+  n_tok = int(res.n_tokens.sum())
+  nats = float(res.nll_bound.sum()) / n_tok
+  return {"elbo_ppl": float(np.exp(nats)), "nats_per_token": nats,
+          "stderr_nats_per_token": float(np.sqrt(np.sum(res.nll_stderr ** 2)) / n_tok),
+          "n_windows": int(res.nll_bound.size), "n_tokens": n_tok}
+
+
+# ------------------------------------------------------------------------------------------ task metrics
+def choice_accuracy(scores, labels) -> float:
+  """mean_e [argmax_k scores[e][k] == labels[e]] (ties -> the lowest k, as np.argmax and lm-eval)."""
+  if len(scores) != len(labels) or not len(labels):
+    raise ConfigError(f"{len(scores)} score lists for {len(labels)} labels; expected one per example (>= 1).")
+  return float(np.mean([int(np.argmax(s)) == int(y) for s, y in zip(scores, labels)]))
+
+
+def choice_nll(scores, labels) -> float:
+  """mean_e -log softmax_k(scores[e])[labels[e]]: the NLL (nats) of the right choice under the choice distribution."""
+  return float(np.mean([np.logaddexp.reduce(np.asarray(s, np.float64)) - s[int(y)] for s, y in zip(scores, labels)]))
+
+
+def normalize_answer(text: str) -> str:
+  """The exact-match normalisation: surrounding whitespace stripped (as task_eval and lm-eval's default)."""
+  return text.strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+  """normalize_answer(prediction) == normalize_answer(reference)."""
+  return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def _by_family(hits: dict) -> dict:
+  out = {f: float(np.mean(h)) for f, h in sorted(hits.items())}
+  out["all"] = float(np.mean([x for h in hits.values() for x in h]))
+  return out
+
+
+def _select(examples, names, limit):
+  chosen = {n: [e for e in examples if e.family == n][:limit] for n in names}
+  empty = [n for n, exs in chosen.items() if not exs]
+  if empty:
+    raise ConfigError(f"task families {empty} have no examples in the shipped eval set; expected names from "
+                      f"{sorted({e.family for e in examples})}.")
+  return chosen
+
+
+def _groups(specs, fields):
+  """[(settings tuple, [task names])] of the specs with equal `fields`, sorted (one compiled call per group)."""
+  groups = collections.defaultdict(list)
+  for t in specs:
+    groups[tuple(getattr(t, f) for f in fields)].append(t.name)
+  return sorted(groups.items())
+
+
+def score_multiple_choice(model, tok, examples_by_task: dict, task_specs, *, mask_id, key, rows_per_call=1024):
+  """Per-example choice log-likelihoods via llada_loglikelihood, tasks with equal MC settings in one call.
+
+  examples_by_task: {name: [MCExample]}; task_specs: LikelihoodTask per name. Returns {name: [float64 [K]]}."""
+  out = {}
+  for g, ((mc_num, b, cfg), names) in enumerate(_groups(task_specs, ("mc_num", "mc_batch", "cfg_scale"))):
+    ctx, cont, owner = [], [], []
+    for n in names:
+      for j, ex in enumerate(examples_by_task[n]):
+        for ch in ex.choices:
+          p, c = windows.mc_ids(tok, ex.prompt, ch)
+          ctx.append(p), cont.append(c), owner.append((n, j))
+    n_calls = -(-len(ctx) * b // rows_per_call)
+    ll = llada_loglikelihood(model, ctx, cont, mask_id=mask_id, key=jax.random.fold_in(key, g), mc_num=mc_num,
+                             batch_size=b, cfg_scale=cfg, pad_id=tok.eos_token_id,
+                             pairs_per_call=-(-len(ctx) // n_calls))
+    for n in names:
+      out[n] = [[] for _ in examples_by_task[n]]
+    for (n, j), v in zip(owner, np.asarray(ll)):
+      out[n][j].append(float(v))
+  return {n: [np.asarray(s) for s in v] for n, v in out.items()}
+
+
+def left_pad(seqs, pad_id) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int32 [B, P], attention_mask int32 [B, P]): sequences left-padded with pad_id to the longest."""
+  width = max(len(s) for s in seqs)
+  ids, am = np.full((len(seqs), width), pad_id, np.int32), np.zeros((len(seqs), width), np.int32)
+  for i, s in enumerate(seqs):
+    ids[i, width - len(s):], am[i, width - len(s):] = s, 1
+  return ids, am
+
+
+def generate_answers(model, tok, examples_by_task: dict, task_specs, *, mask_id, key) -> dict:
+  """Generated token ids per example via llada_generate (left-padded batch per group of equal settings).
+
+  Returns {name: int32 [n_examples, gen_length]} (the generated region only)."""
+  if any(t.sampler != "llada" for t in task_specs):
+    raise ConfigError("the shipped-task suite runs the LLaDA sampler; a generation task asks for another one.")
+  out = {}
+  fields = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
+  for g, ((gen_length, steps, block, temp, cfg, remask), names) in enumerate(_groups(task_specs, fields)):
+    exs = [(n, e) for n in names for e in examples_by_task[n]]
+    ids, am = left_pad([windows.gen_prompt_ids(tok, e) for _, e in exs], tok.eos_token_id)
+    x = np.asarray(llada_generate(model, ids, mask_id=mask_id, steps=steps, gen_length=gen_length,
+                                  block_length=block, temperature=temp, cfg_scale=cfg, remasking=remask,
+                                  attention_mask=am, key=jax.random.fold_in(key, g), gumbel_dtype="float32"))
+    out.update({n: x[[m == n for m, _ in exs], ids.shape[1]:] for n in names})
+  return out
+
+
+def answer_nll(model, tok, examples_by_task: dict, task_specs, *, mask_id, key) -> dict:
+  """Answer NLL per family and "all": sum_e B(answer_e | prompt_e) / sum_e N_e in nats per token, the answer being
+  the reference tokens + EOS fill to gen_length (the region a sampler decodes). Tasks with equal settings share one
+  elbo_nll call; tasks with answer_nll_mc == 0 are skipped ({} if all are)."""
+  sums, specs = {}, [t for t in task_specs if t.answer_nll_mc]
+  fields = ("answer_nll_mc", "answer_nll_batch", "gen_length")
+  for g, ((n_mc, b, gen_length), names) in enumerate(_groups(specs, fields)):
+    exs = [(n, e) for n in names for e in examples_by_task[n]]
+    answers = [tok(e.answer, add_special_tokens=False).input_ids for _, e in exs]
+    too_long = [e.answer for (_, e), a in zip(exs, answers) if len(a) > gen_length]
+    if too_long:
+      raise ConfigError(f"answers {too_long[:3]} have more than gen_length={gen_length} tokens; raise gen_length.")
+    answers = [a + [tok.eos_token_id] * (gen_length - len(a)) for a in answers]
+    res = elbo_nll(model, [windows.gen_prompt_ids(tok, e) for _, e in exs], answers, mask_id=mask_id,
+                   key=jax.random.fold_in(key, g), n_mc=n_mc, mc_batch=b, pad_id=tok.eos_token_id)
+    sel = {n: np.array([m == n for m, _ in exs]) for n in names}
+    sums.update({n: (float(res.nll_bound[k].sum()), int(res.n_tokens[k].sum())) for n, k in sel.items()})
+  if not sums:
+    return {}
+  out = {n: v / k for n, (v, k) in sorted(sums.items())}
+  out["all"] = sum(v for v, _ in sums.values()) / sum(k for _, k in sums.values())
+  return out
+
+
+# ------------------------------------------------------------------------------------------ the suite
+def _mask_id(model, tok, mask_id):
+  mask_id = next((m for m in (mask_id, getattr(model, "mask_id", None), getattr(tok, "mask_token_id", None))
+                  if m is not None), None)
+  if mask_id is None:
+    raise ConfigError("no mask id: the model has no .mask_id and the tokenizer no mask_token; pass mask_id=.")
+  return int(mask_id)
+
+
+def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None, mask_id=None,
+             return_details=False) -> dict:
+  """Score `model` under a shipped-data protocol (default "tiny"); see the module docstring for the metrics.
+
+  Args:
+    model: any callable pytree with the Model contract, model(ids int32 [B, T], attention_mask) -> logits.
+    tokenizer: the shipped tokenizer (EOS 0 = pad, BOS 1, <|mdm_mask|>).
+    protocol: a name in protocols.PROTOCOLS with data == "shipped", or a Protocol.
+    seed / key: key = jax.random.key(seed) unless key is given. limit: examples per family (overrides the
+      protocol's). return_details: add per-example scores, generated ids and predictions.
+  Returns:
+    {"protocol": card, "seed", "metrics": flat {name: float}, "perplexity": {...}, "multiple_choice":
+     {"accuracy": {family: acc, "all": acc}, "n": {...}}, "generation": {"exact_match": {...}, "n": {...}},
+     "timing_s": {...}} (+ "details").
+  """
+  proto = protocols_lib.get_protocol(protocol)
+  if proto.data != "shipped":
+    raise ConfigError(f"protocol {proto.name!r} runs on lm-eval task data; use "
+                      "qdllm_jax.eval.lm_eval_adapter.run_protocol, or pick 'tiny' / 'tiny_smoke' here.")
+  arch = getattr(getattr(model, "config", None), "arch", proto.arch)
+  if arch != proto.arch:
+    raise ConfigError(f"protocol {proto.name!r} is for {proto.arch} models; the model is {arch!r}.")
+  mask_id, seed = _mask_id(model, tokenizer, mask_id), (None if key is not None else int(seed))
+  key = jax.random.key(seed) if key is None else key
+  limit = proto.limit if limit is None else int(limit)
+  card = dict(proto.card(), limit=limit, mask_id=mask_id, pad_id=tokenizer.eos_token_id)
+  result, details = {"protocol": card, "seed": seed, "metrics": {}, "timing_s": {}}, {}
+  if proto.perplexity is not None:
+    t0, spec = time.time(), proto.perplexity
+    wins = corpus_windows(tokenizer, spec)
+    res = elbo_nll(model, [[]] * len(wins), list(wins), mask_id=mask_id, key=jax.random.fold_in(key, 0),
+                   n_mc=spec.n_mc, mc_batch=spec.mc_batch, control_variate=spec.control_variate,
+                   pad_id=tokenizer.eos_token_id)
+    result["perplexity"] = perplexity_summary(res)
+    result["metrics"].update(elbo_ppl=result["perplexity"]["elbo_ppl"],
+                             elbo_nats_per_token=result["perplexity"]["nats_per_token"])
+    details["window_nll"] = res.nll_bound
+    result["timing_s"]["perplexity"] = time.time() - t0
+  if proto.likelihood:
+    t0 = time.time()
+    chosen = _select(tasks.load_eval_set("mc"), [t.name for t in proto.likelihood], limit)
+    scores = score_multiple_choice(model, tokenizer, chosen, proto.likelihood, mask_id=mask_id,
+                                   key=jax.random.fold_in(key, 1))
+    hits = {n: [int(np.argmax(s)) == e.label for s, e in zip(scores[n], chosen[n])] for n in chosen}
+    acc = _by_family(hits)
+    nll = _by_family({n: [choice_nll([s], [e.label]) for s, e in zip(scores[n], chosen[n])] for n in chosen})
+    result["multiple_choice"] = {"accuracy": acc, "choice_nll": nll, "n": {n: len(h) for n, h in hits.items()}}
+    result["metrics"].update({f"mc_{m}/{n}": v for m, d in (("acc", acc), ("nll", nll)) for n, v in d.items()})
+    details["choice_scores"] = scores
+    result["timing_s"]["multiple_choice"] = time.time() - t0
+  if proto.generation:
+    t0 = time.time()
+    chosen = _select(tasks.load_eval_set("gen"), [t.name for t in proto.generation], limit)
+    gen = generate_answers(model, tokenizer, chosen, proto.generation, mask_id=mask_id,
+                           key=jax.random.fold_in(key, 2))
+    preds = {n: [windows.decode_answer(tokenizer, g) for g in gen[n]] for n in gen}
+    hits = {n: [exact_match(p, e.answer) for p, e in zip(preds[n], chosen[n])] for n in chosen}
+    em = _by_family(hits)
+    result["generation"] = {"exact_match": em, "n": {n: len(h) for n, h in hits.items()}}
+    result["metrics"].update({f"gen_em/{n}": v for n, v in em.items()})
+    details.update(generated_ids=gen, predictions=preds)
+    result["timing_s"]["generation"], t0 = time.time() - t0, time.time()
+    ans = answer_nll(model, tokenizer, chosen, proto.generation, mask_id=mask_id, key=jax.random.fold_in(key, 3))
+    if ans:
+      result["generation"]["answer_nll"] = ans
+      result["metrics"].update({f"gen_nll/{n}": v for n, v in ans.items()})
+      result["timing_s"]["answer_nll"] = time.time() - t0
+  result["timing_s"]["total"] = sum(result["timing_s"].values())
+  if return_details:
+    result["details"] = details
+  return result
+
+
+def gumbel_precision_report(model, tok, *, key, temperatures=(0.5, 1.0), source="tasks", limit=None, mask_id=None,
+                            gen_length=windows.GEN_LEN, steps=None, block_length=None, prompt_len=32):
+  """float64 vs float32 Gumbel arithmetic (sampling.gumbel_precision_check) on shipped prompts.
+
+  source "tasks": the generation eval prompts (`limit` per family), left-padded, gen_length GEN_LEN.
+  source "corpus": the first `prompt_len` tokens of `limit` (default 32) held-out corpus windows.
+  steps / block_length default to gen_length (one block, one token per step). For each temperature T the same
+  float64 uniforms drive both runs. Returns {T: {"n_diff" (decoded tokens that differ), "n_generated",
+  "first_divergent_step"}, "n_prompts": B}."""
+  mask_id = _mask_id(model, tok, mask_id)
+  if source == "tasks":
+    exs = [e for v in _select(tasks.load_eval_set("gen"), tasks.GEN_FAMILIES, limit).values() for e in v]
+    ids, am = left_pad([windows.gen_prompt_ids(tok, e) for e in exs], tok.eos_token_id)
+  elif source == "corpus":
+    spec = protocols_lib.PerplexitySpec(window=prompt_len, n_windows=32 if limit is None else limit)
+    ids, am = corpus_windows(tok, spec), None
+  else:
+    raise ConfigError(f"source={source!r}: expected 'tasks' or 'corpus'.")
+  out = {"n_prompts": int(ids.shape[0])}
+  for i, temp in enumerate(temperatures):
+    r = gumbel_precision_check(model, ids, key=jax.random.fold_in(key, i), mask_id=mask_id, temperature=temp,
+                               steps=steps or gen_length, gen_length=gen_length,
+                               block_length=block_length or gen_length, attention_mask=am)
+    out[float(temp)] = {k: r[k] for k in ("n_diff", "n_generated", "first_divergent_step")}
+  return out
+
+
+def main(argv=None):
+  """CLI: python3 -m qdllm_jax.eval.suite --model assets/tiny-llada [--protocol tiny] [--seed 0] [--out r.json]
+  [--gumbel] (also gumbel_precision_report at temperatures 0.5 and 1.0: task prompts, and 32 corpus prompts
+  continued by 64 tokens)."""
+  import argparse
+  import json
+  from qdllm_jax.models import load_pretrained, load_tokenizer
+  ap = argparse.ArgumentParser(description="Evaluate a qdllm-jax model under a shipped-data protocol.")
+  for flag, kw in (("--model", dict(required=True)), ("--protocol", dict(default="tiny")), ("--out", {}),
+                   ("--seed", dict(type=int, default=0)), ("--limit", dict(type=int, default=None)),
+                   ("--gumbel", dict(action="store_true"))):
+    ap.add_argument(flag, **kw)
+  args = ap.parse_args(argv)
+  model, tok = load_pretrained(args.model), load_tokenizer(args.model)
+  res = evaluate(model, tok, args.protocol, seed=args.seed, limit=args.limit)
+  if args.gumbel:
+    k = jax.random.key(args.seed)
+    res["gumbel_precision"] = {
+        "tasks": gumbel_precision_report(model, tok, key=k, limit=args.limit),
+        "corpus_64": gumbel_precision_report(model, tok, key=k, source="corpus", gen_length=64)}
+  print(json.dumps(res, indent=2, default=float))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(res, f, indent=2, default=float)
+  return res
+
+
+if __name__ == "__main__":
+  main()

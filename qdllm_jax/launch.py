@@ -1,0 +1,170 @@
+"""The command line: flags -> validated RunSpec -> `run.run`. Nothing else lives here.
+
+  python -m qdllm_jax.launch --config configs/tiny.py --workdir /tmp/qdllm-tiny
+  python -m qdllm_jax.launch --config configs/llada8b.py:gptq_w2 --config.model_path=/ckpt/LLaDA-8B-Base \
+      --config.calib.source=/data/c4-train.00000-of-01024.json.gz --workdir gs://... (a mounted path)
+  python -m qdllm_jax.launch --config configs/llada8b.py --dry_run --config.plan.hardware=tpu_v5e_8
+
+Flags:
+  --config PATH[:PRESETS]    a config file with get_config(arg); PRESETS are method presets (configs/presets.py)
+  --config.KEY=VALUE         override any key of configs/base.py, typed like its default (also "--config.KEY VALUE")
+  --workdir DIR              output directory (replaces config.workdir)
+  --dry_run                  plan only: memory per device and host, mesh, rules, duration; reads no weights
+  --overwrite                start over in a workdir that holds a different run (fingerprint mismatch)
+  --kill_after_block N       testing crash recovery: SIGKILL this process right after block N's state is saved
+  --log_level LEVEL          INFO (default), DEBUG, WARNING
+Exit status: 0 on success, 2 on a user error (QdllmError: the message says what to fix), 3 when the dry run
+finds that the plan does not fit.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import logging
+import os
+import sys
+
+import ml_collections as mlc
+
+from qdllm_jax.errors import ConfigError, QdllmError
+
+def load_config(spec: str, overrides=()) -> mlc.ConfigDict:
+  """`path/to/config.py[:arg]` -> get_config(arg), then `overrides` applied in order.
+
+  Args:
+    spec: config file path, optionally followed by ':' and the argument of get_config (method presets).
+    overrides: ["a.b=value", ...] or [("a.b", "value")]; values are parsed to the type of the existing key
+      (bool: true/false/1/0; tuples: Python literals such as (2,4); strings as given).
+  Raises ConfigError: missing file, no get_config, unknown preset, unknown key, unparsable value.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist; expected e.g. configs/tiny.py or configs/llada8b.py")
+  name = "qdllm_run_config_" + os.path.splitext(os.path.basename(path))[0]
+  mod_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(mod_spec)
+  try:
+    mod_spec.loader.exec_module(module)
+  except Exception as e:  # a broken config file: report where
+    raise ConfigError(f"config file {path!r} failed to import: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config(arg=None) function")
+  try:
+    c = module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:  # unknown preset
+    raise ConfigError(f"{path}:{arg}: {e}") from e
+  for o in overrides:
+    key, value = o if isinstance(o, tuple) else _split_override(o)
+    set_override(c, key, value)
+  return c
+
+
+def _split_override(o: str):
+  if "=" not in o:
+    raise ConfigError(f"override {o!r} has no '='; expected --config.section.key=value")
+  k, v = o.split("=", 1)
+  return k.strip(), v
+
+
+def _parse_value(key: str, text: str, current):
+  t = text.strip()
+  if isinstance(current, bool):
+    if t.lower() in ("true", "1", "yes"):
+      return True
+    if t.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"--config.{key}={text!r}: expected a boolean (true/false)")
+  if isinstance(current, (int, float, tuple, list)) and not isinstance(current, bool):
+    try:
+      v = ast.literal_eval(t)
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__} literal") from e
+    if isinstance(current, (tuple, list)):
+      if isinstance(v, (int, str)):
+        v = (v,)
+      if not isinstance(v, (tuple, list)):
+        raise ConfigError(f"--config.{key}={text!r}: expected a tuple such as (2, 4)")
+      return tuple(v)
+    if isinstance(current, float) and isinstance(v, int) and not isinstance(v, bool):
+      return float(v)
+    if type(v) is not type(current):
+      raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__}, got {type(v).__name__}")
+    return v
+  return text
+
+
+def set_override(c: mlc.ConfigDict, key: str, text) -> None:
+  """Set dotted `key` of `c` from a command-line string, typed like the existing value."""
+  node, parts = c, key.split(".")
+  for i, p in enumerate(parts[:-1]):
+    if not isinstance(node, mlc.ConfigDict) or p not in node:
+      raise ConfigError(f"--config.{key}: unknown section {'.'.join(parts[:i + 1])!r}; known: {_known(node)}")
+    node = node[p]
+  leaf = parts[-1]
+  if not isinstance(node, mlc.ConfigDict) or leaf not in node:
+    raise ConfigError(f"--config.{key}: unknown key; known keys here: {_known(node)}")
+  current = node[leaf]
+  if isinstance(current, mlc.ConfigDict):
+    raise ConfigError(f"--config.{key} is a section; set one of its keys: {_known(current)}")
+  value = _parse_value(key, text, current) if isinstance(text, str) else text
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def _known(node) -> list:
+  return sorted(node.keys()) if isinstance(node, mlc.ConfigDict) else []
+
+
+def parse_args(argv):
+  """(argparse namespace, [(key, value)] config overrides) from argv (without the program name)."""
+  ap = argparse.ArgumentParser(prog="python -m qdllm_jax.launch", description=__doc__.split("\n")[0])
+  ap.add_argument("--config", required=True, help="config file[:method presets], e.g. configs/tiny.py:gptq_w3")
+  ap.add_argument("--workdir", default=None)
+  ap.add_argument("--dry_run", action="store_true")
+  ap.add_argument("--overwrite", action="store_true")
+  ap.add_argument("--kill_after_block", type=int, default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--log_level", default="INFO")
+  args, rest = ap.parse_known_args(argv)
+  overrides, i = [], 0
+  while i < len(rest):
+    tok = rest[i]
+    if not tok.startswith("--config."):
+      raise ConfigError(f"unknown argument {tok!r}; expected --config.KEY=VALUE overrides or the flags of "
+                        "`python -m qdllm_jax.launch --help`")
+    if "=" in tok:
+      k, v = tok[len("--config."):].split("=", 1)
+      i += 1
+    elif i + 1 < len(rest):
+      k, v = tok[len("--config."):], rest[i + 1]
+      i += 2
+    else:
+      raise ConfigError(f"{tok} has no value; expected {tok}=VALUE")
+    overrides.append((k, v))
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  """Run the CLI; returns the exit status (see the module docstring)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+  try:
+    args, overrides = parse_args(argv)
+    logging.getLogger("qdllm_jax").setLevel(args.log_level.upper())  # libraries (Orbax, absl) stay at WARNING
+    c = load_config(args.config, overrides)
+    from qdllm_jax import config as config_lib, plan as plan_lib, run as run_lib
+    spec = config_lib.validate(c, workdir=args.workdir, dry_run=args.dry_run)
+    if args.dry_run:
+      text, plan = plan_lib.dry_run(spec)
+      print(text, flush=True)
+      return 0 if plan.fits else 3
+    run_lib.run(spec, overwrite=args.overwrite, kill_after_block=args.kill_after_block,
+                command=" ".join(["python -m qdllm_jax.launch"] + argv))
+    return 0
+  except QdllmError as e:
+    print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,396 @@
+"""Know before you run: memory, mesh, rules and duration of a run, from shapes alone (no weights read).
+
+Memory model (bytes; N = nsamples x timesteps_per_sample sequences of L tokens, D model width, F MLP width,
+H heads, V vocabulary, b the param dtype's bytes, n_d / n_m the mesh's data / model axis sizes):
+  host      calibration activations 2 N L D b (a block's inputs and outputs; only when offloaded to the host)
+            + one FP block + the quantized blocks done so far (packed bytes) + embedding/head
+            + the whole FP model when it is evaluated (it is read into memory once)
+  device    calibration: [2 N L D b / n_d if the activations live on the devices] + one FP block (replicated)
+            + the largest Hessian and its factors 4 c^2 x 4 + the solver's f32 copies 6 r c x 4
+            + one chunk's forward on `chunk` sequences (capture replicates each chunk on every device):
+              taps (3D + Hd + 2F) L x 4 and the attention scores H L^2 (4 + b)
+            evaluation: the params sharded by sharding.LOGICAL_RULES + logits B T V x 4 and attention
+              B H T^2 x 4 of one batch, split over the data axis
+A plan fits when every device needs at most 90 % of its memory and the host at most 90 % of its RAM.
+Duration: FLOPs of the calibration passes (4 Hessian captures + 1 output pass per block), the solvers and
+the evaluation forwards, at 35 % of the accelerator's bf16 peak (or a measured matmul rate on CPU). Rough.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+
+
+from qdllm_jax import sharding
+from qdllm_jax.errors import ConfigError
+from qdllm_jax.models import transformer
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  """A machine: devices (accelerator chips as JAX sees them), memory per device and per host (nominal)."""
+  description: str
+  n_devices: int
+  device_gib: float
+  host_gib: float
+  hosts: int = 1
+  peak_tflops: float = 0.0  # dense bf16 per device
+  platform: str = "tpu"
+
+
+HARDWARE = {
+    "tpu_v5e_8": Hardware("TPU v5e-8 (v5litepod-8, one host)", 8, 16, 188, 1, 197),
+    "tpu_v5e_16": Hardware("TPU v5e-16 (4 hosts)", 16, 16, 47, 4, 197),
+    "tpu_v4_8": Hardware("TPU v4-8 (4 chips, one host)", 4, 32, 407, 1, 275),
+    "tpu_v4_32": Hardware("TPU v4-32 (16 chips, 4 hosts)", 16, 32, 407, 4, 275),
+    "tpu_v5p_8": Hardware("TPU v5p-8 (4 chips, one host)", 4, 95, 448, 1, 459),
+    "tpu_v6e_8": Hardware("TPU v6e-8 (one host)", 8, 32, 1440, 1, 918),
+    "colab_v5e_1": Hardware("Colab TPU v5e-1", 1, 16, 47, 1, 197),
+    "colab_v2_8": Hardware("Colab TPU v2-8 (8 cores)", 8, 8, 334, 1, 23),
+    "h100x1": Hardware("1x H100 80GB", 1, 80, 240, 1, 989, "gpu"),
+    "h100x8": Hardware("8x H100 80GB (one host)", 8, 80, 1800, 1, 989, "gpu"),
+    "a100x1": Hardware("1x A100 80GB", 1, 80, 200, 1, 312, "gpu"),
+    "a100x8": Hardware("8x A100 80GB (one host)", 8, 80, 1000, 1, 312, "gpu"),
+}
+UTILIZATION = 0.35
+FIT_FRACTION = 0.9
+
+
+def model_preset_config(name: str):
+  """ModelConfig of a preset architecture: "llada_8b", "dream_7b" or "tiny_llada" (the shipped tiny LLaDA)."""
+  from qdllm_jax.models.dream import DREAM_7B, dream_config
+  from qdllm_jax.models.llada import LLADA_8B, llada_config
+  if name == "llada_8b":
+    return llada_config(LLADA_8B)
+  if name == "dream_7b":
+    return dream_config(DREAM_7B)
+  if name == "tiny_llada":  # scripts/make_tiny_model.py ARCH with the shipped tokenizer's ids
+    return llada_config(LLADA_8B, d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=1024,
+                        max_sequence_length=256, vocab_size=2048, embedding_size=2048, mask_token_id=2,
+                        eos_token_id=0, pad_token_id=0, bos_token_id=1, torch_dtype="float32")
+  raise ConfigError(f"config.model_preset={name!r}: expected 'llada_8b', 'dream_7b' or 'tiny_llada'")
+
+
+def local_hardware(override_device_gib=0.0, override_host_gib=0.0) -> tuple[str, Hardware]:
+  """("local", Hardware) of this process's devices: count, memory (memory_stats bytes_limit; CPU: host RAM)."""
+  import jax
+  devs = jax.devices()
+  try:
+    stats = devs[0].memory_stats() or {}
+  except Exception:  # noqa: BLE001 (backends without memory stats)
+    stats = {}
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+  dev = stats.get("bytes_limit", 0) / GiB or host
+  hw = Hardware(f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})", len(devs),
+                override_device_gib or dev, override_host_gib or host, jax.process_count(), 0.0, devs[0].platform)
+  return "local", hw
+
+
+def get_hardware(spec) -> tuple[str, Hardware]:
+  """The hardware a RunSpec plans for: its `plan.hardware` preset (with overrides) or the local machine."""
+  p = spec.plan
+  if p.hardware:
+    hw = HARDWARE[p.hardware]
+    return p.hardware, dataclasses.replace(hw, device_gib=p.device_memory_gib or hw.device_gib,
+                                           host_gib=p.host_memory_gib or hw.host_gib)
+  return local_hardware(p.device_memory_gib, p.host_memory_gib)
+
+
+class _MeshShape:
+  """What sharding.logical_to_spec reads of a mesh (axis names and sizes), without devices."""
+
+  def __init__(self, axes: dict):
+    self.axis_names, self.shape = tuple(axes), dict(axes)
+
+
+def param_bytes_per_device(cfg, itemsize: int, axes: dict) -> int:
+  """Bytes of the FP params on one device, each leaf split as sharding.PARAM_AXES + LOGICAL_RULES say."""
+  mesh, total = _MeshShape(axes), 0
+  shapes = transformer.param_shapes(cfg)
+  leaves = [(k, s) for k, s in shapes.items() if k != "blocks"]
+  leaves += [(k, s) for blk in shapes["blocks"] for k, s in blk.items()]
+  for name, shape in leaves:
+    spec = sharding.logical_to_spec(sharding.PARAM_AXES[name], mesh, shape=shape)
+    split = math.prod(axes[a] for a in spec if a is not None)
+    total += math.prod(shape) * itemsize // split
+  return total
+
+
+def linear_bytes(rows: int, cols: int, method: str, bits: int, group_size: int, scale_dtype: str = "float16",
+                 sym: bool = False, act_order: bool = False) -> int:
+  """Exact packed bytes of one [rows, cols] weight (packed.QuantizedWeight.nbytes) at uniform order/bits.
+
+  binary_planes: P = bits * nb planes: P rows (g / 32) x 4 + P (rows + g) x sb + nb + 4 P.
+  uniform: rows ceil(cols / floor(32 / bits)) x 4 + rows G sb (+ rows G zeros) (+ 4 cols g_idx), G = cols / g.
+  ABMP keeps the mean order at `bits` in every matrix, so its size equals the uniform one.
+  """
+  sb = {"float16": 2, "bfloat16": 2, "float32": 4}[scale_dtype]
+  if method == "quant_dllm":
+    nb = cols // group_size
+    p = bits * nb
+    return p * rows * (group_size // 32) * 4 + p * (rows + group_size) * sb + nb + 4 * p
+  groups = 1 if group_size == -1 else cols // group_size
+  out = rows * -(-cols // (32 // bits)) * 4 + rows * groups * sb
+  out += 0 if sym else rows * groups
+  return out + (4 * cols if act_order else 0)
+
+
+def summarize_rules(plan) -> list[str]:
+  """'module pattern -> rule (count)' lines: the resolved rules with layer indices folded into '*'."""
+  groups = {}
+  for path, rule in plan.modules.items():
+    pattern = re.sub(r"\.\d+\.", ".*.", path)
+    groups.setdefault((pattern, "skip (full precision)" if rule is None else str(rule)), []).append(path)
+  return [f"{pat} -> {r}  ({len(v)} modules)" for (pat, r), v in groups.items()]
+
+
+def choose_mesh(spec, hw: Hardware, need_fn) -> dict:
+  """{axis: size} for the run: config.mesh.shape if given, else all devices with the smallest model axis
+  (1, 2, 4, ...) for which `need_fn(axes)` (per-device bytes) fits."""
+  axes = spec.mesh.axes
+  if spec.mesh.shape:
+    return dict(zip(axes, spec.mesh.shape))
+  n = hw.n_devices
+  if "model" not in axes:
+    return {"data": n}
+  options = [m for m in range(1, n + 1) if n % m == 0]
+  for m in options:
+    cand = {a: (m if a == "model" else n // m) for a in axes}
+    if need_fn(cand) <= FIT_FRACTION * hw.device_gib * GiB:
+      return cand
+  return {a: (options[-1] if a == "model" else n // options[-1]) for a in axes}
+
+
+def _eval_batch(protocol_name: str, arch: str) -> tuple[int, int]:
+  """(rows B, tokens T) of one evaluation forward, for the memory estimate."""
+  if protocol_name.startswith("tiny"):
+    return 256, 128
+  return (8 if arch == "llada" else 32), 1024  # likelihood batches of few-shot prompts (about 1k tokens)
+
+
+@dataclasses.dataclass
+class RunPlan:
+  """The plan of one run. Byte counts are per host / per device; times in seconds."""
+  hardware_name: str
+  hardware: Hardware
+  mesh: dict
+  offload: bool
+  n_matrices: int
+  n_quantized: int
+  rules: list
+  host: dict
+  device: dict
+  predicted: dict
+  estimate_s: dict
+  problems: list
+  notes: list
+
+  @property
+  def fits(self) -> bool:
+    return not self.problems
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["fits"] = self.fits
+    return d
+
+  def text(self) -> str:
+    """The human-readable plan (printed before heavy work)."""
+    hw, g = self.hardware, lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    lines = [f"hardware  {self.hardware_name}: {hw.description}; {hw.n_devices} devices x {hw.device_gib:g} GiB, "
+             f"host {hw.host_gib:g} GiB x {hw.hosts}",
+             f"mesh      {self.mesh}  (calibration sequences over 'data'; eval params over 'model')",
+             f"matrices  {self.n_quantized} of {self.n_matrices} block linears quantized; rules:"]
+    lines += [f"  {r}" for r in self.rules]
+    lines.append(f"host memory (activations {'offloaded to host' if self.offload else 'on the devices'}):")
+    lines += [f"  {k:<34}{g(v)}" for k, v in self.host.items()]
+    lines.append("device memory, per device:")
+    lines += [f"  {k:<34}{g(v)}" for k, v in self.device.items()]
+    p = self.predicted
+    lines.append(f"predicted: {p['linear_bits_per_weight']:.3f} bits/weight in the quantized linears, checkpoint "
+                 f"{p['checkpoint_bytes'] / GiB:.3f} GiB ({p['model_bits_per_weight']:.3f} bits/param overall)")
+    e = self.estimate_s
+    lines.append("estimated duration (rough): " + ", ".join(f"{k} {_hms(v)}" for k, v in e.items()))
+    lines += [f"note: {n}" for n in self.notes]
+    lines.append("FITS" if self.fits else "DOES NOT FIT:\n  " + "\n  ".join(self.problems))
+    return "\n".join(lines)
+
+
+def _hms(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def measured_tflops() -> float:
+  """Measured float32 matmul rate of the default device (TFLOP/s), from a 512^3 jitted matmul."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((512, 512), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t0, reps = time.perf_counter(), 8
+  for _ in range(reps):
+    f(a).block_until_ready()
+  return reps * 2 * 512 ** 3 / max(time.perf_counter() - t0, 1e-9) / 1e12
+
+
+def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardware, tflops: float | None = None,
+              mesh: dict | None = None) -> RunPlan:
+  """Plan a run of `spec` (RunSpec) on model `cfg` (ModelConfig) with the resolved `rules_plan` (rules.Plan).
+
+  itemsize: bytes of a param (2 bf16, 4 f32). hw: the Hardware planned for. tflops: the per-device rate for
+  the duration estimate (default 35 % of hw.peak_tflops). mesh: {axis: size} (default: choose_mesh).
+  """
+  c, q = spec.calib, spec.quant
+  n, seq, d, f, h = c.nsamples * c.timesteps_per_sample, c.seqlen, cfg.d_model, cfg.mlp_hidden, cfg.n_heads
+  shapes = transformer.param_shapes(cfg)
+  blk = shapes["blocks"][0]
+  blk_params = sum(math.prod(s) for s in blk.values())
+  top_bytes = sum(math.prod(s) for k, s in shapes.items() if k != "blocks") * itemsize
+  lin = {nm: blk[nm] for nm in transformer.LINEARS}
+  q_bytes, fp_lin_bytes, q_params = 0, 0, 0  # packed bytes / params of the quantized linears; FP linears
+  for path, rule in rules_plan.modules.items():
+    r, cc = lin[rules_plan.names[path][1]]
+    if rule is None:
+      fp_lin_bytes += r * cc * itemsize
+      continue
+    opts = dict(rule.options)
+    q_params += r * cc
+    q_bytes += linear_bytes(r, cc, rule.method, rule.bits, rule.group_size, opts.get("scale_dtype", "float16"),
+                            bool(opts.get("sym", False)), bool(opts.get("act_order", False)))
+  other_blk = (blk_params - sum(math.prod(s) for s in lin.values())) * itemsize * cfg.n_layers
+  ckpt = q_bytes + fp_lin_bytes + top_bytes + other_blk
+  act = n * seq * d * itemsize
+  max_c, max_rc = max(s[1] for s in lin.values()), max(math.prod(s) for s in lin.values())
+  eval_b, eval_t = _eval_batch(spec.eval.protocol, cfg.arch)
+  fp_total = transformer.num_params(cfg) * itemsize
+
+  def calib_device(axes, on_device):
+    nd = axes.get("data", 1)
+    cs = min(c.chunk_size, n)  # calib.capture gathers each chunk onto every device (replicated compute)
+    return {"calibration activations": 2 * act // nd if on_device else 0,
+            "one block (FP, replicated)": blk_params * itemsize,
+            "Hessian + factors (f32)": 4 * max_c * max_c * 4,
+            "solver working copies (f32)": 6 * max_rc * 4,
+            "chunk forward (taps + attention)": cs * seq * ((3 * d + cfg.q_dim + 2 * f) * 4 + h * seq * (4 + itemsize))}
+
+  def eval_device(axes, params_bytes):
+    nd = axes.get("data", 1)
+    rows = -(-eval_b // nd)
+    vocab_split = axes.get("model", 1) if cfg.vocab_size % axes.get("model", 1) == 0 else 1
+    return params_bytes + rows * eval_t * (cfg.vocab_size * 4 // vocab_split + h * eval_t * 4)
+
+  def need(axes):  # what the model axis decides: the FP evaluation (calibration does not depend on it)
+    fp = spec.eval.protocol and spec.eval.fp
+    return eval_device(axes, param_bytes_per_device(cfg, itemsize, axes) * (1 if fp else ckpt) // (1 if fp else fp_total))
+
+  if mesh is None:
+    mesh = choose_mesh(spec, hw, need)
+  n_mesh = math.prod(mesh.values())
+  problems, notes = [], []
+  if n_mesh > hw.n_devices:
+    problems.append(f"mesh {mesh} needs {n_mesh} devices; {hw_name} has {hw.n_devices} (set config.mesh.shape)")
+  cap = FIT_FRACTION * hw.device_gib * GiB
+  offload = c.offload == "host" or (c.offload == "auto" and sum(calib_device(mesh, True).values()) > cap)
+  dev = calib_device(mesh, not offload)
+  dev_calib = sum(dev.values())
+  dev["= calibration total"] = dev_calib
+  if spec.eval.protocol and spec.eval.fp:
+    dev["evaluation, FP model"] = eval_device(mesh, param_bytes_per_device(cfg, itemsize, mesh))
+  if spec.eval.protocol and spec.eval.quantized:
+    dev["evaluation, quantized model"] = eval_device(
+        mesh, param_bytes_per_device(cfg, itemsize, mesh) * ckpt // max(fp_total, 1))
+  host = {"calibration activations (in + out)": 2 * act if offload else 0,
+          "one FP block being quantized": blk_params * itemsize,
+          "quantized blocks (packed)": q_bytes, "embedding + head + norms": top_bytes + other_blk,
+          "FP model for its evaluation": fp_total if spec.eval.protocol and spec.eval.fp else 0}
+  host_total = sum(host.values())
+  if hw.platform == "cpu":  # the "devices" are host memory too
+    host_total += max(v for k, v in dev.items() if not k.startswith("=")) * n_mesh
+    notes.append("CPU devices share the host RAM: the host total includes every device's share")
+  host["= host total"] = host_total
+  for k, v in dev.items():
+    if (k.startswith("=") or k.startswith("evaluation")) and v > cap and hw.platform != "cpu":
+      problems.append(f"{k.strip('= ')}: {v / GiB:.2f} GiB per device > {FIT_FRACTION:.0%} of {hw.device_gib:g} GiB"
+                      + ("; add a model axis (e.g. --config.mesh.shape='(2,4)')" if k.startswith("evaluation") else
+                         "; lower calib.chunk_size or calib.seqlen"))
+  if host_total > FIT_FRACTION * hw.host_gib * GiB:
+    problems.append(f"host memory {host_total / GiB:.2f} GiB > {FIT_FRACTION:.0%} of {hw.host_gib:g} GiB; lower "
+                    "calib.nsamples / calib.seqlen, or skip the FP evaluation (--config.eval.fp=False)")
+  if n % mesh.get("data", 1):
+    notes.append(f"{n} calibration sequences do not divide over data={mesh.get('data', 1)}: kept replicated")
+  rate = (tflops if tflops else hw.peak_tflops * UTILIZATION) * 1e12
+  passes = 5
+  blk_lin = sum(math.prod(s) for s in lin.values())
+  calib_flops = cfg.n_layers * passes * n * (2 * blk_lin * seq + 4 * seq * seq * cfg.q_dim)
+  calib_flops += cfg.n_layers * 4 * 2 * n * seq * max_c * max_c
+  solver_flops = 0
+  for path, rule in rules_plan.modules.items():
+    r, cc = lin[rules_plan.names[path][1]]
+    if rule is None:
+      continue
+    if rule.method == "quant_dllm":
+      iters = int(dict(rule.options).get("rsr_iters", 15))
+      solver_flops += 2 * r * cc * cc + 2 * cc ** 3 + iters * rule.bits * r * cc * (20 + 3 * 2 ** rule.bits)
+    elif rule.method == "gptq":
+      solver_flops += 2 * r * cc * cc + 2 * cc ** 3
+    else:
+      solver_flops += 10 * r * cc
+  est = {"calibration": calib_flops / rate, "solvers": solver_flops / rate}  # chunks run replicated
+  est["total (without evaluation)"] = sum(est.values())
+  nq = len(rules_plan.quantized())
+  predicted = {"linear_bits_per_weight": 8 * q_bytes / max(q_params, 1), "checkpoint_bytes": ckpt,
+               "model_bits_per_weight": 8 * ckpt / transformer.num_params(cfg), "fp_bytes": fp_total}
+  return RunPlan(hw_name, hw, mesh, offload, len(rules_plan.modules), nq, summarize_rules(rules_plan), host, dev,
+                 predicted, est, problems, notes)
+
+
+def abstract_model(cfg, dtype, batch: int, seqlen: int):
+  """`jax.eval_shape` of the model: (params tree of ShapeDtypeStruct, logits ShapeDtypeStruct [B, T, V]).
+
+  Nothing is allocated: init_params and forward are traced abstractly for int32 ids [batch, seqlen].
+  """
+  import jax
+  import jax.numpy as jnp
+  params = jax.eval_shape(lambda k: transformer.init_params(cfg, k, dtype), jax.random.key(0))
+  logits = jax.eval_shape(lambda p, x: transformer.forward(p, cfg, x), params,
+                          jax.ShapeDtypeStruct((batch, seqlen), jnp.int32))
+  return params, logits
+
+
+def dry_run(spec) -> tuple[str, RunPlan]:
+  """Plan a run without reading weights: the architecture of `spec.model_preset` (or model_path's config.json
+  when no preset is given), evaluated abstractly, on `spec.plan.hardware` (or this machine).
+
+  Returns (the printed text, the RunPlan). Raises ConfigError for configs that are invalid for the model.
+  """
+  import jax
+  import jax.numpy as jnp
+  from qdllm_jax import config as config_lib
+  if spec.model_preset:
+    cfg = model_preset_config(spec.model_preset)
+  else:
+    from qdllm_jax.models import open_checkpoint
+    cfg = open_checkpoint(spec.model_path).config
+  rules_plan = config_lib.check_model(spec, cfg)
+  stored = dict(cfg.raw).get("torch_dtype", "bfloat16")
+  dtype = jnp.dtype(stored if spec.dtype == "auto" else spec.dtype)
+  params, logits = abstract_model(cfg, dtype, 1, min(spec.calib.seqlen, cfg.max_seq_len))
+  leaves = jax.tree_util.tree_leaves(params)
+  n_params = sum(math.prod(x.shape) for x in leaves)
+  hw_name, hw = get_hardware(spec)
+  tflops = None if hw.peak_tflops else measured_tflops()
+  plan = make_plan(spec, cfg, rules_plan, itemsize=dtype.itemsize, hw_name=hw_name, hw=hw, tflops=tflops)
+  head = [f"DRY RUN (no weights read): {spec.model_preset or spec.model_path}, {cfg.arch}, {cfg.n_layers} blocks, "
+          f"d_model {cfg.d_model}, mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}",
+          f"jax.eval_shape: {n_params / 1e9:.3f} B params in {len(leaves)} arrays, {dtype.name} = "
+          f"{n_params * dtype.itemsize / GiB:.2f} GiB; forward int32 [1, {logits.shape[1]}] -> {logits.dtype} "
+          f"{list(logits.shape)}",
+          f"calibration: {spec.calib.nsamples} x {spec.calib.seqlen} tokens from {spec.calib.source!r}, "
+          f"MCS={spec.calib.mcs}; method {spec.quant.method} w{spec.quant.bits} g{spec.quant.group_size}"]
+  return "\n".join(head) + "\n" + plan.text(), plan

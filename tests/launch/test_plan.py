@@ -1,0 +1,98 @@
+"""Planning: packed sizes, per-device param bytes, and the dry run of LLaDA-8B on a TPU v5e-8 without weights.
+
+References: `QuantizedWeight.nbytes` of real packed weights; the bytes actually placed on a device by
+`jax.device_put` with the logical shardings; the LLaDA-8B parameter count from its published shapes
+(dllm-models.md §1) and the activation size N L D b from the paper's calibration setting.
+"""
+import jax
+import numpy as np
+import pytest
+
+from qdllm_jax import launch, plan as plan_lib, sharding
+from qdllm_jax.models import checkpoint_io, transformer
+from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
+from qdllm_jax.quant import api
+
+GiB = 2 ** 30
+
+
+@pytest.mark.parametrize("method,bits,group,opts", [
+    ("quant_dllm", 2, 64, dict(abmp_ratio=0.5)), ("quant_dllm", 3, 32, {}), ("quant_dllm", 1, 128, {}),
+    ("gptq", 3, 64, {}), ("gptq", 2, 128, dict(sym=True)), ("gptq", 4, 32, dict(act_order=True)),
+    ("rtn", 4, -1, {}), ("rtn", 3, 64, dict(scale_dtype="float32"))])
+def test_linear_bytes_equals_the_packed_weight(method, bits, group, opts):
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(16, 256)).astype(np.float32)
+  x = rng.normal(size=(512, 256)).astype(np.float32)
+  qw = api.quantize_weight(w, 2 * x.T @ x / 512, method=method, bits=bits, group_size=group, rsr_iters=1, **opts) \
+      if method == "quant_dllm" else api.quantize_weight(w, 2 * x.T @ x / 512, method=method, bits=bits,
+                                                         group_size=group, **opts)
+  assert plan_lib.linear_bytes(16, 256, method, bits, group, opts.get("scale_dtype", "float16"),
+                               opts.get("sym", False), opts.get("act_order", False)) == qw.nbytes
+
+
+@pytest.mark.parametrize("axes", [{"data": 8}, {"data": 2, "model": 4}, {"data": 4, "model": 2}])
+def test_param_bytes_per_device_equals_the_placed_shards(axes):
+  cfg = llada_config(LLADA_TINY_TEST)
+  params = transformer.init_params(cfg, jax.random.key(0))
+  mesh = sharding.make_mesh(tuple(axes.values()), tuple(axes))
+  placed = jax.device_put(params, sharding.param_shardings(params, mesh))
+  dev0 = jax.devices()[0]
+  on_dev0 = sum(s.data.nbytes for leaf in jax.tree.leaves(placed) for s in leaf.addressable_shards if s.device == dev0)
+  assert plan_lib.param_bytes_per_device(cfg, 4, axes) == on_dev0
+
+
+def _no_weights(monkeypatch):
+  def refuse(*a, **k):
+    raise AssertionError("the dry run read the checkpoint")
+  monkeypatch.setattr(checkpoint_io, "open_checkpoint", refuse)
+  monkeypatch.setattr(checkpoint_io, "safe_open", refuse)
+
+
+def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch, capsys, tmp_path):
+  _no_weights(monkeypatch)
+  monkeypatch.chdir(tmp_path)  # nothing may be written either
+  rc = launch.main(["--config", f"{plan_lib.__file__.rsplit('/qdllm_jax/', 1)[0]}/configs/llada8b.py", "--dry_run",
+                    "--config.plan.hardware=tpu_v5e_8", "--config.calib.chunk_size=2"])
+  out = capsys.readouterr().out
+  assert rc == 0 and list(tmp_path.iterdir()) == []
+  v, d, f, n_layers = 126464, 4096, 12288, 32
+  n_params = 2 * v * d + n_layers * (4 * d * d + 3 * d * f + 2 * d) + d  # 8.016 B (published: 8.02 B)
+  assert f"{n_params / 1e9:.3f} B params" in out and "DRY RUN (no weights read)" in out
+  assert "tpu_v5e_8" in out and "8 devices x 16 GiB" in out
+  assert "224 of 224 block linears quantized" in out
+  assert "model.transformer.blocks.*.ff_out -> quant_dllm w2 g128 abmp_ratio=0.05" in out
+  assert "\nFITS" in out
+  from qdllm_jax import config as config_lib
+  spec = config_lib.validate(launch.load_config(f"{plan_lib.__file__.rsplit('/qdllm_jax/', 1)[0]}/configs/llada8b.py",
+                                                [("plan.hardware", "tpu_v5e_8"), ("calib.chunk_size", "2")]),
+                             dry_run=True)
+  _, rp = plan_lib.dry_run(spec)
+  n_dev = rp.mesh["data"] * rp.mesh.get("model", 1)
+  act = 2 * 128 * 4096 * d * 2  # inputs + outputs, bf16: 8 GiB
+  assert n_dev == 8 and rp.fits and not rp.offload
+  assert rp.device["calibration activations"] == act // rp.mesh["data"]
+  assert rp.device["Hessian + factors (f32)"] == 4 * f * f * 4
+  assert rp.predicted["fp_bytes"] == 2 * n_params
+
+
+def test_dry_run_that_does_not_fit_exits_3(monkeypatch, capsys):
+  """Calibration chunks of 8 x 4096 tokens need 32 x 4096^2 attention scores per sequence (f32 + bf16):
+  29 GiB, beyond a v5e chip; the FP model (15 GiB of bf16) does not fit one v5e chip either."""
+  _no_weights(monkeypatch)
+  root = plan_lib.__file__.rsplit("/qdllm_jax/", 1)[0]
+  rc = launch.main(["--config", f"{root}/configs/llada8b.py", "--dry_run", "--config.plan.hardware=tpu_v5e_8"])
+  out = capsys.readouterr().out
+  chunk = 8 * 4096 * ((3 * 4096 + 4096 + 2 * 12288) * 4 + 32 * 4096 * 6) / GiB
+  assert rc == 3 and "DOES NOT FIT" in out and "lower calib.chunk_size" in out and f"{chunk:8.2f} GiB" in out
+  rc = launch.main(["--config", f"{root}/configs/llada8b.py", "--dry_run", "--config.plan.hardware=colab_v5e_1",
+                    "--config.calib.chunk_size=1"])
+  out = capsys.readouterr().out
+  assert rc == 3 and "evaluation, FP model" in out.split("DOES NOT FIT")[1]
+
+
+def test_a_real_run_refuses_a_plan_that_does_not_fit(model_dir, tmp_path, capsys):
+  from conftest import fast_argv
+  wd = tmp_path / "run"
+  assert launch.main(fast_argv(model_dir, wd, "--config.plan.host_memory_gib=1e-6")) == 2
+  assert "does not fit" in capsys.readouterr().err and not wd.exists()
