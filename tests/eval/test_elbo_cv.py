@@ -13,7 +13,7 @@ from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.likelihood import llada_loglikelihood
 from qdllm_jax.eval.suite import elbo_nll
 
-from conftest import make_context_free, make_mixer
+from eval_common import make_context_free, make_mixer
 
 MASK = 2
 

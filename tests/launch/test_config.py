@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, fast_argv
+from launch_common import ROOT, fast_argv
 from qdllm_jax import config as config_lib, launch
 from qdllm_jax.errors import ConfigError
 
@@ -141,7 +141,7 @@ def test_tokenizer_mismatch_fails_before_heavy_work_without_workdir_garbage(tmp_
   """A tokenizer whose mask id or size disagrees with config.json: exit status 2, a clear message, no workdir.
   (The weights still match: mask id and vocabulary rows are only checked against the tokenizer.)"""
   if "vocab_size" in change:  # the weights must stay consistent with config.json: rebuild at 300 rows
-    from conftest import make_model
+    from launch_common import make_model
     bad = tmp_path / "bad"
     make_model(bad, model_dir, vocab_size=300, embedding_size=300)
     bad = str(bad)

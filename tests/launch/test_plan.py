@@ -92,7 +92,7 @@ def test_dry_run_that_does_not_fit_exits_3(monkeypatch, capsys):
 
 
 def test_a_real_run_refuses_a_plan_that_does_not_fit(model_dir, tmp_path, capsys):
-  from conftest import fast_argv
+  from launch_common import fast_argv
   wd = tmp_path / "run"
   assert launch.main(fast_argv(model_dir, wd, "--config.plan.host_memory_gib=1e-6")) == 2
   assert "does not fit" in capsys.readouterr().err and not wd.exists()

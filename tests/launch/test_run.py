@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ARCH, ROOT, fast_argv, make_model
+from launch_common import ARCH, ROOT, fast_argv, make_model
 from qdllm_jax import launch, run as run_lib, workdir as workdir_lib
 
 EVAL = ["--config.eval.protocol=tiny_smoke", "--config.eval.limit=4", "--config.report.plots=True"]
