@@ -1,6 +1,6 @@
 """Dream-v0-Base-7B (Dream-org/Dream-v0-Base-7B): Quant-dLLM settings.
 
-  python -m qdllm_jax.launch --config configs/dream7b.py --config.model_path=/path/to/checkpoint --workdir /tmp/run
+  python -m qdllm_jax.launch --config configs/dream7b.py --config.model_path=/path/to/checkpoint --workdir runs/dream7b
   python -m qdllm_jax.launch --config configs/dream7b.py:gptq_w2 ...            (a method preset: configs/presets.py)
   python -m qdllm_jax.launch --config configs/dream7b.py --dry_run --config.plan.hardware=tpu_v5e_8
 

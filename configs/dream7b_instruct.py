@@ -1,6 +1,6 @@
 """Dream-v0-Instruct-7B (Dream-org/Dream-v0-Instruct-7B): Quant-dLLM settings.
 
-  python -m qdllm_jax.launch --config configs/dream7b_instruct.py --config.model_path=/path/to/checkpoint --workdir /tmp/run
+  python -m qdllm_jax.launch --config configs/dream7b_instruct.py --config.model_path=/path/to/checkpoint --workdir runs/dream7b_instruct
   python -m qdllm_jax.launch --config configs/dream7b_instruct.py:gptq_w2 ...            (a method preset: configs/presets.py)
   python -m qdllm_jax.launch --config configs/dream7b_instruct.py --dry_run --config.plan.hardware=tpu_v5e_8
 

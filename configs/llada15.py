@@ -1,6 +1,6 @@
 """LLaDA-1.5 (GSAI-ML/LLaDA-1.5, VRPO-aligned Instruct): Quant-dLLM settings.
 
-  python -m qdllm_jax.launch --config configs/llada15.py --config.model_path=/path/to/checkpoint --workdir /tmp/run
+  python -m qdllm_jax.launch --config configs/llada15.py --config.model_path=/path/to/checkpoint --workdir runs/llada15
   python -m qdllm_jax.launch --config configs/llada15.py:gptq_w2 ...            (a method preset: configs/presets.py)
   python -m qdllm_jax.launch --config configs/llada15.py --dry_run --config.plan.hardware=tpu_v5e_8
 

@@ -1,6 +1,6 @@
 """LLaDA-8B-Base (GSAI-ML/LLaDA-8B-Base): Quant-dLLM Table 1 settings.
 
-  python -m qdllm_jax.launch --config configs/llada8b.py --config.model_path=/path/to/checkpoint --workdir /tmp/run
+  python -m qdllm_jax.launch --config configs/llada8b.py --config.model_path=/path/to/checkpoint --workdir runs/llada8b
   python -m qdllm_jax.launch --config configs/llada8b.py:gptq_w2 ...            (a method preset: configs/presets.py)
   python -m qdllm_jax.launch --config configs/llada8b.py --dry_run --config.plan.hardware=tpu_v5e_8
 

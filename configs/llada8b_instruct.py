@@ -1,6 +1,6 @@
 """LLaDA-8B-Instruct (GSAI-ML/LLaDA-8B-Instruct): Quant-dLLM settings.
 
-  python -m qdllm_jax.launch --config configs/llada8b_instruct.py --config.model_path=/path/to/checkpoint --workdir /tmp/run
+  python -m qdllm_jax.launch --config configs/llada8b_instruct.py --config.model_path=/path/to/checkpoint --workdir runs/llada8b_instruct
   python -m qdllm_jax.launch --config configs/llada8b_instruct.py:gptq_w2 ...            (a method preset: configs/presets.py)
   python -m qdllm_jax.launch --config configs/llada8b_instruct.py --dry_run --config.plan.hardware=tpu_v5e_8
 

@@ -1,7 +1,7 @@
 """The shipped tiny LLaDA (assets/tiny-llada): the end-to-end main job on any laptop, <= 3 minutes on 2 cores.
 
-  python -m qdllm_jax.launch --config configs/tiny.py --workdir /tmp/qdllm-tiny
-  python -m qdllm_jax.launch --config configs/tiny.py:gptq_w3 --workdir /tmp/qdllm-tiny-gptq3
+  python -m qdllm_jax.launch --config configs/tiny.py --workdir runs/tiny
+  python -m qdllm_jax.launch --config configs/tiny.py:gptq_w3 --workdir runs/tiny-gptq3
 
 The tiny model (d_model 256, 4 blocks, SwiGLU 1024, vocab 2048) is too narrow for the paper's 128-column
 blocks to leave ABMP anything to move (2 blocks per 256-wide matrix, and floor(2 * 0.05) = 0), so this config

@@ -1,6 +1,6 @@
 """The command line: flags -> validated RunSpec -> `run.run`. Nothing else lives here.
 
-  python -m qdllm_jax.launch --config configs/tiny.py --workdir /tmp/qdllm-tiny
+  python -m qdllm_jax.launch --config configs/tiny.py --workdir runs/tiny
   python -m qdllm_jax.launch --config configs/llada8b.py:gptq_w2 --config.model_path=/ckpt/LLaDA-8B-Base \
       --config.calib.source=/data/c4-train.00000-of-01024.json.gz --workdir gs://... (a mounted path)
   python -m qdllm_jax.launch --config configs/llada8b.py --dry_run --config.plan.hardware=tpu_v5e_8

@@ -105,7 +105,7 @@ def plot_metrics(metrics: dict, path: str) -> bool:
   names = sorted(set(fp) | set(q))
   if not names:
     return False
-  big = [n for n in names if "ppl" in n or "nats" in n]
+  big = [n for n in names if "ppl" in n or "nats" in n or "nll" in n]
   small = [n for n in names if n not in big]
   panels = [p for p in (small, big) if p]
   fig, axes = plt.subplots(1, len(panels), figsize=(4 + 0.6 * len(names), 4), squeeze=False)

@@ -61,7 +61,7 @@ def heldout_loss(params, cfg, tok, docs, seed: int, n_batches: int = 8, batch: i
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="assets/tiny-llada")
-  ap.add_argument("--workdir", default="/tmp/tiny-llada-work")
+  ap.add_argument("--workdir", default="runs/tiny-llada-work")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--steps", type=int, default=900)
   ap.add_argument("--batch", type=int, default=8)
