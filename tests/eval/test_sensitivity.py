@@ -9,6 +9,8 @@ from qdllm_jax.models.transformer import LINEARS
 from eval_common import HAS_SHIPPED
 
 pytestmark = [pytest.mark.slow,
+              pytest.mark.xfail(strict=True, reason="issue 3 open: on the shipped tiny model RTN-2 degrades generation "
+                                "but not MC or ELBO (unigram-level corpus model, easy MC families); docs/results.md"),
               pytest.mark.skipif(not HAS_SHIPPED, reason="assets/tiny-llada/model.safetensors not built yet")]
 
 
