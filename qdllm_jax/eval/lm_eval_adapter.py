@@ -1,6 +1,6 @@
 """lm-evaluation-harness (lm-eval 0.4.x) model class for qdllm-jax LLaDA / Dream models (float or quantized).
 
-    pip install lm-eval            # optional extra: qdllm-jax[lm_eval]
+    pip install lm-eval            # optional extra: qdllm-jax[eval]
     lm_eval --model qdllm_llada --model_args pretrained=assets/tiny-llada,mc_num=128 --tasks arc_easy
     run_protocol(model, tok, "quant_dllm_llada", include_path=...)   # every task of a paper protocol
 
@@ -35,7 +35,7 @@ try:
   from lm_eval.api.model import LM
   from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without the optional extra
-  raise ConfigError("lm-eval is not installed; `pip install lm-eval` (the qdllm-jax[lm_eval] extra) to use "
+  raise ConfigError("lm-eval is not installed; `pip install lm-eval` (the qdllm-jax[eval] extra) to use "
                     "qdllm_jax.eval.lm_eval_adapter.") from e
 
 _METHODS = {"loglikelihood": 0, "loglikelihood_rolling": 1, "generate_until": 2}
@@ -231,7 +231,7 @@ def run_protocol(model, tokenizer, protocol, *, tasks=None, task_map=None, inclu
 
   tasks: subset of the protocol's task names. task_map: {protocol task name: the lm-eval task to run instead}
   (e.g. a local-data copy from include_path). limit: examples per task (testing only). Returns
-  {"protocol": card, "results": {task: lm-eval metrics dict}, "n_shot": {task: shots}}.
+  {"protocol": card, "results": {task: lm-eval metrics dict}, "n_shot": {task: shots}, "ignore_cfg": bool}.
   """
   from lm_eval import simple_evaluate
   from lm_eval.tasks import TaskManager
@@ -241,7 +241,7 @@ def run_protocol(model, tokenizer, protocol, *, tasks=None, task_map=None, inclu
   for n in names:
     adapter_kwargs(proto, n)  # validates the name before any work
   manager = TaskManager(include_path=include_path)
-  out = {"protocol": proto.card(), "results": {}, "n_shot": {}}
+  out = {"protocol": proto.card(), "results": {}, "n_shot": {}, "ignore_cfg": bool(ignore_cfg)}
   for n in names:
     lm = QdllmLM(model=model, tokenizer=tokenizer, seed=seed, ignore_cfg=ignore_cfg,
                  **dict(adapter_kwargs(proto, n), **lm_kwargs))

@@ -77,7 +77,7 @@ def elbo_nll(model, prompts, answers, *, mask_id, key, n_mc=16, mc_batch=8, cont
       exactly -llada_loglikelihood(prompt, answer) with the same key, mc_num = n_mc, batch_size = b.
     pad_id: right-padding id (default 0, or 1 if mask_id == 0); pairs are padded to the longest pair and the
       model gets attention_mask (exact for models that mask padded keys and keep positions, as LLaDA does).
-    pairs_per_call: pairs per compiled call (default rows_per_call // mc_batch).
+    pairs_per_call: at most this many pairs per compiled call (default rows_per_call // mc_batch), balanced.
   Returns:
     ElboResult: nll_bound float64 [n] (nats), nll_stderr float64 [n] (iid-row standard error; conservative
     for stratified rows), n_tokens int64 [n] (answer lengths).
@@ -99,6 +99,7 @@ def elbo_nll(model, prompts, answers, *, mask_id, key, n_mc=16, mc_batch=8, cont
   lengths = np.array([p.size + a.size for p, a in pairs])
   tlen = int(lengths.max())
   ppc = min(max(1, rows_per_call // mc_batch) if pairs_per_call is None else int(pairs_per_call), len(pairs))
+  ppc = -(-len(pairs) // -(-len(pairs) // ppc))  # the same number of calls, balanced: least padding
   mean, sq = np.zeros(len(pairs)), np.zeros(len(pairs))
   for c in range(0, len(pairs), ppc):
     idx = np.arange(c, min(c + ppc, len(pairs)))
@@ -139,7 +140,6 @@ def perplexity_summary(res: ElboResult) -> dict:
           "n_windows": int(res.nll_bound.size), "n_tokens": n_tok}
 
 
-# ------------------------------------------------------------------------------------------ task metrics
 def choice_accuracy(scores, labels) -> float:
   """mean_e [argmax_k scores[e][k] == labels[e]] (ties -> the lowest k, as np.argmax and lm-eval)."""
   if len(scores) != len(labels) or not len(labels):
@@ -249,7 +249,7 @@ def answer_nll(model, tok, examples_by_task: dict, task_specs, *, mask_id, key) 
       raise ConfigError(f"answers {too_long[:3]} have more than gen_length={gen_length} tokens; raise gen_length.")
     answers = [a + [tok.eos_token_id] * (gen_length - len(a)) for a in answers]
     res = elbo_nll(model, [windows.gen_prompt_ids(tok, e) for _, e in exs], answers, mask_id=mask_id,
-                   key=jax.random.fold_in(key, g), n_mc=n_mc, mc_batch=b, pad_id=tok.eos_token_id)
+                   key=jax.random.fold_in(key, g), n_mc=n_mc, mc_batch=b, pad_id=tok.eos_token_id, rows_per_call=1024)
     sel = {n: np.array([m == n for m, _ in exs]) for n in names}
     sums.update({n: (float(res.nll_bound[k].sum()), int(res.n_tokens[k].sum())) for n, k in sel.items()})
   if not sums:

@@ -124,3 +124,28 @@ def test_simple_evaluate_on_local_tasks(small_model, small_tok, monkeypatch):
   assert 0.0 <= res["qdllm_tiny_gen"]["exact_match,none"] <= 1.0
   assert np.isfinite(res["qdllm_tiny_rolling"]["word_perplexity,none"])
   assert res["qdllm_tiny_rolling"]["word_perplexity,none"] > 1.0
+
+
+def test_dream_requests_use_the_dream_estimator_and_sampler(small_tok):
+  from qdllm_jax.eval.likelihood import dream_loglikelihood
+  from qdllm_jax.models import Model, transformer
+  from qdllm_jax.models.dream import DREAM_TINY_TEST, dream_config
+  from qdllm_jax.sampling import dream_generate
+  v = len(small_tok)
+  cfg = dream_config(DREAM_TINY_TEST, vocab_size=v, mask_token_id=2, pad_token_id=0, eos_token_id=0, bos_token_id=1)
+  model = Model(transformer.init_params(cfg, jax.random.key(0), std=0.3), cfg)
+  with pytest.raises(ConfigError, match="no classifier-free guidance"):
+    QdllmLM(model=model, tokenizer=small_tok, cfg_scale=1.0)
+  lm = QdllmLM(model=model, tokenizer=small_tok, mc_num=8, mc_batch=4, seed=3, gen_length=4, steps=4, batch_size=1,
+               bucket=16, cfg_scale=1.0, ignore_cfg=True)
+  (got, greedy), = lm.loglikelihood([_req("loglikelihood", ("In the beginning", " God created"))])
+  p, a = lm.encode_pair("In the beginning", " God created")
+  want = dream_loglikelihood(model, [p], [a + [0]], mask_id=2, key=_key(3, 0), mc_num=8, batch_size=4, pad_id=0,
+                             bucket=32, pairs_per_call=64)  # EOS appended: every answer token is scored
+  assert got == pytest.approx(float(want[0]), rel=1e-5) and greedy is False
+  (text,) = lm.generate_until([_req("generate_until", ("sort: 4 7 2 3 =>", {"until": []}))])
+  ids = np.asarray([[1] + small_tok("sort: 4 7 2 3 =>").input_ids])
+  pad = 16 - ids.shape[1]
+  x = dream_generate(model, np.concatenate([np.zeros((1, pad), np.int64), ids], 1), mask_id=2, max_new_tokens=4,
+                     steps=4, alg="origin", key=_key(3, 2), attention_mask=np.asarray([[0] * pad + [1] * ids.shape[1]]))
+  assert text == lm.decode_generation(np.asarray(x)[0, 16:])
