@@ -15,7 +15,7 @@
 #   SYNC=1       copy this checkout to every host first (gcloud compute tpus tpu-vm scp --worker=all)
 #   SETUP=1      pip install the package (and jax[tpu]) on every host first
 #   DRY_RUN=1    print the gcloud commands instead of running them
-#   LOG=path     remote log file (default /tmp/qdllm-launch.log); the command runs in the foreground and
+#   LOG=path     remote log file (default $HOME/qdllm-launch.log on each host); the command runs in the foreground and
 #                streams every host's output, prefixed by gcloud with the worker number
 set -euo pipefail
 
@@ -30,7 +30,7 @@ if [[ $# -gt 0 && $1 == "--" ]]; then shift; fi
 if [[ $# -eq 0 ]]; then echo "pod_launch.sh: no launch arguments after --; expected e.g. --config configs/llada8b.py" >&2; exit 2; fi
 
 REPO_DIR=${REPO_DIR:-'~/qdllm-jax'}
-LOG=${LOG:-/tmp/qdllm-launch.log}
+LOG=${LOG:-\$HOME/qdllm-launch.log}
 run() { if [[ ${DRY_RUN:-0} == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 ssh_all() {
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all --command "$1"

@@ -2,7 +2,7 @@
 
 `export_hf`: every packed weight dequantized, W^ = QuantizedWeight.dequantize() cast to `dtype`, written by
 `save_pretrained` (config.json + model.safetensors with the exact HF names, tokenizer copied), so
-`load_pretrained`, `AutoModel.from_pretrained(..., trust_remote_code=True)` and `safetensors.torch` read it.
+`load_pretrained`, the original PyTorch model code and `safetensors.torch` read it.
 
 `export_packed_safetensors`: `model.safetensors` holding the dense leaves under their HF names and every
 packed field under `<HF tensor name>.<field>`, e.g. `model.transformer.blocks.0.q_proj.weight.planes`

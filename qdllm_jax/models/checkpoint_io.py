@@ -39,8 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 _TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-_CONVERT_HINT = ("convert it once in a trusted environment: `from safetensors.torch import save_file; "
-                 "save_file(torch.load(f, weights_only=True), 'model.safetensors')`, or "
+_CONVERT_HINT = ("convert it once in a trusted environment with transformers: "
                  "`AutoModel.from_pretrained(src).save_pretrained(dst, safe_serialization=True)`")
 
 
