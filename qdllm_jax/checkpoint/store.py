@@ -7,21 +7,18 @@ mid-write leaves only a hidden `.<name>.tmp-*` sibling, never a half-written `ta
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.errors import CheckpointError, ConfigError, QdllmError
+from qdllm_jax.fileio import atomic_dir  # noqa: F401  (re-exported: savers call store.atomic_dir)
+from qdllm_jax.errors import CheckpointError, ConfigError
 
 ARRAYS_DIR = "arrays"
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT) if hasattr(errno, "EDQUOT") else (errno.ENOSPC,)
 
 
 def to_json(value, what: str) -> str:
@@ -59,25 +56,6 @@ def read_json(path: str, what: str) -> dict:
   return d
 
 
-def _fsync_dir(path: str) -> None:
-  with contextlib.suppress(OSError):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-
-
-def _disk_error(e: BaseException) -> bool:
-  while e is not None:
-    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
-      return True
-    if "No space left" in str(e) or "Disk quota" in str(e):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
 def preflight(target: str, need_bytes: int, *, overwrite: bool, what: str) -> str:
   """Absolute target path after checking, before any write: it does not exist (or overwrite), its parent
   is (or can be made) a writable directory, and the disk there has `need_bytes` free. Raises CheckpointError."""
@@ -97,47 +75,6 @@ def preflight(target: str, need_bytes: int, *, overwrite: bool, what: str) -> st
     raise CheckpointError(f"{what}: {parent} has {free} bytes free, the checkpoint needs about {need_bytes}; free "
                           "disk space or choose another disk")
   return target
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str, *, overwrite: bool = False, what: str = "checkpoint"):
-  """Yield a temporary directory beside `target`, renamed to `target` when the block succeeds.
-
-  Any exception inside the block deletes the temporary directory; OSError / Orbax errors become
-  CheckpointError (a full disk says so). `target` must have passed `preflight`.
-  """
-  parent, base = os.path.split(target)
-  try:
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-  except OSError as e:
-    raise CheckpointError(f"{what}: cannot write in {parent} ({e.strerror}); choose a writable location") from e
-  old = None
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is an ordinary readable directory
-    yield tmp
-    _fsync_dir(tmp)
-    if os.path.lexists(target):  # overwrite: move the old one aside, swap the new one in, delete the old
-      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-      os.rename(target, os.path.join(old, base))
-    try:
-      os.rename(tmp, target)
-    except OSError:
-      if old is not None:
-        os.rename(os.path.join(old, base), target)
-      raise
-    _fsync_dir(parent)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, QdllmError)):
-      raise
-    if _disk_error(e):
-      raise CheckpointError(f"{what}: the disk under {parent} is full ({e}); nothing was written to {target}. "
-                            "Free disk space and save again") from e
-    raise CheckpointError(f"{what}: writing {target} failed ({type(e).__name__}: {e}); nothing was written "
-                          "there. Fix the cause and save again") from e
-  finally:
-    if old is not None and os.path.isdir(target):  # never delete the only copy if the restore failed too
-      shutil.rmtree(old, ignore_errors=True)
 
 
 def _prune(tree):

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Iterator
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qdllm_jax import fileio
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.models import hf, transformer
 from qdllm_jax.models.config import ModelConfig, config_from_hf, config_to_hf
@@ -330,11 +330,8 @@ def save_pretrained(model_or_params, cfg: ModelConfig | None, path: str, max_sha
       size = 0
     shards[-1].append((name, leaf))
     size += nbytes
-  parent, base = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp, old = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent), None
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is an ordinary readable directory
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with fileio.atomic_dir(path, overwrite=True, what="save_pretrained") as tmp:
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
       json.dump(hf_config, f, indent=2)
     n, wmap, total = len(shards), {}, 0
@@ -349,21 +346,6 @@ def save_pretrained(model_or_params, cfg: ModelConfig | None, path: str, max_sha
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}, f, indent=2)
     for fname in tok_files:
       shutil.copy2(os.path.join(tokenizer_from, fname), os.path.join(tmp, fname))
-    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent) if os.path.lexists(path) else None
-    if old is not None:  # overwrite: move the old directory aside, swap in the new one, then delete the old
-      os.rename(path, os.path.join(old, base))
-    try:
-      os.rename(tmp, path)
-    except OSError:
-      if old is not None:
-        os.rename(os.path.join(old, base), path)
-      raise
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  finally:
-    if old is not None and os.path.isdir(path):  # never delete the only copy if the restore failed too
-      shutil.rmtree(old, ignore_errors=True)
   return path
 
 

@@ -295,10 +295,10 @@ def test_save_failure_leaves_nothing(tmp_path, tiny_cfg, make_params, monkeypatc
     save_file(tensors, file, metadata=metadata)
 
   monkeypatch.setattr(cio, "save_file", failing_save_file)
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(CheckpointError, match="disk full"):
     cio.save_pretrained(params, tiny_cfg, tmp_path / "new", max_shard_bytes=6000)
   written.clear()
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(CheckpointError, match="disk full"):
     cio.save_pretrained(make_params(tiny_cfg, seed=7), tiny_cfg, tmp_path / "keep", max_shard_bytes=6000,
                         overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["keep"]

@@ -1,0 +1,77 @@
+"""Atomic directory writes shared by every saver (HF checkpoints, Orbax checkpoints, resume state, exports).
+
+`atomic_dir(target)` yields a temporary sibling directory and renames it to `target` only when the block
+succeeds; an old `target` is moved aside first and deleted only after the swap, so a crash (even kill -9)
+leaves either the old directory or the new one, never a half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+
+from qdllm_jax.errors import CheckpointError, QdllmError
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT) if hasattr(errno, "EDQUOT") else (errno.ENOSPC,)
+
+
+def fsync_dir(path: str) -> None:
+  with contextlib.suppress(OSError):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+def is_disk_error(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+      return True
+    if "No space left" in str(e) or "Disk quota" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str, *, overwrite: bool = False, what: str = "checkpoint"):
+  """Yield a temporary directory beside `target`, renamed to `target` when the block succeeds.
+
+  Any exception inside the block deletes the temporary directory; OSError / Orbax errors become
+  CheckpointError (a full disk says so). `target` must have passed `preflight`.
+  """
+  parent, base = os.path.split(target)
+  try:
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  except OSError as e:
+    raise CheckpointError(f"{what}: cannot write in {parent} ({e.strerror}); choose a writable location") from e
+  old = None
+  try:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is an ordinary readable directory
+    yield tmp
+    fsync_dir(tmp)
+    if os.path.lexists(target):  # overwrite: move the old one aside, swap the new one in, delete the old
+      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+      os.rename(target, os.path.join(old, base))
+    try:
+      os.rename(tmp, target)
+    except OSError:
+      if old is not None:
+        os.rename(os.path.join(old, base), target)
+      raise
+    fsync_dir(parent)
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, QdllmError)):
+      raise
+    if is_disk_error(e):
+      raise CheckpointError(f"{what}: the disk under {parent} is full ({e}); nothing was written to {target}. "
+                            "Free disk space and save again") from e
+    raise CheckpointError(f"{what}: writing {target} failed ({type(e).__name__}: {e}); nothing was written "
+                          "there. Fix the cause and save again") from e
+  finally:
+    if old is not None and os.path.isdir(target):  # never delete the only copy if the restore failed too
+      shutil.rmtree(old, ignore_errors=True)
