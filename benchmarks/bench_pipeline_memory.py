@@ -51,7 +51,8 @@ def _peak_rss_bytes() -> int:
 
 
 def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, shard_bytes: int, seed: int) -> dict:
-  """A random N(0, 0.02^2) LLaDA checkpoint of the given shape; returns its sizes in bytes."""
+  """A random N(0, 0.02^2) LLaDA checkpoint of the given shape (every block holds the same random weights);
+  returns its sizes in bytes."""
   import ml_dtypes
   from qdllm_jax.models import transformer
   from qdllm_jax.models.checkpoint_io import save_pretrained
@@ -70,7 +71,10 @@ def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, sh
 
   shapes = transformer.param_shapes(cfg)
   params = {k: make(v, k) for k, v in shapes.items() if k != "blocks"}
-  params["blocks"] = [{k: make(v, k) for k, v in blk.items()} for blk in shapes["blocks"]]
+  # One random block written n_layers times: the same bytes on disk per block, but the writer holds one block
+  # in memory (the 8B shape would otherwise need 16 GB of host RAM just to write the file).
+  block = {k: make(v, k) for k, v in shapes["blocks"][0].items()}
+  params["blocks"] = [block] * cfg.n_layers
   save_pretrained(params, cfg, path, max_shard_bytes=shard_bytes)
   nbytes = lambda d: int(sum(a.nbytes for a in d.values()))  # noqa: E731
   return dict(model=nbytes({k: v for k, v in params.items() if k != "blocks"}) + sum(map(nbytes, params["blocks"])),

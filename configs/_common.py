@@ -21,16 +21,28 @@ from configs import base, presets
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def model_config(arg, **settings):
-  """get_base() with `settings` ({"section.key": value} or {"key": value}) applied, then the presets in `arg`."""
-  c = base.get_base()
+def apply_settings(c, settings: dict):
+  """Set {"section.key": value} or {"key": value} on the ConfigDict c (existing keys only); returns c."""
   for k, v in settings.items():
     node = c
     *parents, leaf = k.split(".")
     for p in parents:
       node = getattr(node, p)
+    if leaf not in node:
+      raise KeyError(f"{k}: not a key of the schema")
     setattr(node, leaf, v)
-  return presets.apply(c, arg)
+  return c
+
+
+def model_config(arg, **settings):
+  """get_base() with `settings` ({"section.key": value} or {"key": value}) applied, then the presets in `arg`."""
+  return presets.apply(apply_settings(base.get_base(), settings), arg)
+
+
+def study_config(**settings):
+  """The PTQ-study schema (qdllm_jax.study.defaults: the paper's methods, bit widths and settings) with `settings`."""
+  from qdllm_jax import study
+  return apply_settings(study.defaults(), settings)
 
 
 PAPER_SETTINGS = {

@@ -23,6 +23,7 @@ import ast
 import importlib.util
 import logging
 import os
+import re
 import sys
 
 import ml_collections as mlc
@@ -35,7 +36,8 @@ def load_config(spec: str, overrides=()) -> mlc.ConfigDict:
   Args:
     spec: config file path, optionally followed by ':' and the argument of get_config (method presets).
     overrides: ["a.b=value", ...] or [("a.b", "value")]; values are parsed to the type of the existing key
-      (bool: true/false/1/0; tuples: Python literals such as (2,4); strings as given).
+      (bool: true/false/1/0; tuples: Python literals such as (2,4) or comma-separated words a,b:c;
+      strings as given).
   Raises ConfigError: missing file, no get_config, unknown preset, unknown key, unparsable value.
   """
   path, _, arg = spec.partition(":")
@@ -79,6 +81,8 @@ def _parse_value(key: str, text: str, current):
     try:
       v = ast.literal_eval(t)
     except (ValueError, SyntaxError) as e:
+      if isinstance(current, (tuple, list)) and re.fullmatch(r"[\w.:/+-]+(,[\w.:/+-]+)*", t):
+        return tuple(t.split(","))  # comma-separated words: --config.entries=fp,gptq:w4a16
       raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__} literal") from e
     if isinstance(current, (tuple, list)):
       if isinstance(v, (int, str)):

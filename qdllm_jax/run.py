@@ -37,7 +37,7 @@ from qdllm_jax.models import checkpoint_io, hf, transformer
 from qdllm_jax.quant import pipeline
 
 log = logging.getLogger("qdllm_jax.run")
-PURPOSE = {"windows": 0, "masks": 1, "eval": 2}
+PURPOSE = {"windows": 0, "masks": 1, "eval": 2, "baselines": 3}  # baselines: rotations of the PTQ study
 STEPS = ("load", "calibrate", "quantize", "save", "evaluate", "report")
 _DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 

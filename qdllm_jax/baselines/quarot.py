@@ -24,7 +24,7 @@ import numpy as np
 
 from qdllm_jax.baselines import actquant
 from qdllm_jax.errors import ConfigError, QuantizationError
-from qdllm_jax.models import layers, transformer
+from qdllm_jax.models import act_quant, layers, transformer
 from qdllm_jax.quant.api import quantize_weights_shared
 
 IN_SIDE = ("q", "k", "v", "gate", "up")
@@ -148,7 +148,8 @@ def _taps(p, x, cfg, rots):
   b, t, _ = x.shape
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-  return actquant.actquant_block(p, x, cfg, cos, sin, None, rots=rots, return_taps=True)
+  p = dict(p, **({act_quant.ONLINE: rots} if rots else {}))
+  return transformer.block_forward(p, x, cfg, cos, sin, None, return_taps=True)
 
 
 def gptq_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, percdamp: float = 0.01) -> dict:

@@ -9,6 +9,7 @@ import jax
 from flax import struct
 
 from qdllm_jax.models import transformer
+from qdllm_jax.models.act_quant import ActQuant
 from qdllm_jax.models.config import ModelConfig
 
 
@@ -18,12 +19,15 @@ class Model:
 
   `model(input_ids, attention_mask=None)`: int32 [B, T] (mask bool/int [B, T], 1 = real token) ->
   float32 logits [B, T, vocab], the same convention as the PyTorch original's forward (Dream: unshifted).
+  `act` (static, optional): an `act_quant.ActQuant` applied to every block linear's input (W8A8 / W4A4
+  baselines); the blocks' online transforms, if any, live in the params (`p["online"]`).
   """
   params: dict
   config: ModelConfig = struct.field(pytree_node=False)
+  act: ActQuant | None = struct.field(pytree_node=False, default=None)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-    return transformer.forward_jit(self.params, self.config, input_ids, attention_mask)
+    return transformer.forward_jit(self.params, self.config, input_ids, attention_mask, act=self.act)
 
   @property
   def mask_id(self) -> int:

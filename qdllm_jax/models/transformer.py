@@ -5,6 +5,7 @@ Params pytree (canonical names; HF names are mapped in models/hf.py). All linear
    "blocks": [ {"attn_norm": [D], "q": [Hq*d, D], "k": [Hkv*d, D], "v": [Hkv*d, D], "o": [D, Hq*d],
                 "ff_norm": [D], "gate": [F, D], "up": [F, D], "down": [D, F],
                 ("q_bias": [Hq*d], "k_bias": [Hkv*d], "v_bias": [Hkv*d])  # Dream / include_qkv_bias
+                ("online": {tap: [C, C]})  # online input transforms of W-A baselines (QuaRot, DuQuant)
                } x n_layers ],
    "final_norm": [D],
    "head": [V, D]}          # absent when tie_embeddings
@@ -21,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qdllm_jax.models import layers
+from qdllm_jax.models import act_quant, layers
 from qdllm_jax.models.config import ModelConfig
 
 # Linear layers of a block, in canonical names, grouped by the activation they read.
@@ -46,32 +47,44 @@ def positions_and_mask(cfg: ModelConfig, input_ids: jax.Array, attention_mask: j
 
 
 def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array,
-                  key_mask: jax.Array | None = None, return_taps: bool = False):
+                  key_mask: jax.Array | None = None, return_taps: bool = False, act=None):
   """One pre-norm block: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate h) * up h).
 
+  Each linear group reads its input through  a -> Q(a M_tap)  with M_tap = p["online"][tap] (an online
+  transform [C, C], QuaRot/DuQuant) where present, else I, and Q = `act` (per-token activation fake
+  quantization, models/act_quant.py), else the identity. A plain FP block has neither.
   Args:
     p: the block's params (see module docstring); linears may be QuantizedWeight.
     x: [B, T, D] residual stream (param dtype).
     cos, sin: float32 [B, T, head_dim] from `layers.rope_tables`.
     key_mask: optional bool [B, T].
-    return_taps: also return the dict of linear-group inputs.
+    return_taps: also return the dict of linear-group inputs (after M_tap, before Q).
+    act: optional `act_quant.ActQuant` (static).
   Returns:
     x_out [B, T, D] (and taps).
   """
+  online = p.get(act_quant.ONLINE, {})
+  taps = {}
+
+  def read(tap, a):
+    a = act_quant.online_transform(a, online.get(tap))
+    taps[tap] = a
+    return a if act is None else act(a)
+
   b, t, _ = x.shape
-  h = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+  h = read("qkv", layers.rms_norm(x, p["attn_norm"], cfg.norm_eps))
   q = layers.linear(h, p["q"], p.get("q_bias")).reshape(b, t, cfg.n_heads, cfg.head_dim)
   k = layers.linear(h, p["k"], p.get("k_bias")).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
   v = layers.linear(h, p["v"], p.get("v_bias")).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
   q = layers.apply_rope(q, cos, sin, cfg.rope_full_precision)
   k = layers.apply_rope(k, cos, sin, cfg.rope_full_precision)
   a = layers.attention(q, k, v, key_mask).reshape(b, t, cfg.q_dim)
-  x = x + layers.linear(a, p["o"])
-  h2 = layers.rms_norm(x, p["ff_norm"], cfg.norm_eps)
-  mlp, act = layers.swiglu(h2, p["gate"], p["up"], p["down"])
-  x = x + mlp
+  x = x + layers.linear(read("o", a), p["o"])
+  h2 = read("gate_up", layers.rms_norm(x, p["ff_norm"], cfg.norm_eps))
+  act_in = jax.nn.silu(layers.linear(h2, p["gate"])) * layers.linear(h2, p["up"])
+  x = x + layers.linear(read("down", act_in), p["down"])
   if return_taps:
-    return x, {"qkv": h, "o": a, "gate_up": h2, "down": act}
+    return x, taps
   return x
 
 
@@ -87,17 +100,21 @@ def head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
   return layers.linear(h, w).astype(jnp.float32)
 
 
-def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None):
-  """Full model: int32 [B, T] -> float32 logits [B, T, V] (Dream: raw, unshifted)."""
+def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+            act=None):
+  """Full model: int32 [B, T] -> float32 logits [B, T, V] (Dream: raw, unshifted).
+
+  act: optional ActQuant (static) quantizing every block linear's input per token (W-A models).
+  """
   pos, key_mask = positions_and_mask(cfg, input_ids, attention_mask)
   cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
   x = embed(params, input_ids)
   for p in params["blocks"]:
-    x = block_forward(p, x, cfg, cos, sin, key_mask)
+    x = block_forward(p, x, cfg, cos, sin, key_mask, act=act)
   return head(params, cfg, x)
 
 
-forward_jit = jax.jit(forward, static_argnums=1)
+forward_jit = jax.jit(forward, static_argnames=("cfg", "act"))
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

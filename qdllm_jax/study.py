@@ -1,0 +1,291 @@
+"""The PTQ study runner: methods x bit widths on one model under one evaluation, as the dLLM PTQ study's tables.
+
+    python -m qdllm_jax.study --config configs/study_tiny.py --workdir runs/study
+    python -m qdllm_jax.study --config configs/study_tiny.py --config.eval.limit=50 --config.entries=fp,gptq:w4a16
+
+Each entry is `method:wXaY` (or `fp`): weight-only GPTQ / AWQ / RTN (`aY` = 16) and weight-activation
+SmoothQuant / QuaRot / DuQuant, with the settings of reference ptq-baselines.md §2 taken from the config. All
+entries share one calibration set (plain unmasked text, as the study: no [MASK] tokens), one seed and one
+evaluation protocol. A W-A entry is a `Model(params, config, act=ActQuant(...))` with its online transforms in
+the params, so the same suite (`eval.suite.evaluate`, or lm-eval for real-model protocols) scores every entry.
+
+Per entry the workdir gets `entries/<slug>.json` (metrics, timings, settings, a fingerprint); a rerun skips the
+entries whose fingerprint is unchanged, so a killed study resumes. Then `study.json`, `study.md` (the table:
+task metrics, their average and the relative drop against FP, as the paper's Tables 1/2) and `study.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+import zlib
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from qdllm_jax import config as config_lib
+from qdllm_jax import report as report_lib
+from qdllm_jax.errors import ConfigError, QdllmError
+
+log = logging.getLogger("qdllm_jax.study")
+
+METHODS = {  # method: quantizes activations too (weight-activation)?
+    "fp": False, "rtn": False, "gptq": False, "awq": False, "smoothquant": True, "quarot": True, "duquant": True}
+_ENTRY = re.compile(r"^(?P<m>[a-z]+)(?::w(?P<w>\d+)a(?P<a>\d+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One study row: method, weight bits, activation bits (16 = not quantized)."""
+  method: str
+  w_bits: int = 16
+  a_bits: int = 16
+
+  @property
+  def slug(self) -> str:
+    return "fp" if self.method == "fp" else f"{self.method}_w{self.w_bits}a{self.a_bits}"
+
+  @property
+  def setting(self) -> str:
+    return "FP" if self.method == "fp" else f"W{self.w_bits}A{self.a_bits}"
+
+
+def parse_entry(text: str) -> Entry:
+  """'gptq:w4a16' -> Entry('gptq', 4, 16); 'fp' -> Entry('fp'). Raises ConfigError naming the fix."""
+  m = _ENTRY.match(str(text).strip().lower())
+  if not m or m["m"] not in METHODS or (m["m"] == "fp") != (m["w"] is None):
+    raise ConfigError(f"study entry {text!r}: expected 'fp' or '<method>:w<bits>a<bits>' with method one of "
+                      f"{sorted(set(METHODS) - {'fp'})}, e.g. 'gptq:w4a16' or 'duquant:w4a4'")
+  if m["m"] == "fp":
+    return Entry("fp")
+  e = Entry(m["m"], int(m["w"]), int(m["a"]))
+  wa = METHODS[e.method]
+  if not 2 <= e.w_bits <= 8 or e.a_bits not in range(2, 17) or (not wa and e.a_bits != 16) or (wa and e.a_bits == 16
+                                                                                            and e.method != "quarot"):
+    raise ConfigError(f"study entry {text!r}: weight bits must be 2..8; {e.method} is "
+                      + ("weight-activation: activation bits 2..16" if wa else "weight-only: use a16"))
+  return e
+
+
+def defaults() -> mlc.ConfigDict:
+  """The study schema with the paper's settings (ptq-baselines.md §2); configs/study_*.py override it."""
+  c = mlc.ConfigDict()
+  c.model_path = ""
+  c.dtype = "float32"
+  c.seed = 0
+  c.workdir = ""
+  c.entries = ("fp", "gptq:w4a16", "gptq:w3a16", "awq:w4a16", "awq:w3a16", "smoothquant:w8a8", "smoothquant:w4a4",
+               "quarot:w8a8", "quarot:w4a4", "duquant:w8a8", "duquant:w4a4")
+  c.calib = mlc.ConfigDict(dict(source="wikitext2", text_field="text", nsamples=128, seqlen=2048))
+  c.eval = mlc.ConfigDict(dict(protocol="tiny", limit=0))
+  c.weight_only = mlc.ConfigDict(dict(group_size=128, sym=False, percdamp=0.01))  # GPTQ / AWQ / RTN
+  c.awq = mlc.ConfigDict(dict(n_grid=20, clip=True))
+  c.smoothquant = mlc.ConfigDict(dict(alpha=0.5))
+  c.quarot = mlc.ConfigDict(dict(w_method="gptq", rotate_ov=True, online_down=True))
+  c.duquant = mlc.ConfigDict(dict(alpha=0.5, block_size=128, max_steps=256, a_clip=0.9, w_clip=0.8))
+  c.plots = True
+  return c
+
+
+def validate(c: mlc.ConfigDict, workdir: str | None = None) -> tuple[dict, list[Entry]]:
+  """Check every key and value before heavy work. Returns (plain dict config, entries)."""
+  d = config_lib._check_types(c, defaults())  # unknown keys / wrong types -> ConfigError naming the key
+  d["workdir"] = workdir or d["workdir"]
+  if not d["workdir"]:
+    raise ConfigError("no workdir: pass --workdir DIR or set config.workdir")
+  config_lib._writable_dir(d["workdir"], "workdir")
+  if not os.path.isfile(os.path.join(d["model_path"], "config.json")):
+    raise ConfigError(f"config.model_path={d['model_path']!r} is not a model directory (no config.json); point it "
+                      "at a local Hugging Face checkpoint directory")
+  entries = [parse_entry(e) for e in d["entries"]]
+  if len({e.slug for e in entries}) != len(entries):
+    raise ConfigError(f"config.entries repeats an entry: {d['entries']}")
+  if not any(e.method == "fp" for e in entries):
+    raise ConfigError("config.entries needs 'fp': relative drops are computed against the FP model")
+  if d["quarot"]["w_method"] not in ("gptq", "rtn"):
+    raise ConfigError(f"config.quarot.w_method={d['quarot']['w_method']!r}; expected 'gptq' or 'rtn'")
+  if d["dtype"] not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.dtype={d['dtype']!r}; expected 'float32' or 'bfloat16'")
+  dq = d["duquant"]
+  if not (0 < dq["a_clip"] <= 1 and 0 < dq["w_clip"] <= 1):
+    raise ConfigError(f"config.duquant clip ratios a_clip={dq['a_clip']}, w_clip={dq['w_clip']} must be in (0, 1]")
+  return d, entries
+
+
+def build(entry: Entry, model, ids: np.ndarray, d: dict, key):
+  """The Model of one entry from the FP model and plain calibration windows ids int32 [N, L]."""
+  from qdllm_jax.baselines import actquant, awq, duquant, quarot, smoothquant
+  from qdllm_jax.quant import pipeline, rules
+  params, cfg, wo, w = model.params, model.config, d["weight_only"], entry.w_bits
+  if entry.method == "fp":
+    return model
+  if entry.method == "rtn":
+    return actquant.make_model(actquant.fake_quant_weights(params, w, group_size=wo["group_size"], sym=wo["sym"]), cfg)
+  if entry.method == "gptq":  # the packed streaming pipeline; calibration unmasked, as the study
+    plan = rules.default_rules("gptq", w, wo["group_size"], sym=wo["sym"], percdamp=wo["percdamp"])
+    qparams, _ = pipeline.quantize_model((params, cfg), ids, plan)
+    return model.replace_params(qparams)
+  if entry.method == "awq":
+    return actquant.make_model(awq.awq(params, cfg, ids, w_bits=w, group_size=wo["group_size"], **d["awq"])[0], cfg)
+  if entry.method == "smoothquant":
+    qp = smoothquant.smoothquant(params, cfg, ids, w_bits=w, alpha=d["smoothquant"]["alpha"])
+    return actquant.make_model(qp, cfg, entry.a_bits)
+  if entry.method == "quarot":
+    q = d["quarot"]
+    qp, rots, _ = quarot.quarot(params, cfg, key, w_bits=w, rotate_ov=q["rotate_ov"], online_down=q["online_down"],
+                                w_method=q["w_method"], calib_ids=ids)
+    return actquant.make_model(qp, cfg, entry.a_bits, a_sym=True, rots=rots)
+  dq = d["duquant"]
+  qp, rots = duquant.duquant(params, cfg, ids, key, w_bits=w, alpha=dq["alpha"], block_size=dq["block_size"],
+                             max_steps=dq["max_steps"], w_clip=dq["w_clip"])
+  return actquant.make_model(qp, cfg, entry.a_bits, a_clip=dq["a_clip"], rots=rots)
+
+
+def _fingerprint(entry: Entry, d: dict, model_digest: str) -> str:
+  """Hash of what determines one entry's result: the shared settings and that method's own section."""
+  own = [k for k in (entry.method, "weight_only" if entry.method in ("rtn", "gptq", "awq") else "") if k in d]
+  shared = {k: d[k] for k in ("dtype", "seed", "calib", "eval", *own)}
+  blob = json.dumps([dataclasses.asdict(entry), shared, model_digest], sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+TASK_METRICS = ("mc_acc/", "gen_em/")  # the accuracy-like metrics averaged into Avg (as the paper's task columns)
+
+
+def task_columns(metrics: dict) -> list[str]:
+  """Per-family accuracy metric names (not the "/all" aggregates), in a stable order."""
+  return sorted(k for k in metrics if k.startswith(TASK_METRICS) and not k.endswith("/all"))
+
+
+def table(rows: list[dict]) -> str:
+  """Markdown table: one row per entry, task columns, Avg (mean of the task columns), relative drop vs FP
+  ((Avg - Avg_FP) / Avg_FP), and the ELBO perplexity with its relative change."""
+  fp = next(r for r in rows if r["entry"]["method"] == "fp")
+  cols = task_columns(fp["metrics"])
+  avg = lambda m: float(np.mean([m[c] for c in cols])) if cols else float("nan")  # noqa: E731
+  head = ["Method", "Setting"] + [c.replace("mc_acc/", "MC ").replace("gen_em/", "EM ") for c in cols]
+  head += ["Avg", "Drop", "ELBO PPL", "PPL change"]
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    m, e = r["metrics"], r["entry"]
+    a, ppl = avg(m), m.get("elbo_ppl", float("nan"))
+    drop = "–" if e["method"] == "fp" else f"{100 * (a - avg(fp['metrics'])) / avg(fp['metrics']):+.1f}%"
+    dppl = "–" if e["method"] == "fp" else f"{100 * (ppl - fp['metrics']['elbo_ppl']) / fp['metrics']['elbo_ppl']:+.2f}%"
+    cells = [e["method"] if e["method"] != "fp" else "–", r["setting"]] + [f"{100 * m[c]:.1f}" for c in cols]
+    out.append("| " + " | ".join(cells + [f"{100 * a:.1f}", drop, f"{ppl:.1f}", dppl]) + " |")
+  return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Bar chart of the relative drop of Avg against FP per entry (PNG)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fp = next(r for r in rows if r["entry"]["method"] == "fp")
+  cols = task_columns(fp["metrics"])
+  base = np.mean([fp["metrics"][c] for c in cols])
+  rs = [r for r in rows if r is not fp]
+  drops = [100 * (np.mean([r["metrics"][c] for c in cols]) - base) / base for r in rs]
+  fig, ax = plt.subplots(figsize=(1 + 0.7 * len(rs), 4))
+  ax.bar(range(len(rs)), drops, color=["C0" if r["entry"]["a_bits"] == 16 else "C1" for r in rs])
+  ax.set_xticks(range(len(rs)))
+  ax.set_xticklabels([f"{r['entry']['method']}\n{r['setting']}" for r in rs], fontsize=7)
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_ylabel("relative change of task Avg vs FP (%)")
+  ax.set_title("PTQ study (blue: weight-only, orange: weight-activation)")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
+  """Validate, load, calibrate once, then build and evaluate every entry (cached per entry). Returns study.json."""
+  from qdllm_jax import run as run_lib
+  from qdllm_jax.eval import protocols
+  from qdllm_jax.models import checkpoint_io
+  d, entries = validate(c, workdir)
+  proto = protocols.get_protocol(d["eval"]["protocol"])  # unknown protocol -> ConfigError before loading
+  wd = d["workdir"]
+  os.makedirs(os.path.join(wd, "entries"), exist_ok=True)
+  model = checkpoint_io.load_pretrained(d["model_path"], d["dtype"])
+  tok = checkpoint_io.load_tokenizer(d["model_path"])
+  config_lib.check_tokenizer(tok, model.config, d["model_path"])
+  digest = hashlib.sha256(b"".join(np.asarray(x, np.float32).tobytes()[:1 << 16]
+                                   for x in jax.tree_util.tree_leaves(model.params))).hexdigest()
+  calib = config_lib.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
+                               nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
+                               prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")
+  spec = argparse.Namespace(calib=calib, seed=d["seed"], eval=argparse.Namespace(protocol=proto.name,
+                                                                                  limit=d["eval"]["limit"]))
+  _, ids, cinfo = run_lib.calibration(spec, tok, model.config)
+  log.info("calibration: %d plain windows x %d tokens of %s", ids.shape[0], ids.shape[1], calib.source)
+  mesh = run_lib.make_run_mesh({})
+  rows = []
+  for i, e in enumerate(entries):
+    fp_path, fpr = os.path.join(wd, "entries", e.slug + ".json"), _fingerprint(e, d, digest)
+    if os.path.isfile(fp_path):
+      with open(fp_path, encoding="utf-8") as f:
+        row = json.load(f)
+      if row.get("fingerprint") == fpr:
+        log.info("[%d/%d] %s %s: cached", i + 1, len(entries), e.method, e.setting)
+        rows.append(row)
+        continue
+    t0 = time.time()
+    key = jax.random.fold_in(run_lib.purpose_key(d["seed"], "baselines"), zlib.crc32(e.slug.encode()) & 0x7FFFFFFF)
+    qmodel = build(e, model, ids, d, key)
+    jax.block_until_ready(qmodel.params)
+    t1 = time.time()
+    res = run_lib.evaluate(qmodel, tok, spec, mesh)
+    row = dict(entry=dataclasses.asdict(e), setting=e.setting, fingerprint=fpr, metrics=res["metrics"],
+               quantize_s=round(t1 - t0, 2), eval_s=round(time.time() - t1, 2))
+    report_lib.write_json(fp_path, row)
+    log.info("[%d/%d] %s %s: quantize %.1fs, eval %.1fs, %s", i + 1, len(entries), e.method, e.setting,
+             t1 - t0, time.time() - t1, {k: round(v, 4) for k, v in res["metrics"].items() if k.endswith("/all")})
+    rows.append(row)
+  out = dict(config=d, calibration=cinfo, protocol=proto.card(), rows=rows, backend=jax.default_backend(),
+             jax=jax.__version__)
+  report_lib.write_json(os.path.join(wd, "study.json"), out)
+  md = (f"# PTQ study: {os.path.basename(os.path.normpath(d['model_path']))}\n\nProtocol `{proto.name}`, seed "
+        f"{d['seed']}, calibration {ids.shape[0]} x {ids.shape[1]} plain windows of `{calib.source}`, backend "
+        f"{jax.default_backend()}. Task cells in %; Drop = relative change of Avg against FP.\n\n{table(rows)}\n")
+  tmp = os.path.join(wd, "study.md.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(md)
+  os.replace(tmp, os.path.join(wd, "study.md"))
+  if d["plots"]:
+    plot(rows, os.path.join(wd, "study.png"))
+  return out
+
+
+def main(argv=None) -> int:
+  from qdllm_jax import launch
+  ap = argparse.ArgumentParser(prog="python -m qdllm_jax.study", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", required=True, help="configs/study_tiny.py[:arg]")
+  ap.add_argument("--workdir", default=None)
+  a, rest = ap.parse_known_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  try:
+    bad = [o for o in rest if not o.startswith("--config.")]
+    if bad:
+      raise ConfigError(f"unknown arguments {bad}; overrides look like --config.eval.limit=50")
+    overrides = [o[len("--config."):] for o in rest]
+    c = launch.load_config(a.config, overrides)
+    out = run(c, a.workdir)
+  except QdllmError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(table(out["rows"]))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,91 @@
+"""The PTQ study runner (`python -m qdllm_jax.study`): entry parsing, the table's arithmetic, an end-to-end study
+on the random tiny model, per-entry resume, and bad input refused before loading."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from qdllm_jax import study
+from qdllm_jax.errors import ConfigError
+
+from launch_common import ROOT
+
+CFG = os.path.join(ROOT, "configs", "study_tiny.py")
+
+
+def _argv(model_dir, wd, entries, *extra):
+  return ["--config", CFG, "--workdir", str(wd), f"--config.model_path={model_dir}", f"--config.entries={entries}",
+          "--config.calib.nsamples=4", "--config.calib.seqlen=32", "--config.weight_only.group_size=32",
+          "--config.duquant.block_size=32", "--config.duquant.max_steps=8", "--config.eval.protocol=tiny_smoke",
+          "--config.eval.limit=2", "--config.plots=False", *extra]
+
+
+@pytest.mark.parametrize("text,expect", [("fp", ("fp", 16, 16)), ("gptq:w4a16", ("gptq", 4, 16)),
+                                         ("DuQuant:W4A4", ("duquant", 4, 4)), ("quarot:w8a8", ("quarot", 8, 8))])
+def test_parse_entry(text, expect):
+  e = study.parse_entry(text)
+  assert (e.method, e.w_bits, e.a_bits) == expect
+
+
+@pytest.mark.parametrize("bad", ["gptq", "gptq:w4a4", "awq:w4a8", "smoothquant:w4a16", "foo:w4a16", "fp:w4a16",
+                                 "gptq:w9a16", "rtn:w1a16", "duquant:w4a1"])
+def test_parse_entry_refuses(bad):
+  with pytest.raises(ConfigError, match="study entry"):
+    study.parse_entry(bad)
+
+
+def test_table_arithmetic():
+  """Avg = mean of the per-family task cells, Drop = (Avg - Avg_FP) / Avg_FP, PPL change relative; by hand."""
+  fp = dict(entry=dict(method="fp", w_bits=16, a_bits=16), setting="FP",
+            metrics={"mc_acc/a": 0.8, "gen_em/b": 0.6, "mc_acc/all": 0.8, "elbo_ppl": 100.0})
+  q = dict(entry=dict(method="gptq", w_bits=3, a_bits=16), setting="W3A16",
+           metrics={"mc_acc/a": 0.7, "gen_em/b": 0.5, "mc_acc/all": 0.7, "elbo_ppl": 110.0})
+  lines = study.table([fp, q]).splitlines()
+  assert lines[0] == "| Method | Setting | EM b | MC a | Avg | Drop | ELBO PPL | PPL change |"
+  assert lines[2] == "| – | FP | 60.0 | 80.0 | 70.0 | – | 100.0 | – |"
+  assert lines[3] == "| gptq | W3A16 | 50.0 | 70.0 | 60.0 | -14.3% | 110.0 | +10.00% |"
+
+
+def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
+  from qdllm_jax import run as run_lib
+  from qdllm_jax.eval import suite
+  from qdllm_jax.models import checkpoint_io
+  entries = "fp,gptq:w3a16,smoothquant:w8a8,duquant:w4a4"
+  assert study.main(_argv(model_dir, tmp_path, entries)) == 0
+  out = json.load(open(tmp_path / "study.json"))
+  rows = {r["entry"]["method"] + r["setting"]: r for r in out["rows"]}
+  assert list(rows) == ["fpFP", "gptqW3A16", "smoothquantW8A8", "duquantW4A4"]
+  md = open(tmp_path / "study.md").read()
+  assert md.count("\n| ") == 1 + 4 and "duquant | W4A4" in md
+  # The FP row is exactly what the suite gives the loaded model under the same key and limit.
+  model, tok = checkpoint_io.load_pretrained(model_dir, "float32"), checkpoint_io.load_tokenizer(model_dir)
+  ref = suite.evaluate(model, tok, "tiny_smoke", key=run_lib.purpose_key(0, "eval"), limit=2)["metrics"]
+  assert rows["fpFP"]["metrics"] == pytest.approx(ref, rel=1e-6)
+  for r in out["rows"]:
+    assert np.isfinite(list(r["metrics"].values())).all()
+
+  calls = []
+  real_build = study.build
+  monkeypatch.setattr(study, "build", lambda e, *a, **k: calls.append(e.slug) or real_build(e, *a, **k))
+  assert study.main(_argv(model_dir, tmp_path, entries)) == 0  # everything cached
+  assert calls == []
+  assert study.main(_argv(model_dir, tmp_path, entries, "--config.smoothquant.alpha=0.6")) == 0
+  assert calls == ["smoothquant_w8a8"]  # only the entry whose settings changed is recomputed
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--config.entries=gptq:w4a16"], "needs 'fp'"),
+    (["--config.entries=fp,gptq:w4a4"], "weight-only"),
+    (["--config.entries=fp,fp"], "repeats"),
+    (["--config.model_path=/nonexistent/model"], "not a model directory"),
+    (["--config.quarot.w_method=awq"], "w_method"),
+    (["--config.duquant.a_clip=1.5"], "clip"),
+    (["--config.bogus=1"], "unknown key"),
+])
+def test_bad_input_refused_before_loading(model_dir, tmp_path, monkeypatch, capsys, extra, msg):
+  from qdllm_jax.models import checkpoint_io
+  monkeypatch.setattr(checkpoint_io, "load_pretrained", lambda *a, **k: pytest.fail("loaded before validating"))
+  argv = ["--config", CFG, "--workdir", str(tmp_path), f"--config.model_path={model_dir}", *extra]
+  assert study.main(argv) == 2
+  assert msg in capsys.readouterr().err
