@@ -58,6 +58,10 @@ def get_base():
   c.eval.fp = True                # evaluate the FP model too
   c.eval.quantized = True
   c.eval.limit = 0                # examples per task family; 0 = the protocol's own setting
+  c.eval.ignore_cfg = False       # lm-eval protocols with classifier-free guidance (qdlm_dream cfg 1.0) are refused
+                                  # unless True: then they run without guidance and the report records it
+  c.eval.include_path = ""        # lm-eval protocols: a local directory of task YAMLs (offline task data)
+  c.eval.task_map = ()            # lm-eval protocols: ("protocol_task=local_task", ...) to run a local copy instead
 
   c.mesh = mlc.ConfigDict()
   c.mesh.shape = ()               # () = auto: all devices, data-parallel unless the model axis is needed to fit

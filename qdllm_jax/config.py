@@ -87,6 +87,9 @@ class EvalSpec:
   fp: bool
   quantized: bool
   limit: int
+  ignore_cfg: bool
+  include_path: str
+  task_map: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +325,7 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
       _err("eval.protocol", e["protocol"], f"one of {sorted(protocols.PROTOCOLS)} or '' (no evaluation)")
   if e["limit"] < 0:
     _err("eval.limit", e["limit"], "an integer >= 0 (0 = the protocol's own limit)")
+  check_lm_eval_keys(e)
   m = d["mesh"]
   if len(set(m["axes"])) != len(m["axes"]) or not set(m["axes"]) <= set(MESH_AXES) or "data" not in m["axes"]:
     _err("mesh.axes", m["axes"], f"distinct names from {MESH_AXES} including 'data' (sharding.LOGICAL_RULES)")
@@ -338,6 +342,20 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
       _err(f"plan.{k}", p[k], "0 (detect) or a positive size in GiB")
   top = {k: v for k, v in d.items() if k not in _SECTIONS}
   return RunSpec(**top, **{k: cls(**d[k]) for k, cls in _SECTIONS.items()})
+
+
+def check_lm_eval_keys(e: dict) -> None:
+  """eval.include_path (a directory or '') and eval.task_map ('protocol_task=local_task' entries of the protocol)."""
+  if e["include_path"] and not os.path.isdir(e["include_path"]):
+    _err("eval.include_path", e["include_path"], "'' or a directory of lm-eval task YAMLs", "check the path")
+  if e["task_map"]:
+    from qdllm_jax.eval import protocols
+    names = protocols.PROTOCOLS[e["protocol"]].task_names if e["protocol"] in protocols.PROTOCOLS else set()
+    for t in e["task_map"]:
+      k, sep, v = str(t).partition("=")
+      if not sep or not v or k not in names:
+        _err("eval.task_map", e["task_map"], f"entries 'protocol_task=local_task' with protocol_task in "
+             f"{sorted(names)}", "e.g. ('gsm8k=gsm8k_local',)")
 
 
 def ignored_keys(spec: RunSpec) -> list[str]:

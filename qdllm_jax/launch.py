@@ -81,7 +81,7 @@ def _parse_value(key: str, text: str, current):
     try:
       v = ast.literal_eval(t)
     except (ValueError, SyntaxError) as e:
-      if isinstance(current, (tuple, list)) and re.fullmatch(r"[\w.:/+-]+(,[\w.:/+-]+)*", t):
+      if isinstance(current, (tuple, list)) and re.fullmatch(r"[\w.:/=+-]+(,[\w.:/=+-]+)*", t):
         return tuple(t.split(","))  # comma-separated words: --config.entries=fp,gptq:w4a16
       raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__} literal") from e
     if isinstance(current, (tuple, list)):

@@ -216,7 +216,9 @@ def evaluate(model, tok, spec, mesh) -> dict:
       res = suite.evaluate(model, tok, proto, key=purpose_key(spec.seed, "eval"), limit=limit)
       return {"metrics": res["metrics"], "result": res}
     from qdllm_jax.eval import lm_eval_adapter
-    res = lm_eval_adapter.run_protocol(model, tok, proto, limit=limit, seed=spec.seed)
+    res = lm_eval_adapter.run_protocol(model, tok, proto, limit=limit, seed=spec.seed,
+                                       ignore_cfg=spec.eval.ignore_cfg, include_path=spec.eval.include_path or None,
+                                       task_map=dict(t.split("=", 1) for t in spec.eval.task_map))
   metrics = {f"{task}/{k.split(',')[0]}": float(v) for task, r in res["results"].items()
              for sub in r.values() for k, v in sub.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k}
@@ -384,7 +386,8 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
 
 def _cached_fp_eval(spec, wd, model_hash, compute, primary) -> dict:
   """The FP model's evaluation, computed once per (model, protocol, limit, seed) and kept in eval_fp.json."""
-  key = {"model": model_hash, "protocol": spec.eval.protocol, "limit": spec.eval.limit, "seed": spec.seed,
+  key = {"model": model_hash, "protocol": spec.eval.protocol, "limit": spec.eval.limit,
+         "ignore_cfg": spec.eval.ignore_cfg, "seed": spec.seed,
          "dtype": spec.dtype}
   path = os.path.join(wd, "eval_fp.json")
   if os.path.isfile(path):

@@ -84,7 +84,7 @@ def defaults() -> mlc.ConfigDict:
   c.entries = ("fp", "gptq:w4a16", "gptq:w3a16", "awq:w4a16", "awq:w3a16", "smoothquant:w8a8", "smoothquant:w4a4",
                "quarot:w8a8", "quarot:w4a4", "duquant:w8a8", "duquant:w4a4")
   c.calib = mlc.ConfigDict(dict(source="wikitext2", text_field="text", nsamples=128, seqlen=2048))
-  c.eval = mlc.ConfigDict(dict(protocol="tiny", limit=0))
+  c.eval = mlc.ConfigDict(dict(protocol="tiny", limit=0, ignore_cfg=False, include_path="", task_map=()))
   c.weight_only = mlc.ConfigDict(dict(group_size=128, sym=False, percdamp=0.01))  # GPTQ / AWQ / RTN
   c.awq = mlc.ConfigDict(dict(n_grid=20, clip=True))
   c.smoothquant = mlc.ConfigDict(dict(alpha=0.5))
@@ -223,8 +223,8 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   calib = config_lib.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
                                nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
                                prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")
-  spec = argparse.Namespace(calib=calib, seed=d["seed"], eval=argparse.Namespace(protocol=proto.name,
-                                                                                  limit=d["eval"]["limit"]))
+  spec = argparse.Namespace(calib=calib, seed=d["seed"], eval=argparse.Namespace(protocol=proto.name, **{
+      k: d["eval"][k] for k in ("limit", "ignore_cfg", "include_path", "task_map")}))
   _, ids, cinfo = run_lib.calibration(spec, tok, model.config)
   log.info("calibration: %d plain windows x %d tokens of %s", ids.shape[0], ids.shape[1], calib.source)
   mesh = run_lib.make_run_mesh({})

@@ -98,6 +98,11 @@ class Protocol:
     """Every setting as a JSON-able dict (tuples become lists)."""
     return dataclasses.asdict(self)
 
+  @property
+  def task_names(self) -> set:
+    """Names of the protocol's likelihood and generation tasks."""
+    return {t.name for t in self.likelihood + self.generation}
+
   def validate(self) -> "Protocol":
     """Raise ConfigError on inconsistent settings; returns self."""
     _check(self.arch in SAMPLERS, self, f"arch={self.arch!r}, expected one of {SAMPLERS}")

@@ -46,6 +46,8 @@ def test_overrides_are_typed_like_the_defaults():
            ("calib.source", "/x/y.jsonl"))
   assert c.quant.bits == 3 and c.mesh.shape == (2, 4) and c.calib.mcs is False and c.quant.percdamp == 1.0
   assert c.calib.source == "/x/y.jsonl"
+  c = _cfg("tiny", ("eval.task_map", "gsm8k=gsm8k_local,mbpp=mbpp_local"))  # comma-separated words form a tuple
+  assert c.eval.task_map == ("gsm8k=gsm8k_local", "mbpp=mbpp_local")
   args, ov = launch.parse_args(["--config", "c.py", "--config.quant.bits", "3", "--config.seed=4", "--dry_run"])
   assert args.dry_run and ov == [("quant.bits", "3"), ("seed", "4")]
 
@@ -91,6 +93,9 @@ def test_unknown_key_added_in_a_config_file_is_refused():
     ([("mesh.shape", "(2,2,2)")], r"mesh\.shape"),
     ([("plan.hardware", "tpu_v99")], r"plan\.hardware"),
     ([("dtype", "int4")], "dtype"),
+    ([("eval.include_path", "/no/such/tasks")], r"eval\.include_path"),
+    ([("eval.protocol", "qdlm_llada"), ("eval.task_map", "gsm8k")], r"eval\.task_map"),
+    ([("eval.protocol", "qdlm_llada"), ("eval.task_map", "nosuchtask=x")], r"eval\.task_map"),
 ])
 def test_invalid_values(overrides, needle, model_dir, tmp_path):
   with pytest.raises(ConfigError, match=needle):
@@ -163,3 +168,20 @@ def test_cli_errors_leave_no_workdir(tmp_path, model_dir, capsys):
   err = capsys.readouterr().err
   assert "quant.bits=5" in err and "group_size=96" in err and "quant.bitz" in err and "--bogus" in err
   assert not wd.exists()
+
+
+def test_lm_eval_settings_reach_the_adapter(monkeypatch):
+  """eval.ignore_cfg / include_path / task_map of the config are what the lm-eval adapter receives."""
+  import argparse
+  import sys
+  import types
+  import qdllm_jax.eval
+  from qdllm_jax import run as run_lib
+  seen = {}
+  fake = types.SimpleNamespace(run_protocol=lambda model, tok, proto, **kw: seen.update(kw) or {"results": {}})
+  monkeypatch.setitem(sys.modules, "qdllm_jax.eval.lm_eval_adapter", fake)  # lm-eval is an optional extra
+  monkeypatch.setattr(qdllm_jax.eval, "lm_eval_adapter", fake, raising=False)
+  ev = argparse.Namespace(protocol="qdlm_dream", limit=0, ignore_cfg=True, include_path="/tasks",
+                          task_map=("gsm8k=gsm8k_local",))
+  run_lib.evaluate(None, None, argparse.Namespace(seed=3, eval=ev), run_lib.make_run_mesh({}))
+  assert seen == dict(limit=None, seed=3, ignore_cfg=True, include_path="/tasks", task_map={"gsm8k": "gsm8k_local"})
