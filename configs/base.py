@@ -42,6 +42,8 @@ def get_base():
   c.quant.salient_weight = 3.0
   c.quant.rsr_iters = 15
   c.quant.compensation = True     # cross-block GPTQ/OBC error compensation
+  c.quant.comp_mode = "diag"      # "diag": E = (W1 - W^1) / diag(U_bb) (released code) | "block": exact block OBS
+                                  # update E = (W1 - W^1) U_bb^-1 (ours; docs/results.md, why DAQ trails GPTQ)
   c.quant.z_diag = "chol"         # "chol" | "inv_diag"
   c.quant.percdamp = 0.01
   c.quant.scale_dtype = "float16"  # stored scales: "float16" | "bfloat16" | "float32"

@@ -7,6 +7,8 @@
   no_dor             ablation: RSR without the data-aware objective (Table 2c)
   no_abmp            ablation: ABMP ratio 0, uniform order 2 (Table 2b)
   no_comp            ablation: no cross-block error compensation
+  block_comp         extension: exact block OBS compensation E = (W1 - W^1) U_bb^-1 instead of the released
+                     diagonal form (not in the paper; see docs/results.md)
   order1 / order3    uniform DAQ order 1 / 3 (1 / 3 planes per weight)
 Ablations combine with a method: `configs/llada8b.py:no_mcs,no_dor`. Baselines keep MCS calibration of the
 model config unless `no_mcs` is added (Quant-dLLM's baselines were calibrated on the same C4 windows).
@@ -35,6 +37,7 @@ PRESETS = {
     "no_dor": _set(quant__dor=False),
     "no_abmp": _set(quant__abmp_ratio=0.0),
     "no_comp": _set(quant__compensation=False),
+    "block_comp": _set(quant__comp_mode="block"),
     "order1": _set(quant__method="quant_dllm", quant__bits=1),
     "order3": _set(quant__method="quant_dllm", quant__bits=3),
 }

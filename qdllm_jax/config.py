@@ -29,7 +29,7 @@ NON_SEMANTIC = ("model_path", "model_preset", "workdir", "eval", "distributed", 
 # Keys each method reads (the others are ignored by it).
 METHOD_KEYS = {
     "quant_dllm": ("abmp_ratio", "abmp_scope", "target_bpw", "dor", "outlier_z", "salient_weight", "rsr_iters",
-                   "compensation", "z_diag", "percdamp", "scale_dtype"),
+                   "compensation", "comp_mode", "z_diag", "percdamp", "scale_dtype"),
     "gptq": ("sym", "act_order", "percdamp", "scale_dtype"),
     "rtn": ("sym", "scale_dtype"),
 }
@@ -70,6 +70,7 @@ class QuantSpec:
   salient_weight: float
   rsr_iters: int
   compensation: bool
+  comp_mode: str
   z_diag: str
   percdamp: float
   scale_dtype: str
@@ -248,6 +249,8 @@ def _check_quant(d):
     _err("quant.percdamp", d["percdamp"], "a damping fraction in (0, 10] (0.01 in the papers)")
   if d["z_diag"] not in ("chol", "inv_diag"):
     _err("quant.z_diag", d["z_diag"], "'chol' or 'inv_diag'")
+  if d["comp_mode"] not in ("diag", "block"):
+    _err("quant.comp_mode", d["comp_mode"], "'diag' (released code) or 'block' (exact block OBS update)")
   if d["scale_dtype"] not in SCALE_DTYPES:
     _err("quant.scale_dtype", d["scale_dtype"], f"one of {SCALE_DTYPES}")
   if d["act_order"] and m != "gptq":

@@ -23,6 +23,7 @@ ROWS = [  # (label, presets)
     ("Quant-dLLM W2 w/o DOR", "quant_dllm_w2,no_dor"),
     ("Quant-dLLM W2 w/o ABMP", "quant_dllm_w2,no_abmp"),
     ("Quant-dLLM W2 w/o compensation", "quant_dllm_w2,no_comp"),
+    ("Quant-dLLM W2 + exact block compensation (ours)", "quant_dllm_w2,block_comp"),
 ]
 METRICS = [("elbo_ppl", "ELBO PPL ↓", "{:.1f}"), ("mc_acc/all", "MC acc ↑", "{:.1%}"),
            ("gen_em/all", "Gen EM ↑", "{:.1%}"), ("gen_em/increment", "EM increment", "{:.1%}"),

@@ -12,6 +12,11 @@ arguments, never closed-over constants. A last partial chunk is taken as the fin
 
 Activations may be a device array or a host NumPy array (host offload); outputs come back in the same
 kind. X^T X is computed with `Precision.HIGHEST` so accelerators do not round it to bf16/tf32.
+
+Data parallelism: when the activations are a jax.Array whose rows are split over k devices (the data axis of
+the run's mesh), each chunk takes r = max(1, chunk_size // k) rows from *every* shard (rows d N/k + i .. + r,
+d < k), so all k devices compute every chunk step and the X^T X sums are reduced across them by XLA; a
+contiguous chunk would sit on one device and leave the others idle.
 """
 from __future__ import annotations
 
@@ -64,6 +69,27 @@ def _put_rows(buf, rows, start):
 _put_donated = jax.jit(_put_rows, donate_argnums=0)
 
 
+@functools.partial(jax.jit, static_argnames=("k", "r"))
+def _take_interleaved(a, start, k, r):
+  """Rows {d N/k + start + j : d < k, j < r} of a [N, ...] as [k r, ...] (row-sharded like a, no communication)."""
+  a4 = a.reshape((k, a.shape[0] // k) + a.shape[1:])
+  return jax.lax.dynamic_slice_in_dim(a4, start, r, axis=1).reshape((k * r,) + a.shape[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=0)
+def _put_interleaved(buf, rows, start, k):
+  b4 = buf.reshape((k, buf.shape[0] // k) + buf.shape[1:])
+  r4 = rows.astype(buf.dtype).reshape((k, rows.shape[0] // k) + rows.shape[1:])
+  return jax.lax.dynamic_update_slice(b4, r4, (0, start) + (0,) * (buf.ndim - 1)).reshape(buf.shape)
+
+
+def row_shards(xs) -> int:
+  """How many devices split the rows of xs (1 for a host array or a replicated/unsharded one)."""
+  if not isinstance(xs, jax.Array) or xs.ndim == 0 or xs.shape[0] == 0:
+    return 1
+  return xs.shape[0] // xs.sharding.shard_shape(xs.shape)[0]
+
+
 def chunk_starts(n: int, chunk_size: int) -> list[tuple[int, int]]:
   """[(start, first_new_row)] covering rows 0..n-1 with windows of min(chunk_size, n) rows; the last window
   is [n - chunk_size, n) and its rows below `first_new_row` were already counted."""
@@ -107,18 +133,27 @@ def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int =
   host_out = (host or jax.default_backend() == "cpu") if host_buffer is None else host_buffer
   out = None
   if with_outputs:
-    out = np.empty(xs.shape, xs.dtype) if host_out else jnp.empty(xs.shape, xs.dtype)
-  for start, new in chunk_starts(n, chunk_size):
-    cs = min(chunk_size, n)
-    x = jnp.asarray(xs[start:start + cs])
-    weight = (jnp.arange(start, start + cs) >= new).astype(jnp.float32)
-    km = None if key_mask is None else jnp.asarray(key_mask[start:start + cs])
+    out = np.empty(xs.shape, xs.dtype) if host_out else jnp.zeros(
+        xs.shape, xs.dtype, device=xs.sharding if isinstance(xs, jax.Array) else None)
+  k = row_shards(xs)
+  per = n // k  # rows per shard; chunks take r of them from each shard
+  for start, new in chunk_starts(per, max(1, chunk_size // k) if k > 1 else chunk_size):
+    cs = min(max(1, chunk_size // k) if k > 1 else chunk_size, per)
+    weight = (jnp.tile(jnp.arange(start, start + cs), k) >= new).astype(jnp.float32)
+    if k > 1:
+      x = _take_interleaved(xs, start, k, cs)
+      km = None if key_mask is None else _take_interleaved(jnp.asarray(key_mask), start, k, cs)
+    else:
+      x = jnp.asarray(xs[start:start + cs])
+      km = None if key_mask is None else jnp.asarray(key_mask[start:start + cs])
     o, xtx = _chunk_step(p, x, weight, km, cfg, taps, with_outputs)
     for g, v in xtx.items():
       sums[g] = v if g not in sums else sums[g] + v
     if with_outputs:
       if host_out:
-        out[start:start + cs] = np.asarray(o)
+        out.reshape((k, per) + out.shape[1:])[:, start:start + cs] = np.asarray(o).reshape((k, cs) + o.shape[1:])
+      elif k > 1:
+        out = _put_interleaved(out, o, start, k)
       else:
         out = _put_donated(out, o, start)
   if with_outputs and host_out and not host:

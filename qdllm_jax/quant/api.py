@@ -33,11 +33,11 @@ _COMMON = {"scale_dtype"}
 OPTIONS = {
     "rtn": _COMMON | {"sym"},
     "gptq": _COMMON | {"sym", "act_order", "percdamp", "max_percdamp"},
-    "quant_dllm": _COMMON | {"outlier_z", "salient_weight", "dor", "compensation", "rsr_iters", "rsr_tol",
+    "quant_dllm": _COMMON | {"outlier_z", "salient_weight", "dor", "compensation", "comp_mode", "rsr_iters", "rsr_tol",
                              "z_diag", "orders", "percdamp", "max_percdamp"},
 }
 DEFAULTS = dict(sym=False, act_order=False, percdamp=0.01, max_percdamp=10.0, scale_dtype="float16",
-                outlier_z=2.0, salient_weight=3.0, dor=True, compensation=True, rsr_iters=15, rsr_tol=None,
+                outlier_z=2.0, salient_weight=3.0, dor=True, compensation=True, comp_mode="diag", rsr_iters=15, rsr_tol=None,
                 z_diag="chol", orders=None)
 
 
@@ -222,6 +222,7 @@ def _run(ws, h, method, bits, group_size, abmp_ratio, opt, return_info):
       r = daq_quantize(wf, ph.u, orders, block=group_size, iters=int(opt["rsr_iters"]),
                        outlier_z=float(opt["outlier_z"]), salient_weight=float(opt["salient_weight"]),
                        dor=bool(opt["dor"]), z_diag=opt["z_diag"], compensation=bool(opt["compensation"]),
+                       comp_mode=opt["comp_mode"],
                        scale_dtype=sd, rsr_tol=None if opt["rsr_tol"] is None else float(opt["rsr_tol"]))
       qw = packed.from_binary_planes(r["bits"], r["a_r"], r["a_c"], orders, shape=w.shape, scale_dtype=sd,
                                      nominal_bits=bits)
@@ -248,7 +249,8 @@ def quantize_weight(w, hessian, method: str = "quant_dllm", bits: int = 2, group
     group_size: quantization group (rtn/gptq; -1 = per channel) or DAQ column block (multiple of 32).
     abmp_ratio: ABMP ratio for quant_dllm with bits == 2 (0 = uniform order 2); ignored otherwise.
     options: sym, act_order, percdamp, max_percdamp, scale_dtype ("float16"), outlier_z, salient_weight,
-      dor, compensation, rsr_iters, rsr_tol, z_diag ("chol" | "inv_diag"), orders (explicit per-block orders).
+      dor, compensation, comp_mode ("diag": released code | "block": exact block OBS update), rsr_iters, rsr_tol,
+      z_diag ("chol" | "inv_diag"), orders (explicit per-block orders).
     return_info: also return a dict with layer_loss = tr((W - W^) H (W - W^)^T), relative_output_error,
       percdamp (damping used), delta, dead_columns, solver_loss, orders, bits_per_weight, solve_time_s and
       w_hat (float32 [out, in], equal to qw.dequantize()).

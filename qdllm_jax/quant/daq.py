@@ -21,6 +21,11 @@ as in the released `binary_arb.py` (reference quant-dllm.md §3):
   the packed weight dequantizes to.
 Compensation (`BRAGPTQ.fasterquant`): blocks left to right, E = (W1 - W^1) / d_b (d_b = diag U of the block),
 W[:, > b] -= E U[b, > b], loss += sum E^2 / 2; no updates inside a block.
+`comp_mode="block"` (not in the paper or its code) uses the exact OBS update for a jointly quantized block instead:
+with H^-1 = U^T U and the block S leading the remaining columns R, the optimal change of R given the error
+delta = W1 - W^1 is  -delta [H^-1]_SS^-1 [H^-1]_SR = -delta U_SS^-1 U_SR,  so E = delta U_SS^-1 (a triangular
+solve); the released diagonal form equals it only when U_SS is diagonal, i.e. when the block's input channels are
+uncorrelated given the earlier ones. GPTQ's column-by-column updates compose to the same exact update.
 """
 from __future__ import annotations
 
@@ -180,7 +185,7 @@ def daq_block(w1, e, order: int, iters: int = 15, rsr_tol=None, scale_dtype=None
 
 def daq_quantize(w, u, orders, *, block: int = 128, iters: int = 15, outlier_z: float = 2.0,
                  salient_weight: float = 3.0, dor: bool = True, z_diag: str = "chol", compensation: bool = True,
-                 scale_dtype="float16", rsr_tol=None):
+                 scale_dtype="float16", rsr_tol=None, comp_mode: str = "diag"):
   """DAQ + cross-block compensation on one matrix, with a per-block order.
 
   Args:
@@ -189,10 +194,13 @@ def daq_quantize(w, u, orders, *, block: int = 128, iters: int = 15, outlier_z: 
   Returns:
     dict(w_hat float [out, in], bits uint32 [nb, 3, out, block/32] (planes beyond a block's order are 0),
          a_r [nb, 3, out], a_c [nb, 3, block] (rounded to scale_dtype, kept in w.dtype; unused planes 0),
-         loss = sum_b sum (W1 - W^1)^2 / d_b^2 / 2).
+         loss = sum_b sum E_b^2 / 2 with E_b the block's compensation error, see the module docstring).
+    comp_mode: "diag" (released code, E = delta / d_b) or "block" (exact block OBS, E = delta U_bb^-1).
   """
   w, u, orders = jnp.asarray(w), jnp.asarray(u), jnp.asarray(orders, jnp.int32)
   n = w.shape[1]
+  if comp_mode not in ("diag", "block"):
+    raise QuantizationError(f"comp_mode={comp_mode!r}; expected 'diag' (released code) or 'block' (exact OBS)")
   if block % 32 or n % block or u.shape != (n, n) or orders.shape != (n // block,):
     raise QuantizationError(f"daq_quantize: w {w.shape}, u {u.shape}, orders {orders.shape}, block {block}; "
                             f"expected u [in, in], block a multiple of 32 dividing in, orders [in / block].")
@@ -200,13 +208,14 @@ def daq_quantize(w, u, orders, *, block: int = 128, iters: int = 15, outlier_z: 
       w, u, orders, block=int(block), iters=int(iters),
       outlier_z=float(outlier_z), salient_weight=float(salient_weight), dor=bool(dor), z_diag=str(z_diag),
       compensation=bool(compensation), scale_dtype=None if scale_dtype is None else jnp.dtype(scale_dtype).name,
-      rsr_tol=None if rsr_tol is None else float(rsr_tol))
+      rsr_tol=None if rsr_tol is None else float(rsr_tol), comp_mode=comp_mode)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block", "iters", "outlier_z", "salient_weight", "dor", "z_diag", "compensation", "scale_dtype", "rsr_tol"))
+    "block", "iters", "outlier_z", "salient_weight", "dor", "z_diag", "compensation", "scale_dtype", "rsr_tol",
+    "comp_mode"))
 def _daq_quantize(w, u, orders, *, block, iters, outlier_z, salient_weight, dor, z_diag, compensation,
-                  scale_dtype, rsr_tol):
+                  scale_dtype, rsr_tol, comp_mode):
   out, n = w.shape
   nb = n // block
   dt = w.dtype
@@ -229,7 +238,11 @@ def _daq_quantize(w, u, orders, *, block, iters, outlier_z, salient_weight, dor,
     e = salience_weights(w1, lax.dynamic_slice_in_dim(dz, b * block, block), outlier_z, salient_weight) \
         if dor else jnp.ones_like(w1)
     wh, bits, a_r, a_c = lax.switch(orders[b] - 1, branches, w1, e)
-    err = (w1 - wh) / db[None, :]
+    if comp_mode == "block":  # E = delta U_bb^-1, i.e. E U_bb = delta: U_bb^T E^T = delta^T (lower triangular)
+      ubb = lax.dynamic_slice(u, (b * block, b * block), (block, block))
+      err = jax.scipy.linalg.solve_triangular(ubb.T, (w1 - wh).T, lower=True).T
+    else:
+      err = (w1 - wh) / db[None, :]
     return err.T, (wh, bits, a_r, a_c, jnp.sum(err * err)), carry
 
   m = superblock_size(nb)

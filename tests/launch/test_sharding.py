@@ -47,6 +47,32 @@ def test_sharded_calibration_hessian_equals_single_device(params, shape, axes):
   np.testing.assert_allclose(np.asarray(got.hessians["qkv"]), h_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,chunk,host_buffer", [(16, 8, None), (24, 8, False), (40, 16, None)])
+def test_data_parallel_chunks_use_every_device(params, n, chunk, host_buffer, monkeypatch):
+  """Every chunk step gets rows from all 8 row shards (the devices compute in parallel), including the last,
+  overlapping chunk; Hessians and outputs equal a float64 NumPy reference of the same block."""
+  from qdllm_jax.calib import capture as cap_lib
+  xs = np.random.default_rng(1).normal(size=(n, 8, CFG.d_model)).astype(np.float32)
+  mesh = _mesh((8, 1), ("data", "model"))
+  xs_sh = run_lib.shard_rows(xs, mesh)
+  assert cap_lib.row_shards(xs_sh) == 8 and cap_lib.row_shards(xs) == 1
+  seen = []
+  real = cap_lib._chunk_step
+  monkeypatch.setattr(cap_lib, "_chunk_step", lambda p, x, *a: seen.append(len(x.sharding.device_set)) or real(p, x, *a))
+  got = cap_lib.capture_block(params["blocks"][0], xs_sh, CFG, chunk_size=chunk, host_buffer=host_buffer)
+  assert seen and all(d == 8 for d in seen), seen
+  assert len(seen) == -(-n // 8 // max(1, chunk // 8))
+  blk = params["blocks"][0]
+  x64 = xs.astype(np.float64)
+  h = x64 / np.sqrt(np.mean(x64 ** 2, -1, keepdims=True) + CFG.norm_eps) * np.asarray(blk["attn_norm"], np.float64)
+  np.testing.assert_allclose(np.asarray(got.hessians["qkv"]), 2.0 / n * np.einsum("slc,sld->cd", h, h),
+                             rtol=1e-4, atol=1e-5)
+  ref = cap_lib.capture_block(blk, xs, CFG, chunk_size=chunk)
+  np.testing.assert_allclose(np.asarray(got.outputs), np.asarray(ref.outputs), rtol=1e-5, atol=1e-6)
+  for tap in cap_lib.TAPS:  # float32 sums in another order
+    np.testing.assert_allclose(np.asarray(got.hessians[tap]), np.asarray(ref.hessians[tap]), rtol=2e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape,axes", MESHES)
 def test_sharded_eval_forward_equals_single_device(params, shape, axes):
   ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (8, 12)).astype(np.int32)

@@ -180,6 +180,24 @@ def daq_quantize(w, u, orders, iters=15, compensation=True, dor=True, tau=2.0, l
   return q_all, loss
 
 
+def daq_quantize_obs(w, h, orders, iters=15, block=128):
+  """Exact block-OBS compensation computed from inverses, not from U: with R the columns not yet fixed and S the
+  leading block of R, fixing S to Q1 changes the rest by  -delta [inv(H_RR)]_SS^-1 [inv(H_RR)]_{S, R minus S}
+  (delta = W1 - Q1); no DOR (e = 1)."""
+  w = np.array(w, np.float64)
+  n = w.shape[1]
+  q_all = np.zeros_like(w)
+  for b, k in enumerate(orders):
+    s0, s1 = b * block, (b + 1) * block
+    w1 = w[:, s0:s1].copy()
+    q1 = daq_block(w1, np.ones_like(w1), int(k), iters)[0]
+    q_all[:, s0:s1] = q1
+    if s1 < n:
+      hinv = np.linalg.inv(np.asarray(h, np.float64)[s0:, s0:])
+      w[:, s1:] -= (w1 - q1) @ np.linalg.solve(hinv[:block, :block], hinv[:block, block:])
+  return q_all
+
+
 def rerround_brute(w1, ar, ac):
   """Brute force over all 2^K sign patterns per entry; first (lowest-index) minimum wins."""
   order = ar.shape[0]

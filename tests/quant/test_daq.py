@@ -107,6 +107,23 @@ def test_compensation_loop_matches_transcription(comp, dor, z_diag):
     np.testing.assert_allclose(float(r["loss"]), loss_ref, rtol=1e-8)
 
 
+def test_block_compensation_is_the_exact_obs_update():
+  """comp_mode="block" (E = delta U_bb^-1 through U) equals the OBS update computed from inverses of H_RR."""
+  w, h = ref.random_layer(16, 512, seed=3)
+  u = ref.inverse_upper(h)
+  orders = np.array([2, 1, 3, 2])
+  hd = np.float64(h) + 0.01 * np.mean(np.diag(np.float64(h))) * np.eye(h.shape[0])  # the H that u factors
+  q_ref = ref.daq_quantize_obs(w, hd, orders, 15)
+  with ref.x64():
+    r = daq.daq_quantize(jnp.asarray(w, jnp.float64), jnp.asarray(u), orders, dor=False, scale_dtype=None,
+                         comp_mode="block")
+    np.testing.assert_allclose(np.asarray(r["w_hat"]), q_ref, rtol=1e-7, atol=1e-10)
+    diag = daq.daq_quantize(jnp.asarray(w, jnp.float64), jnp.asarray(u), orders, dor=False, scale_dtype=None)
+  assert np.abs(np.asarray(diag["w_hat"]) - q_ref).max() > 1e-3  # the released diagonal form differs
+  with pytest.raises(Exception, match="comp_mode"):
+    daq.daq_quantize(w, u, orders, comp_mode="full")
+
+
 def test_float32_solver_and_exact_packing():
   """float32 solver == float64 transcription (to float32 precision) with unrounded scales; with float16 scales
   w_hat is recomputed from the rounded scales, so dequant(pack) is bit-exact and the stored weight is the one
