@@ -94,7 +94,7 @@ def save_arrays(directory: str, arrays: dict) -> None:
   """Write a nested dict of arrays (numpy or jax, any sharding) as an Orbax PyTree checkpoint at
   `directory/arrays` (synchronously: the files are complete when this returns)."""
   ocp, ckptr = _checkpointer()
-  ckptr.save(os.path.join(directory, ARRAYS_DIR), args=ocp.args.PyTreeSave(_prune(arrays)))
+  ckptr.save(os.path.join(os.path.abspath(directory), ARRAYS_DIR), args=ocp.args.PyTreeSave(_prune(arrays)))
 
 
 def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -> dict:
@@ -104,7 +104,7 @@ def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -
   (arrays come back as sharded jax.Arrays, each host reading its shards) or None (host numpy arrays).
   """
   ocp, ckptr = _checkpointer()
-  path = os.path.join(directory, ARRAYS_DIR)
+  path = os.path.join(os.path.abspath(directory), ARRAYS_DIR)  # Orbax requires absolute paths
   if not os.path.isdir(path):
     raise CheckpointError(f"{directory}: no {ARRAYS_DIR}/ (the Orbax arrays); the checkpoint is incomplete")
   is_spec = lambda s: isinstance(s, dict) and "dtype" in s and "shape" in s  # noqa: E731
@@ -125,7 +125,7 @@ def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -
 def stored_metadata(directory: str) -> dict:
   """{dotted name: (shape, dtype)} of the arrays as Orbax recorded them (no array data is read)."""
   _, ckptr = _checkpointer()
-  md = ckptr.metadata(os.path.join(directory, ARRAYS_DIR))
+  md = ckptr.metadata(os.path.join(os.path.abspath(directory), ARRAYS_DIR))
   md = getattr(md, "item_metadata", md)
   md = getattr(md, "tree", md)
   out = {}

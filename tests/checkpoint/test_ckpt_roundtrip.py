@@ -84,6 +84,15 @@ def test_round_trip_bit_exact_and_logits(saved, qparams):
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_relative_paths(qparams, tmp_path, monkeypatch):
+  """A workdir given relative to the current directory (the README's `--workdir runs/tiny`) saves and restores:
+  Orbax needs absolute paths, the store makes them so."""
+  monkeypatch.chdir(tmp_path)
+  path = save_quantized("rel/q", qparams, CFG)
+  assert_bitwise_equal(load_quantized("rel/q").params, qparams)
+  assert os.path.isdir(tmp_path / "rel" / "q" / "arrays") and path
+
+
 def test_generation_from_restored_packed_model(saved, qparams):
   from qdllm_jax.sampling.llada import llada_generate
   model = load_quantized(saved[0])
