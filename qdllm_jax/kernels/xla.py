@@ -11,7 +11,11 @@ Two regimes, chosen by the static token count n:
   - uniform (no act-order, groups made of whole words: 2/4/8 bits):
         y[n, o] = sum_g s[o, g] sum_{j in g} q[o, j] x[n, j]  -  sum_g s[o, g] z[o, g] X[n, g],
     X[n, g] = sum_{j in g} x[n, j]; q[o, j] is extracted from its word with a shift and a mask.
-* Prefill (larger n; and uniform weights with act-order or 3-bit words straddling groups): W^ is dequantized
+  - uniform with words straddling groups (3 bits: 10 codes per word, G = 128): each word's codes are split
+    at the group boundary with two masked copies of x, giving A (codes in the word's first group g0(w)) and B
+    (the rest, group g0(w) + 1); the per-group sums are A M0 + B M1 with 0/1 matrices M [nw, ng] (two small
+    dots), then the group scales and zero points as above.
+* Prefill (larger n; and uniform weights with act-order): W^ is dequantized
   CHUNK_ROWS output rows at a time inside a `lax.map` (the chunk stays in cache) and multiplied with a dense
   dot. Columns are produced in a permuted order in which every slice is a plain shift of the packed words,
   and the activations are permuted to match. The chunk equals `QuantizedWeight.dequantize()` bit for bit in
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qdllm_jax.kernels import common
@@ -158,6 +163,43 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
   return jnp.stack([one(x2[t]) for t in range(x2.shape[0])])
 
 
+def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
+  """Decode-regime uniform product when words straddle groups (no act-order, G >= codes per word); see the
+  module doc. x2 [n, in] -> float32 [n, out]."""
+  geo = common.uniform_geometry(qw)
+  bits, cpw, nw, ng, g, n_in = geo["bits"], geo["cpw"], geo["nw"], geo["ng"], geo["G"], geo["n_in"]
+  assert qw.g_idx is None and g >= cpw, "uniform_gemv_straddle needs contiguous groups of >= cpw columns"
+  q = qw.qweight
+  mask = jnp.uint32(2 ** bits - 1)
+  s = qw.scales.astype(jnp.float32)
+  sz = s * common.zero_points(qw)
+  cols = np.arange(nw * cpw).reshape(nw, cpw)
+  gcol = np.minimum(cols, n_in - 1) // g                                               # [nw, cpw]
+  g0 = gcol[:, 0]
+  first = jnp.asarray((gcol == g0[:, None]).T, jnp.float32)                           # [cpw, nw]
+  m0 = jnp.asarray(g0[:, None] == np.arange(ng)[None, :], jnp.float32)                # [nw, ng]
+  m1 = jnp.asarray((g0 + 1)[:, None] == np.arange(ng)[None, :], jnp.float32)
+
+  def one(xt):                                                                         # xt [in]
+    xf = jnp.pad(_to_f32(xt), (0, nw * cpw - n_in))
+    eye = jnp.eye(cpw, dtype=jnp.float32)
+    xp = lax.dot_general(eye, xf.reshape(nw, cpw), (((1,), (1,)), ((), ())),
+                         precision=lax.Precision.HIGHEST)                              # [cpw, nw]
+    xa, xb = xp * first, xp * (1.0 - first)
+    acc_a = acc_b = None
+    for t in range(cpw):
+      code = ((q >> jnp.uint32(bits * t)) & mask).astype(jnp.float32)
+      ta, tb = code * xa[t][None, :], code * xb[t][None, :]
+      acc_a = ta if acc_a is None else acc_a + ta                                      # [out, nw]
+      acc_b = tb if acc_b is None else acc_b + tb
+    hi = lax.Precision.HIGHEST
+    per_group = jnp.dot(acc_a, m0, precision=hi) + jnp.dot(acc_b, m1, precision=hi)    # [out, ng]
+    xg = _sum_cols(xf[:n_in].reshape(ng, g))                                           # [ng]
+    return _sum_cols(per_group * s) - _sum_cols(sz * xg[None, :])
+
+  return jnp.stack([one(x2[t]) for t in range(x2.shape[0])])
+
+
 def uniform_dequant_dot(x2: jax.Array, qw) -> jax.Array:
   """Uniform product by chunked dequantization + dot (any bits, groups, act-order). -> float32 [n, out].
 
@@ -199,6 +241,9 @@ def matmul(x2: jax.Array, qw) -> jax.Array:
   n = x2.shape[0]
   if qw.format == "binary_planes":
     return planes_gemv(x2, qw) if n <= PLANES_GEMV_MAX_TOKENS else planes_dequant_dot(x2, qw)
-  if n <= UNIFORM_GEMV_MAX_TOKENS and common.uniform_geometry(qw)["aligned"]:
+  geo = common.uniform_geometry(qw)
+  if n <= UNIFORM_GEMV_MAX_TOKENS and geo["aligned"]:
     return uniform_gemv(x2, qw)
+  if n <= UNIFORM_GEMV_MAX_TOKENS and qw.g_idx is None and geo["G"] >= geo["cpw"]:
+    return uniform_gemv_straddle(x2, qw)
   return uniform_dequant_dot(x2, qw)

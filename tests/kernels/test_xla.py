@@ -56,6 +56,14 @@ def test_uniform_xla_ragged_words_bf16(uniform, assert_matmul):
   assert_matmul(jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw), x, w, bf16=True)
 
 
+@pytest.mark.parametrize("n_in,group", [(640, 128), (384, 64), (1000, 200), (256, -1)])
+def test_uniform_gemv_straddling_words(uniform, assert_matmul, n_in, group):
+  """3-bit decode path: words of 10 codes straddle group boundaries (and the last word is ragged)."""
+  qw, w = uniform(72, n_in, 3, group)
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, n_in)), jnp.float32)
+  assert_matmul(jax.jit(xla.uniform_gemv_straddle)(x, qw), x, w, bf16=False)
+
+
 @pytest.mark.parametrize("fn", [xla.uniform_gemv, xla.uniform_dequant_dot])
 def test_uniform_both_regimes(uniform, assert_matmul, fn):
   qw, w = uniform(72, 512, 4, 32)
