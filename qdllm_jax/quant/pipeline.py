@@ -138,12 +138,12 @@ def _scalar(v):
 
 
 def _quantize_batch(ws: list, h, rule: rules_lib.Rule, orders: list | None) -> list:
-  """[(QuantizedWeight, info)] for matrices sharing one H (one shared call), or one call per matrix with
-  fixed orders (global ABMP: the orders differ per matrix)."""
+  """[(QuantizedWeight, info)] for matrices sharing one H: one damping/Cholesky for all of them, with fixed
+  per-matrix orders [len(ws), nb] when given (global ABMP)."""
   from qdllm_jax.quant import api  # imported lazily: the quantizer pulls in the kernels
   kw = rule.kwargs()
   if orders is not None:
-    return [api.quantize_weight(w, h, return_info=True, **dict(kw, orders=o)) for w, o in zip(ws, orders)]
+    kw = dict(kw, orders=np.stack([np.asarray(o) for o in orders]) if len(ws) > 1 else orders[0])
   if len(ws) == 1:
     return [api.quantize_weight(ws[0], h, return_info=True, **kw)]
   return list(api.quantize_weights_shared(ws, h, return_info=True, **kw))
