@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import QuantizationError
-from qdllm_jax.quant import abmp, packed
+from qdllm_jax.quant import abmp, packed, row_sharded
 from qdllm_jax.quant.daq import daq_quantize
 from qdllm_jax.quant.gptq import gptq_quantize
 from qdllm_jax.quant.hessian import layer_loss, prepare_hessian, relative_output_error
@@ -32,13 +32,13 @@ SCALE_DTYPES = ("float16", "bfloat16", "float32")
 _COMMON = {"scale_dtype"}
 OPTIONS = {
     "rtn": _COMMON | {"sym"},
-    "gptq": _COMMON | {"sym", "act_order", "percdamp", "max_percdamp"},
-    "quant_dllm": _COMMON | {"outlier_z", "salient_weight", "dor", "compensation", "comp_mode", "rsr_iters", "rsr_tol",
+    "gptq": _COMMON | {"sym", "act_order", "percdamp", "max_percdamp", "row_sharding"},
+    "quant_dllm": _COMMON | {"row_sharding", "outlier_z", "salient_weight", "dor", "compensation", "comp_mode", "rsr_iters", "rsr_tol",
                              "z_diag", "orders", "percdamp", "max_percdamp"},
 }
 DEFAULTS = dict(sym=False, act_order=False, percdamp=0.01, max_percdamp=10.0, scale_dtype="float16",
                 outlier_z=2.0, salient_weight=3.0, dor=True, compensation=True, comp_mode="diag", rsr_iters=15, rsr_tol=None,
-                z_diag="chol", orders=None)
+                z_diag="chol", orders=None, row_sharding=None)
 
 
 def _err(msg):
@@ -83,6 +83,11 @@ def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
   opt = {k: options.get(k, DEFAULTS[k]) for k in OPTIONS[method]}
   if opt["scale_dtype"] not in SCALE_DTYPES:
     _err(f"scale_dtype={opt['scale_dtype']!r} is not supported; expected one of {SCALE_DTYPES}.")
+  rs = opt.get("row_sharding")
+  if rs is not None:
+    if not (isinstance(rs, tuple) and len(rs) == 2 and hasattr(rs[0], "axis_names")):
+      _err(f"row_sharding={rs!r}: expected None or (mesh, axis name) to split the solver over output rows.")
+    row_sharded.axis_size(*rs)
   checked = [_check_matrix(w, f"w[{i}]" if len(ws) > 1 else "w") for i, w in enumerate(ws)]
   ws = [a for a, _ in checked]
   n = ws[0].shape[1]
@@ -192,7 +197,14 @@ def _run(ws, h, method, bits, group_size, abmp_ratio, opt, return_info):
     for i, w in enumerate(ws):
       by_out.setdefault(w.shape[0], []).append(i)
     outs = [None] * len(ws)
+    rs = opt["row_sharding"]
     for _, idx in by_out.items():
+      if rs is not None and row_sharded.can_shard(ws[idx[0]].shape[0], *rs):  # solve each over the row shards
+        for i in idx:
+          cs, cz = find_params(ws[i], bits, opt["sym"], sd) if per_channel else (None, None)
+          outs[i] = row_sharded.gptq_rows(prep(ws[i]), ph.u, cs, cz, mesh=rs[0], axis=rs[1], bits=bits,
+                                          group_size=group_size, sym=opt["sym"], scale_dtype=sd)
+        continue
       if len(idx) == 1:  # no vmap for a single matrix
         w = ws[idx[0]]
         cs, cz = find_params(w, bits, opt["sym"], sd) if per_channel else (None, None)  # from the unfixed w
@@ -219,11 +231,15 @@ def _run(ws, h, method, bits, group_size, abmp_ratio, opt, return_info):
     for i, w in enumerate(ws):
       wf = jnp.where(ph.dead[None, :], 0.0, w)
       orders = _orders_for(i, wf, ph.u, bits, group_size, abmp_ratio, opt)
-      r = daq_quantize(wf, ph.u, orders, block=group_size, iters=int(opt["rsr_iters"]),
-                       outlier_z=float(opt["outlier_z"]), salient_weight=float(opt["salient_weight"]),
-                       dor=bool(opt["dor"]), z_diag=opt["z_diag"], compensation=bool(opt["compensation"]),
-                       comp_mode=opt["comp_mode"],
-                       scale_dtype=sd, rsr_tol=None if opt["rsr_tol"] is None else float(opt["rsr_tol"]))
+      kw = dict(block=group_size, iters=int(opt["rsr_iters"]), outlier_z=float(opt["outlier_z"]),
+                salient_weight=float(opt["salient_weight"]), dor=bool(opt["dor"]), z_diag=opt["z_diag"],
+                compensation=bool(opt["compensation"]), comp_mode=opt["comp_mode"], scale_dtype=sd,
+                rsr_tol=None if opt["rsr_tol"] is None else float(opt["rsr_tol"]))
+      rs = opt["row_sharding"]
+      if rs is not None and row_sharded.can_shard(w.shape[0], *rs):
+        r = row_sharded.daq_rows(wf, ph.u, jnp.asarray(orders, jnp.int32), mesh=rs[0], axis=rs[1], **kw)
+      else:
+        r = daq_quantize(wf, ph.u, orders, **kw)
       qw = packed.from_binary_planes(r["bits"], r["a_r"], r["a_c"], orders, shape=w.shape, scale_dtype=sd,
                                      nominal_bits=bits)
       results.append((qw, r["w_hat"], dict(method="quant_dllm", percdamp=ph.percdamp, delta=ph.delta,
@@ -250,7 +266,8 @@ def quantize_weight(w, hessian, method: str = "quant_dllm", bits: int = 2, group
     abmp_ratio: ABMP ratio for quant_dllm with bits == 2 (0 = uniform order 2); ignored otherwise.
     options: sym, act_order, percdamp, max_percdamp, scale_dtype ("float16"), outlier_z, salient_weight,
       dor, compensation, comp_mode ("diag": released code | "block": exact block OBS update), rsr_iters, rsr_tol,
-      z_diag ("chol" | "inv_diag"), orders (explicit per-block orders).
+      z_diag ("chol" | "inv_diag"), orders (explicit per-block orders), row_sharding (None, or (mesh, axis):
+      gptq / quant_dllm solve the output rows split over that mesh axis with shard_map; quant/row_sharded.py).
     return_info: also return a dict with layer_loss = tr((W - W^) H (W - W^)^T), relative_output_error,
       percdamp (damping used), delta, dead_columns, solver_loss, orders, bits_per_weight, solve_time_s and
       w_hat (float32 [out, in], equal to qw.dequantize()).

@@ -43,31 +43,48 @@ MAX_ORDER = 3
 _HI = lax.Precision.HIGHEST
 
 
+def _rows_sum(x, axis_name):
+  """sum over axis 0 (the output rows) of x, across the devices of `axis_name` when rows are sharded."""
+  s = jnp.sum(x, axis=0)
+  return s if axis_name is None else lax.psum(s, axis_name)
+
+
+def _all_sum(x, axis_name):
+  s = jnp.sum(x)
+  return s if axis_name is None else lax.psum(s, axis_name)
+
+
 def sgn(x):
   """Binary sign: +1 where x >= 0, -1 elsewhere (x.dtype)."""
   return jnp.where(x >= 0, jnp.ones((), x.dtype), -jnp.ones((), x.dtype))
 
 
-def salience_weights(w1, d, outlier_z: float = 2.0, salient_weight: float = 3.0):
-  """DOR weights e [r, c] for a block w1 [r, c] and d [c] (see module doc)."""
+def salience_weights(w1, d, outlier_z: float = 2.0, salient_weight: float = 3.0, axis_name=None):
+  """DOR weights e [r, c] for a block w1 [r, c] and d [c] (see module doc). With rows sharded over the mesh
+  axis `axis_name`, the z-score statistics and the threshold are taken over all rows of all devices."""
   z_ = w1 * w1 / (d[None, :] * d[None, :] + 1e-12)
-  mu = jnp.mean(z_)
-  sd = jnp.std(z_, ddof=1)
+  cnt = _all_sum(jnp.ones((), z_.dtype), axis_name) * z_.size
+  mu = _all_sum(z_, axis_name) / cnt
+  sd = jnp.sqrt(_all_sum((z_ - mu) ** 2, axis_name) / (cnt - 1))
   z = (z_ - mu) / (sd + 1e-12)
   out = jnp.abs(z) > outlier_z
   thr = jnp.min(jnp.where(out, z_, jnp.inf))
-  sal = jnp.any(out) & (z_ >= thr)
+  anyo = jnp.any(out)
+  if axis_name is not None:
+    thr, anyo = lax.pmin(thr, axis_name), lax.pmax(anyo.astype(jnp.int32), axis_name) > 0
+  sal = anyo & (z_ >= thr)
   return jnp.where(sal, jnp.asarray(salient_weight, w1.dtype), jnp.ones((), w1.dtype))
 
 
-def greedy_init(w1, order: int):
+def greedy_init(w1, order: int, axis_name=None):
   """Greedy residual init. Returns a_r [K, r], a_c [K, c], B [K, r, c] (±1, w1.dtype)."""
   r = w1
   ars, acs, bs = [], [], []
+  rows = _all_sum(jnp.ones((), w1.dtype), axis_name) * w1.shape[0]
   for _ in range(order):
     ab = jnp.abs(r)
     ar = jnp.mean(ab, axis=1)
-    ac = jnp.mean(ab / (ar[:, None] + 1e-12), axis=0)
+    ac = _rows_sum(ab / (ar[:, None] + 1e-12), axis_name) / rows
     b = sgn(r)
     r = r - (ar[:, None] * ac[None, :]) * b
     ars.append(ar), acs.append(ac), bs.append(b)
@@ -115,14 +132,16 @@ def _dot(a, b):
   return jnp.dot(a, b, precision=_HI)
 
 
-def _rsr_step(w1, e, ew, a_r, a_c, b):
+def _rsr_step(w1, e, ew, a_r, a_c, b, axis_name=None):
   """One RSR iteration (scale updates for k = 1..K, then re-rounding if K >= 2).
 
   The updates are the closed forms above written with B fixed over the iteration (B_k^2 = 1):
     num(a_r^k) = G_k a_c^k - sum_{l != k} a_r^l ⊙ (N_kl (a_c^k ⊙ a_c^l)),  den = e (a_c^k)^2
     num(a_c^k) = G_k^T a_r^k - sum_{l != k} a_c^l ⊙ (N_kl^T (a_r^k ⊙ a_r^l)),  den = e^T (a_r^k)^2
   with G_k = B_k ⊙ ew (ew = e ⊙ W1) and N_kl = e ⊙ B_k ⊙ B_l, i.e. matrix-vector products instead of rebuilding Wt.
+  The a_c sums run over all rows: across the devices of `axis_name` when rows are sharded.
   """
+  cols = lambda v: v if axis_name is None else lax.psum(v, axis_name)  # noqa: E731
   order = a_r.shape[0]
   g = [b[k] * ew for k in range(order)]
   nkl = {(k, l): e * b[k] * b[l] for k in range(order) for l in range(k + 1, order)}
@@ -134,11 +153,11 @@ def _rsr_step(w1, e, ew, a_r, a_c, b):
         num = num - a_r[l] * _dot(pair(k, l), a_c[k] * a_c[l])
     ar_k = num / (_dot(e, a_c[k] * a_c[k]) + 1e-8)
     a_r = a_r.at[k].set(ar_k)
-    num = _dot(ar_k, g[k])
+    num = cols(_dot(ar_k, g[k]))
     for l in range(order):
       if l != k:
-        num = num - a_c[l] * _dot(ar_k * a_r[l], pair(k, l))
-    a_c = a_c.at[k].set(num / (_dot(ar_k * ar_k, e) + 1e-8))
+        num = num - a_c[l] * cols(_dot(ar_k * a_r[l], pair(k, l)))
+    a_c = a_c.at[k].set(num / (cols(_dot(ar_k * ar_k, e)) + 1e-8))
   if order >= 2:
     b = rerround(w1, a_r, a_c)
   return a_r, a_c, b
@@ -151,20 +170,21 @@ def round_signed(x, scale_dtype):
   return x.astype(jnp.dtype(scale_dtype)).astype(x.dtype)
 
 
-def daq_block(w1, e, order: int, iters: int = 15, rsr_tol=None, scale_dtype=None):
+def daq_block(w1, e, order: int, iters: int = 15, rsr_tol=None, scale_dtype=None, axis_name=None):
   """DAQ on one block (static order). w1, e [r, c] -> (w_hat [r, c], a_r [K, r], a_c [K, c], B bool [K, r, c]).
 
   rsr_tol: stop early once the relative decrease of sum e (W1 - W^)^2 over one iteration is below it.
   scale_dtype: storage dtype of the returned scales (None: unrounded); w_hat uses the returned scales.
+  axis_name: the mesh axis the rows are sharded over (inside shard_map), or None.
   """
-  a_r, a_c, b = greedy_init(w1, order)
+  a_r, a_c, b = greedy_init(w1, order, axis_name)
   ew = e * w1
   if rsr_tol is None:
-    a_r, a_c, b = lax.fori_loop(0, iters, lambda _, s: _rsr_step(w1, e, ew, *s), (a_r, a_c, b))
+    a_r, a_c, b = lax.fori_loop(0, iters, lambda _, s: _rsr_step(w1, e, ew, *s, axis_name), (a_r, a_c, b))
   else:
     def obj(s):
       res = w1 - plane_sum(s[0], s[1], s[2] > 0)
-      return jnp.sum(e * res * res)
+      return _all_sum(e * res * res, axis_name)
 
     def cond(st):
       i, s, prev, cur = st
@@ -172,7 +192,7 @@ def daq_block(w1, e, order: int, iters: int = 15, rsr_tol=None, scale_dtype=None
 
     def body(st):
       i, s, _, cur = st
-      s = _rsr_step(w1, e, ew, *s)
+      s = _rsr_step(w1, e, ew, *s, axis_name)
       return i + 1, s, cur, obj(s)
 
     init = (a_r, a_c, b)
@@ -185,7 +205,7 @@ def daq_block(w1, e, order: int, iters: int = 15, rsr_tol=None, scale_dtype=None
 
 def daq_quantize(w, u, orders, *, block: int = 128, iters: int = 15, outlier_z: float = 2.0,
                  salient_weight: float = 3.0, dor: bool = True, z_diag: str = "chol", compensation: bool = True,
-                 scale_dtype="float16", rsr_tol=None, comp_mode: str = "diag"):
+                 scale_dtype="float16", rsr_tol=None, comp_mode: str = "diag", axis_name=None):
   """DAQ + cross-block compensation on one matrix, with a per-block order.
 
   Args:
@@ -196,6 +216,8 @@ def daq_quantize(w, u, orders, *, block: int = 128, iters: int = 15, outlier_z: 
          a_r [nb, 3, out], a_c [nb, 3, block] (rounded to scale_dtype, kept in w.dtype; unused planes 0),
          loss = sum_b sum E_b^2 / 2 with E_b the block's compensation error, see the module docstring).
     comp_mode: "diag" (released code, E = delta / d_b) or "block" (exact block OBS, E = delta U_bb^-1).
+    axis_name: inside shard_map with w's rows sharded over this mesh axis (quant/row_sharded.py): the sums over
+      rows (column scales, DOR statistics) are reduced across it; the returned loss is this shard's part.
   """
   w, u, orders = jnp.asarray(w), jnp.asarray(u), jnp.asarray(orders, jnp.int32)
   n = w.shape[1]
@@ -208,14 +230,14 @@ def daq_quantize(w, u, orders, *, block: int = 128, iters: int = 15, outlier_z: 
       w, u, orders, block=int(block), iters=int(iters),
       outlier_z=float(outlier_z), salient_weight=float(salient_weight), dor=bool(dor), z_diag=str(z_diag),
       compensation=bool(compensation), scale_dtype=None if scale_dtype is None else jnp.dtype(scale_dtype).name,
-      rsr_tol=None if rsr_tol is None else float(rsr_tol), comp_mode=comp_mode)
+      rsr_tol=None if rsr_tol is None else float(rsr_tol), comp_mode=comp_mode, axis_name=axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "block", "iters", "outlier_z", "salient_weight", "dor", "z_diag", "compensation", "scale_dtype", "rsr_tol",
-    "comp_mode"))
+    "comp_mode", "axis_name"))
 def _daq_quantize(w, u, orders, *, block, iters, outlier_z, salient_weight, dor, z_diag, compensation,
-                  scale_dtype, rsr_tol, comp_mode):
+                  scale_dtype, rsr_tol, comp_mode, axis_name):
   out, n = w.shape
   nb = n // block
   dt = w.dtype
@@ -223,7 +245,7 @@ def _daq_quantize(w, u, orders, *, block, iters, outlier_z, salient_weight, dor,
   dz = du if z_diag == "chol" else jnp.sqrt(jnp.sum(u * u, axis=0))
 
   def solve(k, w1, e):
-    wh, a_r, a_c, signs = daq_block(w1, e, k, iters, rsr_tol, scale_dtype)
+    wh, a_r, a_c, signs = daq_block(w1, e, k, iters, rsr_tol, scale_dtype, axis_name)
     pad = MAX_ORDER - k
     bits = jnp.concatenate([pack_signs(signs), jnp.zeros((pad, out, block // 32), jnp.uint32)])
     a_r = jnp.concatenate([a_r, jnp.zeros((pad, out), dt)])
@@ -235,8 +257,8 @@ def _daq_quantize(w, u, orders, *, block, iters, outlier_z, salient_weight, dor,
   def block_fn(b, w1t, ws, j, carry):
     w1 = w1t.T
     db = lax.dynamic_slice_in_dim(du, b * block, block)
-    e = salience_weights(w1, lax.dynamic_slice_in_dim(dz, b * block, block), outlier_z, salient_weight) \
-        if dor else jnp.ones_like(w1)
+    e = salience_weights(w1, lax.dynamic_slice_in_dim(dz, b * block, block), outlier_z, salient_weight,
+                         axis_name) if dor else jnp.ones_like(w1)
     wh, bits, a_r, a_c = lax.switch(orders[b] - 1, branches, w1, e)
     if comp_mode == "block":  # E = delta U_bb^-1, i.e. E U_bb = delta: U_bb^T E^T = delta^T (lower triangular)
       ubb = lax.dynamic_slice(u, (b * block, b * block), (block, block))

@@ -137,11 +137,13 @@ def _scalar(v):
   return v
 
 
-def _quantize_batch(ws: list, h, rule: rules_lib.Rule, orders: list | None) -> list:
+def _quantize_batch(ws: list, h, rule: rules_lib.Rule, orders: list | None, row_sharding=None) -> list:
   """[(QuantizedWeight, info)] for matrices sharing one H: one damping/Cholesky for all of them, with fixed
   per-matrix orders [len(ws), nb] when given (global ABMP)."""
   from qdllm_jax.quant import api  # imported lazily: the quantizer pulls in the kernels
   kw = rule.kwargs()
+  if row_sharding is not None and rule.method in ("gptq", "quant_dllm"):
+    kw["row_sharding"] = row_sharding
   if orders is not None:
     kw = dict(kw, orders=np.stack([np.asarray(o) for o in orders]) if len(ws) > 1 else orders[0])
   if len(ws) == 1:
@@ -194,7 +196,7 @@ def check_plan(plan: rules_lib.Plan, cfg: ModelConfig) -> None:
 
 
 def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Plan, *, groups=STANDARD_ORDER,
-                   chunk_size: int = 8, key_mask=None, orders: dict | None = None):
+                   chunk_size: int = 8, key_mask=None, orders: dict | None = None, row_sharding=None):
   """Quantize one block group by group; return (quantized params, outputs [N, L, D], report entries).
 
   Args:
@@ -203,6 +205,7 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
     plan: resolved rules (None rules leave a linear in full precision).
     groups: linear groups in order (see `module_groups`).
     orders: {(layer, name): orders} fixed by global ABMP, or None.
+    row_sharding: None, or (mesh, axis): GPTQ / DAQ solve the output rows split over that mesh axis.
   Returns:
     (params with QuantizedWeight for quantized linears, the block's outputs on x with every quantized weight
      in place (dequantized, model dtype), [report dict per quantized matrix]).
@@ -226,7 +229,7 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
       fixed = None if orders is None else [orders.get((layer, n)) for n in names]
       fixed = None if fixed is None or any(o is None for o in fixed) else fixed
       t0 = time.perf_counter()
-      results = jax.block_until_ready(_quantize_batch(ws, h, rule, fixed))
+      results = jax.block_until_ready(_quantize_batch(ws, h, rule, fixed, row_sharding))
       dt = (time.perf_counter() - t0) / len(names)
       for n, w, (qw, info) in zip(names, ws, results):
         w_hat = jnp.asarray(qw.dequantize(), jnp.float32).reshape(w.shape)
@@ -261,7 +264,7 @@ def embed_inputs(source, calib_ids, *, offload_activations: bool = False):
 def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_size: int = 8, key_mask=None,
                    global_abmp: dict | None = None, callback: Callable | None = None,
                    resume: PipelineState | None = None, offload_activations: bool = False,
-                   dequantize: bool = False):
+                   dequantize: bool = False, row_sharding=None):
   """Quantize every block linear of a model, streaming block by block (see module docstring).
 
   Args:
@@ -278,6 +281,7 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
     resume: a PipelineState to continue from (its x are the inputs of block `resume.next_block`).
     offload_activations: keep the [N, L, D] activations in host memory (chunks move to the device).
     dequantize: return dense fake-quantized weights (model dtype) instead of QuantizedWeight leaves.
+    row_sharding: None, or (mesh, axis) to split each GPTQ / DAQ solve over the output rows (shard_map).
   Returns:
     (params, report): the params pytree with quantized linears replaced (other leaves unchanged) and the
     list of per-matrix report dicts.
@@ -311,7 +315,7 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
   for b in range(state.next_block, cfg.n_layers):
     p = {k: jnp.asarray(v) for k, v in src.block(b).items()}
     qp, out, rep = quantize_block(p, state.x, cfg, b, plan, groups=groups, chunk_size=chunk_size,
-                                  key_mask=key_mask, orders=state.orders)
+                                  key_mask=key_mask, orders=state.orders, row_sharding=row_sharding)
     del p
     # a new state per block (lists are not mutated), so states handed to callbacks stay valid snapshots
     state = dataclasses.replace(state, next_block=b + 1, x=out, blocks=state.blocks + [jax.device_get(qp)],

@@ -101,3 +101,29 @@ def test_sharded_quantized_checkpoint_forward_equals_single_device(params, tmp_p
   with jax.set_mesh(mesh):
     got = np.asarray(model(run_lib.shard_rows(ids, mesh)))
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # ~1-3 min: compiles the sharded solvers for every matrix shape
+@pytest.mark.parametrize("method,mesh_shape", [("gptq", (2, 4)), ("quant_dllm", (4, 2))])
+def test_pipeline_solvers_split_over_rows_equal_single_device(params, method, mesh_shape, monkeypatch):
+  """quantize_model with row_sharding=(mesh, "model") solves every matrix on all the model-axis devices and
+  gives the single-device weights (GPTQ codes exactly; DAQ to float tolerance)."""
+  from qdllm_jax.quant import pipeline, row_sharded, rules
+  ids = np.random.default_rng(3).integers(3, CFG.vocab_size, (8, 16)).astype(np.int32)
+  plan = rules.default_rules(method, 2, 32, **({"abmp_ratio": 0.25, "rsr_iters": 3} if method == "quant_dllm" else {}))
+  ref, rep_ref = pipeline.quantize_model((params, CFG), ids, plan)
+  mesh = _mesh(mesh_shape, ("data", "model"))
+  calls = []
+  for name in ("gptq_rows", "daq_rows"):
+    real = getattr(row_sharded, name)
+    monkeypatch.setattr(row_sharded, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+  got, rep = pipeline.quantize_model((params, CFG), ids, plan, row_sharding=(mesh, "model"))
+  assert len(calls) == len(rep) == len(rep_ref) == CFG.n_layers * len(transformer.LINEARS)
+  for b_ref, b_got in zip(ref["blocks"], got["blocks"]):
+    for n in transformer.LINEARS:
+      w_ref, w_got = np.asarray(b_ref[n].dequantize()), np.asarray(b_got[n].dequantize())
+      if method == "gptq":
+        np.testing.assert_array_equal(w_got, w_ref)
+      else:
+        np.testing.assert_allclose(w_got, w_ref, rtol=2e-3, atol=2e-3 * np.abs(w_ref).max())
+  np.testing.assert_allclose([r["rel_err"] for r in rep], [r["rel_err"] for r in rep_ref], rtol=2e-3)
