@@ -24,7 +24,7 @@ from qdllm_jax.errors import QuantizationError
 from qdllm_jax.quant import abmp, packed, row_sharded
 from qdllm_jax.quant.daq import daq_quantize
 from qdllm_jax.quant.gptq import gptq_quantize
-from qdllm_jax.quant.hessian import layer_loss, prepare_hessian, relative_output_error
+from qdllm_jax.quant.hessian import layer_errors, prepare_hessian
 from qdllm_jax.quant.rtn import find_params, rtn_quantize
 
 METHODS = ("rtn", "gptq", "quant_dllm")
@@ -157,8 +157,8 @@ def _orders_for(i, w, u, bits, group_size, abmp_ratio, opt):
 def _info(w, w_hat, h, extra):
   info = dict(extra)
   if h is not None:
-    info["layer_loss"] = float(layer_loss(w, w_hat, h))
-    info["relative_output_error"] = float(relative_output_error(w, w_hat, h))
+    loss, rel = layer_errors(w, w_hat, h)
+    info["layer_loss"], info["relative_output_error"] = float(loss), float(rel)
   return info
 
 

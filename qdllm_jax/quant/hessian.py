@@ -143,6 +143,16 @@ def layer_loss(w, w_hat, h):
 
 
 @jax.jit
+def layer_errors(w, w_hat, h):
+  """(tr(E H E^T), tr(E H E^T) / tr(W H W^T)) with E = W - W^, in two [out, in] x [in, in] products (the
+  separate functions take three); float32 scalars."""
+  w32, h32 = w.astype(jnp.float32), h.astype(jnp.float32)
+  d = w32 - w_hat.astype(jnp.float32)
+  num = jnp.sum(jnp.matmul(d, h32, precision=_HI) * d)
+  return num, num / jnp.sum(jnp.matmul(w32, h32, precision=_HI) * w32)
+
+
+@jax.jit
 def relative_output_error(w, w_hat, h):
   """tr((W - W^) H (W - W^)^T) / tr(W H W^T): the relative squared output error on the calibration set."""
   w32 = w.astype(jnp.float32)
@@ -152,5 +162,5 @@ def relative_output_error(w, w_hat, h):
 
 __all__ = [
     "PreparedHessian", "hessian_update", "fix_dead_columns", "tri_inv_lower", "chol_inverse_upper", "prepare_hessian",
-    "layer_loss", "relative_output_error",
+    "layer_loss", "relative_output_error", "layer_errors",
 ]
