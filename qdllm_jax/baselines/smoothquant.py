@@ -4,6 +4,10 @@ Per block and per input channel j of the q/k/v group and of the gate/up group:
     s_j = max|X_j|^alpha / max_{W in group, o} |W_{o j}|^(1 - alpha)     (alpha = 0.5; s_j >= 1e-5)
     X' = X diag(s)^-1   (folded into the preceding RMSNorm weight: attn_norm -> q/k/v, ff_norm -> gate/up)
     W' = W diag(s)      (column j of every linear reading X scaled by s_j)
+and, given the model config, v -> o as the OmniQuant/DuQuant LLaMA layers do (`smooth_fc_fc`): per kv channel c
+(with GQA the max runs over the query heads sharing it) s_c = max|A_c|^alpha / max|W_o[:, c]|^(1 - alpha),
+W_v[c, :] /= s_c (and its bias), W_o[:, c] *= s_c; attention mixes tokens, not channels, so o's input is divided
+by s exactly. q -> k smoothing only matters when QK^T is quantized, which this study's setting does not do.
 max|X_j| is taken over all calibration tokens (plain unmasked text, one bidirectional pass each).
 The folded model computes the same function in exact arithmetic. Weights are then RTN-quantized per
 output channel and activations per token (asymmetric) with `actquant.forward_actquant`.
@@ -80,13 +84,27 @@ def smooth_scales(act_absmax: jax.Array, weights, alpha: float = 0.5) -> jax.Arr
   return jnp.maximum(s, 1e-5)
 
 
-def smooth_params(params: dict, act_absmax: list, alpha: float = 0.5) -> tuple[dict, list]:
-  """Fold the smoothing scales: norm_w <- norm_w / s, W <- W diag(s) for each group in SMOOTH_GROUPS.
+def _v_to_o(p: dict, o_absmax, cfg, alpha: float):
+  """v -> o smoothing of one block (module docstring). Returns (params, s over the kv channels [Hkv d])."""
+  rep, d = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+  group = lambda v: jnp.max(v.reshape(cfg.n_kv_heads, rep, d), axis=1).reshape(-1)  # noqa: E731
+  s = smooth_scales(group(o_absmax), [group(jnp.max(jnp.abs(p["o"].astype(jnp.float32)), axis=0))[None, :]], alpha)
+  s_o = jnp.broadcast_to(s.reshape(cfg.n_kv_heads, 1, d), (cfg.n_kv_heads, rep, d)).reshape(-1)
+  p = dict(p, v=(p["v"].astype(jnp.float32) / s[:, None]).astype(p["v"].dtype),
+           o=(p["o"].astype(jnp.float32) * s_o[None, :]).astype(p["o"].dtype))
+  if p.get("v_bias") is not None:
+    p["v_bias"] = (p["v_bias"].astype(jnp.float32) / s).astype(p["v_bias"].dtype)
+  return p, s
+
+
+def smooth_params(params: dict, act_absmax: list, alpha: float = 0.5, cfg=None) -> tuple[dict, list]:
+  """Fold the smoothing scales: norm_w <- norm_w / s, W <- W diag(s) for each group in SMOOTH_GROUPS, and
+  v -> o when `cfg` (the ModelConfig, for the head layout) is given.
 
   Args:
-    params: FP params pytree. act_absmax: output of `collect_act_absmax`.
+    params: FP params pytree. act_absmax: output of `collect_act_absmax`. cfg: ModelConfig or None.
   Returns:
-    (smoothed params, list per block of {tap: s [C]}).
+    (smoothed params, list per block of {tap: s [C]} (tap "o": s over the kv channels)).
   """
   if len(act_absmax) != len(params["blocks"]):
     raise QuantizationError(f"act_absmax has {len(act_absmax)} blocks; the model has {len(params['blocks'])}. "
@@ -100,6 +118,8 @@ def smooth_params(params: dict, act_absmax: list, alpha: float = 0.5) -> tuple[d
       for n in names:
         p[n] = (p[n].astype(jnp.float32) * s[None, :]).astype(p[n].dtype)
       sc[tap] = s
+    if cfg is not None:
+      p, sc["o"] = _v_to_o(p, st["o"], cfg, alpha)
     blocks.append(p)
     scales.append(sc)
   return dict(params, blocks=blocks), scales
@@ -114,7 +134,7 @@ def smoothquant(params: dict, cfg, calib_ids, *, w_bits: int = 8, alpha: float =
   """
   actquant.check_bits(w_bits, "w_bits", allow_none=False)
   if smooth:
-    params, _ = smooth_params(params, collect_act_absmax(params, cfg, calib_ids, batch_size), alpha)
+    params, _ = smooth_params(params, collect_act_absmax(params, cfg, calib_ids, batch_size), alpha, cfg)
   return actquant.fake_quant_weights(params, w_bits, group_size=-1, sym=False)
 
 

@@ -1,4 +1,6 @@
 """Activation fake quantization and SmoothQuant against NumPy references on a tiny LLaDA."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,10 +81,15 @@ def test_absmax_and_scales_match_numpy(cfg, ids):
                              rtol=1e-5)
 
 
-def test_smoothing_preserves_fp_function(cfg, ids):
+@pytest.mark.parametrize("gqa", [False, True])
+def test_smoothing_preserves_fp_function(cfg, ids, gqa):
+  """norm -> q/k/v, norm -> gate/up and v -> o (GQA: a kv channel's scale shared by its query heads)."""
+  if gqa:
+    cfg = dataclasses.replace(cfg, n_kv_heads=cfg.n_heads // 2)
   params = outlier_params(cfg, seed=4)
-  sm, scales = smoothquant.smooth_params(params, smoothquant.collect_act_absmax(params, cfg, ids), 0.5)
+  sm, scales = smoothquant.smooth_params(params, smoothquant.collect_act_absmax(params, cfg, ids), 0.5, cfg)
   assert float(jnp.max(scales[0]["qkv"]) / jnp.min(scales[0]["qkv"])) > 3.0  # non-trivial scales
+  assert scales[0]["o"].shape == (cfg.n_kv_heads * cfg.head_dim,) and float(jnp.std(scales[0]["o"])) > 0
   a = np.asarray(transformer.forward(params, cfg, jnp.asarray(ids)))
   b = np.asarray(transformer.forward(sm, cfg, jnp.asarray(ids)))
   np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
