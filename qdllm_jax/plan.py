@@ -7,7 +7,7 @@ H heads, V vocabulary, b the param dtype's bytes, n_d / n_m the mesh's data / mo
             + the whole FP model when it is evaluated (it is read into memory once)
   device    calibration: [2 N L D b / n_d if the activations live on the devices] + one FP block (replicated)
             + the largest Hessian and its factors 4 c^2 x 4 + the solver's f32 copies 6 r c x 4
-            + one chunk's forward on `chunk` sequences (capture replicates each chunk on every device):
+            + one chunk's forward on ceil(chunk / n_d) sequences (every chunk is split over the data axis):
               taps (3D + Hd + 2F) L x 4 and the attention scores H L^2 (4 + b)
             evaluation: the params sharded by sharding.LOGICAL_RULES + logits B T V x 4 and attention
               B H T^2 x 4 of one batch, split over the data axis
@@ -272,7 +272,8 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
 
   def calib_device(axes, on_device):
     nd = axes.get("data", 1)
-    cs = min(c.chunk_size, n)  # calib.capture gathers each chunk onto every device (replicated compute)
+    k = nd if n % nd == 0 else 1  # calib.capture splits each chunk's rows over the data axis
+    cs = -(-min(max(c.chunk_size // k, 1) * k if k > 1 else c.chunk_size, n) // k)
     return {"calibration activations": 2 * act // nd if on_device else 0,
             "one block (FP, replicated)": blk_params * itemsize,
             "Hessian + factors (f32)": 4 * max_c * max_c * 4,
@@ -341,7 +342,9 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
       solver_flops += 2 * r * cc * cc + 2 * cc ** 3
     else:
       solver_flops += 10 * r * cc
-  est = {"calibration": calib_flops / rate, "solvers": solver_flops / rate}  # chunks run replicated
+  nd_eff = mesh.get("data", 1) if n % mesh.get("data", 1) == 0 else 1  # chunks split over the data axis
+  nm_eff = mesh.get("model", 1)  # the solvers split each matrix's rows over the model axis
+  est = {"calibration": calib_flops / (rate * nd_eff), "solvers": solver_flops / (rate * nm_eff)}
   est["total (without evaluation)"] = sum(est.values())
   nq = len(rules_plan.quantized())
   predicted = {"linear_bits_per_weight": 8 * q_bytes / max(q_params, 1), "checkpoint_bytes": ckpt,

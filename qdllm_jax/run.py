@@ -185,6 +185,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
   # The solvers split each matrix's output rows over the mesh's model axis (quant/row_sharded.py) when it has
   # more than one device; the data axis already splits the calibration activations.
   rows = (mesh, "model") if dict(mesh.shape).get("model", 1) > 1 else None
+  chunks = sharding.named(mesh, ("batch", None, None)) if offload and dict(mesh.shape).get("data", 1) > 1 else None
   t_start, done0 = time.perf_counter(), state.next_block
   with _progress(cfg.n_layers, state.next_block, per_block) as (outer, inner):
     for b in range(state.next_block, cfg.n_layers):
@@ -192,7 +193,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
       t0 = time.perf_counter()
       p = {k: jnp.asarray(v) for k, v in src.block(b).items()}
       qp, out, rep = pipeline.quantize_block(p, state.x, cfg, b, rules_plan, groups=groups, chunk_size=chunk,
-                                             orders=state.orders, row_sharding=rows)
+                                             orders=state.orders, row_sharding=rows, chunk_sharding=chunks)
       del p
       state = dataclasses.replace(state, next_block=b + 1, x=place(out), blocks=state.blocks + [jax.device_get(qp)],
                                   report=state.report + rep)

@@ -16,7 +16,8 @@ kind. X^T X is computed with `Precision.HIGHEST` so accelerators do not round it
 Data parallelism: when the activations are a jax.Array whose rows are split over k devices (the data axis of
 the run's mesh), each chunk takes r = max(1, chunk_size // k) rows from *every* shard (rows d N/k + i .. + r,
 d < k), so all k devices compute every chunk step and the X^T X sums are reduced across them by XLA; a
-contiguous chunk would sit on one device and leave the others idle.
+contiguous chunk would sit on one device and leave the others idle. Host (offloaded) activations are placed
+chunk by chunk with `chunk_sharding` (rows over the data axis) when given, for the same effect.
 """
 from __future__ import annotations
 
@@ -83,6 +84,17 @@ def _put_interleaved(buf, rows, start, k):
   return jax.lax.dynamic_update_slice(b4, r4, (0, start) + (0,) * (buf.ndim - 1)).reshape(buf.shape)
 
 
+def _place(rows, chunk_sharding):
+  """rows [c, ...] on the devices: split by chunk_sharding's first axis when it divides c, else the default."""
+  if chunk_sharding is not None and np.ndim(rows) >= 1:
+    spec = tuple(chunk_sharding.spec)[:1] + (None,) * (np.ndim(rows) - 1)
+    sh = jax.sharding.NamedSharding(chunk_sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    k = int(np.prod([chunk_sharding.mesh.shape[a] for a in np.atleast_1d(spec[0])])) if spec[0] else 1
+    if k > 1 and np.shape(rows)[0] % k == 0:
+      return jax.device_put(rows, sh)
+  return jnp.asarray(rows)
+
+
 def row_shards(xs) -> int:
   """How many devices split the rows of xs (1 for a host array or a replicated/unsharded one)."""
   if not isinstance(xs, jax.Array) or xs.ndim == 0 or xs.shape[0] == 0:
@@ -103,7 +115,7 @@ def chunk_starts(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int = 8, key_mask=None,
-                  with_outputs: bool = True, host_buffer: bool | None = None) -> Capture:
+                  with_outputs: bool = True, host_buffer: bool | None = None, chunk_sharding=None) -> Capture:
   """Run one block over the calibration activations; accumulate per-tap Hessians and the outputs.
 
   Args:
@@ -116,6 +128,9 @@ def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int =
     with_outputs: also return the block outputs [N, L, D].
     host_buffer: collect the outputs in a host buffer (None: when xs is a NumPy array or the backend is CPU,
       which cannot donate buffers) or in a donated device buffer.
+    chunk_sharding: optional NamedSharding splitting a chunk's rows over a mesh axis, used to place the chunks
+      of host (NumPy) activations so that every device of that axis computes (ignored when the chunk's rows
+      do not divide; device arrays keep their own sharding).
   Returns:
     Capture(hessians={tap: float32 [c, c]}, n=N, outputs=[N, L, D] or None).
   """
@@ -144,8 +159,8 @@ def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int =
       x = _take_interleaved(xs, start, k, cs)
       km = None if key_mask is None else _take_interleaved(jnp.asarray(key_mask), start, k, cs)
     else:
-      x = jnp.asarray(xs[start:start + cs])
-      km = None if key_mask is None else jnp.asarray(key_mask[start:start + cs])
+      x = _place(xs[start:start + cs], chunk_sharding)
+      km = None if key_mask is None else _place(key_mask[start:start + cs], chunk_sharding)
     o, xtx = _chunk_step(p, x, weight, km, cfg, taps, with_outputs)
     for g, v in xtx.items():
       sums[g] = v if g not in sums else sums[g] + v

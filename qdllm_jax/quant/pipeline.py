@@ -196,7 +196,8 @@ def check_plan(plan: rules_lib.Plan, cfg: ModelConfig) -> None:
 
 
 def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Plan, *, groups=STANDARD_ORDER,
-                   chunk_size: int = 8, key_mask=None, orders: dict | None = None, row_sharding=None):
+                   chunk_size: int = 8, key_mask=None, orders: dict | None = None, row_sharding=None,
+                   chunk_sharding=None):
   """Quantize one block group by group; return (quantized params, outputs [N, L, D], report entries).
 
   Args:
@@ -206,6 +207,7 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
     groups: linear groups in order (see `module_groups`).
     orders: {(layer, name): orders} fixed by global ABMP, or None.
     row_sharding: None, or (mesh, axis): GPTQ / DAQ solve the output rows split over that mesh axis.
+    chunk_sharding: NamedSharding for the calibration chunks of host activations (capture.capture_block).
   Returns:
     (params with QuantizedWeight for quantized linears, the block's outputs on x with every quantized weight
      in place (dequantized, model dtype), [report dict per quantized matrix]).
@@ -219,6 +221,7 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
     ckey = (tap, frozenset(done & set(UPSTREAM[tap])))
     if ckey not in cache:
       cache[ckey] = capture.capture_block(work, x, cfg, taps=(tap,), chunk_size=chunk_size, key_mask=key_mask,
+                                          chunk_sharding=chunk_sharding,
                                           with_outputs=False).hessians[tap]
     h = cache[ckey]
     batches = {}
@@ -243,7 +246,8 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
         log.info("block %d %-5s %s rel_err=%.4f loss=%s %.2fs", layer, n, rule, entry["rel_err"],
                  entry["loss"], dt)
       done.update(names)
-  outputs = capture.block_outputs(work, x, cfg, chunk_size=chunk_size, key_mask=key_mask)
+  outputs = capture.capture_block(work, x, cfg, taps=(), chunk_size=chunk_size, key_mask=key_mask,
+                                  chunk_sharding=chunk_sharding).outputs
   return qparams, outputs, report
 
 

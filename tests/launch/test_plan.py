@@ -77,14 +77,19 @@ def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch,
 
 
 def test_dry_run_that_does_not_fit_exits_3(monkeypatch, capsys):
-  """Calibration chunks of 8 x 4096 tokens need 32 x 4096^2 attention scores per sequence (f32 + bf16):
-  29 GiB, beyond a v5e chip; the FP model (15 GiB of bf16) does not fit one v5e chip either."""
+  """Every calibration chunk is split over the data axis (4 on a v5e-8): the default 8 x 4096-token chunk puts
+  2 sequences per chip, 32 x 4096^2 attention scores each (f32 + bf16), and fits; a 32-sequence chunk puts 8 per
+  chip (29 GiB) and does not. The FP model (15 GiB of bf16) never fits one v5e chip."""
   _no_weights(monkeypatch)
   root = plan_lib.__file__.rsplit("/qdllm_jax/", 1)[0]
+  per_seq = 4096 * ((3 * 4096 + 4096 + 2 * 12288) * 4 + 32 * 4096 * 6) / GiB
   rc = launch.main(["--config", f"{root}/configs/llada8b.py", "--dry_run", "--config.plan.hardware=tpu_v5e_8"])
   out = capsys.readouterr().out
-  chunk = 8 * 4096 * ((3 * 4096 + 4096 + 2 * 12288) * 4 + 32 * 4096 * 6) / GiB
-  assert rc == 3 and "DOES NOT FIT" in out and "lower calib.chunk_size" in out and f"{chunk:8.2f} GiB" in out
+  assert rc == 0 and "FITS" in out and f"{2 * per_seq:8.2f} GiB" in out
+  rc = launch.main(["--config", f"{root}/configs/llada8b.py", "--dry_run", "--config.plan.hardware=tpu_v5e_8",
+                    "--config.calib.chunk_size=32"])
+  out = capsys.readouterr().out
+  assert rc == 3 and "DOES NOT FIT" in out and "lower calib.chunk_size" in out and f"{8 * per_seq:8.2f} GiB" in out
   rc = launch.main(["--config", f"{root}/configs/llada8b.py", "--dry_run", "--config.plan.hardware=colab_v5e_1",
                     "--config.calib.chunk_size=1"])
   out = capsys.readouterr().out
