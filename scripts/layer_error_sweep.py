@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -48,7 +49,7 @@ def tiny_hessians():
   from qdllm_jax.calib import capture
   from qdllm_jax.models import checkpoint_io, transformer
   spec = config_lib.validate(launch.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")),
-                             workdir="/tmp/layer_error_sweep")
+                             workdir=tempfile.mkdtemp(prefix="layer-error-sweep-"))
   model = checkpoint_io.load_pretrained(spec.model_path, "float32")
   tok = checkpoint_io.load_tokenizer(spec.model_path)
   _, ids, _ = run.calibration(spec, tok, model.config)
