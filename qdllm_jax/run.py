@@ -103,19 +103,6 @@ def calibration(spec, tok, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 # ------------------------------------------------------------------------------------------ sharding helpers
-class CastSource:
-  """A CheckpointReader seen with params cast to `dtype` (None: as stored); blocks read one at a time."""
-
-  def __init__(self, reader, dtype):
-    self.reader, self.config, self.dtype = reader, reader.config, dtype
-
-  def block(self, i: int) -> dict:
-    return self.reader.block(i, self.dtype, numpy=True)
-
-  def top(self) -> dict:
-    return self.reader.top(self.dtype, numpy=True)
-
-
 def shard_rows(x, mesh):
   """x [N, ...] placed on `mesh` with rows over the data axis (replicated when N does not divide)."""
   sh = sharding.named(mesh, ("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x))
@@ -330,7 +317,7 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
       if kill_after_block is not None and s.next_block == kill_after_block:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    src = CastSource(reader, dtype)
+    src = pipeline.ReaderSource(reader, dtype)
     state = quantize_blocks(src, ids, rules_plan, spec, mesh, rp.offload, state, on_block)
     layers = state.report
     timings["quantize"] = time.perf_counter() - t

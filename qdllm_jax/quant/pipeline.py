@@ -39,7 +39,8 @@ import numpy as np
 
 from qdllm_jax.calib import capture
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import transformer
+from qdllm_jax.models import hf, transformer
+from qdllm_jax.models.checkpoint_io import CheckpointReader
 from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.quant import rules as rules_lib
 
@@ -85,9 +86,33 @@ class _ModelSource:
   def top(self) -> dict:
     return {k: v for k, v in self.params.items() if k != "blocks"}
 
+  def embedding(self):
+    return self.params["embed"]
+
+
+class ReaderSource:
+  """A CheckpointReader seen with params cast to `dtype` (None: as stored), as host NumPy arrays: one block at a
+  time, the embedding alone for the calibration inputs, the top params (embedding, head, final norm) at the end;
+  host arrays avoid a second (device) copy of the 2 x 1 GiB embedding/head of an 8B model."""
+
+  def __init__(self, reader, dtype=None):
+    self.reader, self.config, self.dtype = reader, reader.config, dtype
+
+  def block(self, i: int) -> dict:
+    return self.reader.block(i, self.dtype, numpy=True)
+
+  def top(self) -> dict:
+    return self.reader.top(self.dtype, numpy=True)
+
+  def embedding(self):
+    return self.reader.read(hf.top_names(self.config)["embed"], self.dtype, numpy=True)
+
 
 def as_source(source):
-  """A reader (`.config`, `.block(i)`, `.top()`) from a CheckpointReader, a Model or a (params, cfg) pair."""
+  """A reader (`.config`, `.block(i)`, `.top()`, `.embedding()`) from a CheckpointReader, a Model or a
+  (params, cfg) pair."""
+  if isinstance(source, CheckpointReader):
+    return ReaderSource(source)
   if hasattr(source, "block") and hasattr(source, "top") and hasattr(source, "config"):
     return source
   if hasattr(source, "params") and hasattr(source, "config"):
@@ -261,7 +286,11 @@ def embed_inputs(source, calib_ids, *, offload_activations: bool = False):
   if ids.size and (ids.min() < 0 or ids.max() >= v):
     raise ConfigError(f"calib_ids hold ids in [{ids.min()}, {ids.max()}], outside the vocabulary [0, {v}); "
                       "tokenize with this model's tokenizer and mask with its mask id")
-  x = transformer.embed(src.top(), jnp.asarray(ids, jnp.int32))
+  emb = src.embedding() if hasattr(src, "embedding") else src.top()["embed"]
+  if isinstance(emb, np.ndarray):  # a host table: gather the rows on the host, never copy the whole table
+    x = np.take(emb, ids.astype(np.int64), axis=0)
+    return x if offload_activations else jnp.asarray(x)
+  x = transformer.embed({"embed": emb}, jnp.asarray(ids, jnp.int32))
   return np.asarray(x) if offload_activations else x
 
 
