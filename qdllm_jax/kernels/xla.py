@@ -12,10 +12,9 @@ Two regimes, chosen by the static token count n:
   - uniform (no act-order, groups made of whole words: 2/4/8 bits):
         y[n, o] = sum_g s[o, g] sum_{j in g} q[o, j] x[n, j]  -  sum_g s[o, g] z[o, g] X[n, g],
     X[n, g] = sum_{j in g} x[n, j]; q[o, j] is extracted from its word with a shift and a mask.
-  - uniform with words straddling groups (3 bits: 10 codes per word, G = 128): each word's codes are split
-    at the group boundary with two masked copies of x, giving A (codes in the word's first group g0(w)) and B
-    (the rest, group g0(w) + 1); the per-group sums are A M0 + B M1 with 0/1 matrices M [nw, ng] (two small
-    dots), then the group scales and zero points as above.
+  - uniform with words straddling groups (3 bits: 10 codes per word, G = 128): the aligned loop credits every
+    word to the group of its first column; the codes of the few straddling words past the boundary are then
+    moved to the next group (a small [out, #straddling] correction), then the group scales and zero points.
 * Prefill (larger n; and uniform weights with act-order): W^ is dequantized
   CHUNK_ROWS output rows at a time inside a `lax.map` (the chunk stays in cache) and multiplied with a dense
   dot. Columns are produced in a permuted order in which every slice is a plain shift of the packed words,
@@ -174,7 +173,13 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
 
 def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
   """Decode-regime uniform product when words straddle groups (no act-order, G >= codes per word); see the
-  module doc. x2 [n, in] -> float32 [n, out]."""
+  module doc. x2 [n, in] -> float32 [n, out].
+
+  The hot loop is the aligned one: A[o, w] = sum_t q_t[o, w] x[w cpw + t] over all words, credited to the group
+  g0(w) of each word's first column. The few words that straddle a boundary (at most one per group) are then
+  corrected: their codes past the boundary, B[o, s] = sum_{t >= b(s)} q_t[o, w_s] x[w_s cpw + t], move from
+  g0 to g0 + 1. Per-group sums = A M0 + B (M1_s - M0_s) with 0/1 matrices.
+  """
   geo = common.uniform_geometry(qw)
   bits, cpw, nw, ng, g, n_in = geo["bits"], geo["cpw"], geo["nw"], geo["ng"], geo["G"], geo["n_in"]
   assert qw.g_idx is None and g >= cpw, "uniform_gemv_straddle needs contiguous groups of >= cpw columns"
@@ -185,24 +190,27 @@ def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
   cols = np.arange(nw * cpw).reshape(nw, cpw)
   gcol = np.minimum(cols, n_in - 1) // g                                               # [nw, cpw]
   g0 = gcol[:, 0]
-  first = jnp.asarray((gcol == g0[:, None]).T, jnp.float32)                           # [cpw, nw]
+  ws = np.nonzero(gcol[:, -1] != g0)[0]                                                # straddling words
   m0 = jnp.asarray(g0[:, None] == np.arange(ng)[None, :], jnp.float32)                # [nw, ng]
-  m1 = jnp.asarray((g0 + 1)[:, None] == np.arange(ng)[None, :], jnp.float32)
+  move = jnp.asarray((g0[ws] + 1)[:, None] == np.arange(ng)[None, :], jnp.float32) - m0[ws]   # [S, ng]
+  tail = jnp.asarray((gcol[ws] != g0[ws, None]).T, jnp.float32)                       # [cpw, S]
+  qs = q[:, ws]                                                                        # [out, S]
 
   def one(xt):                                                                         # xt [in]
     xf = jnp.pad(_to_f32(xt), (0, nw * cpw - n_in))
     eye = jnp.eye(cpw, dtype=jnp.float32)
     xp = lax.dot_general(eye, xf.reshape(nw, cpw), (((1,), (1,)), ((), ())),
                          precision=lax.Precision.HIGHEST)                              # [cpw, nw]
-    xa, xb = xp * first, xp * (1.0 - first)
-    acc_a = acc_b = None
+    acc = None
     for t in range(cpw):
-      code = ((q >> jnp.uint32(bits * t)) & mask).astype(jnp.float32)
-      ta, tb = code * xa[t][None, :], code * xb[t][None, :]
-      acc_a = ta if acc_a is None else acc_a + ta                                      # [out, nw]
-      acc_b = tb if acc_b is None else acc_b + tb
+      term = ((q >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xp[t][None, :]
+      acc = term if acc is None else acc + term                                        # [out, nw]
     hi = lax.Precision.HIGHEST
-    per_group = jnp.dot(acc_a, m0, precision=hi) + jnp.dot(acc_b, m1, precision=hi)    # [out, ng]
+    per_group = jnp.dot(acc, m0, precision=hi)                                         # [out, ng]
+    if len(ws):
+      xb = xp[:, ws] * tail                                                            # [cpw, S]
+      b = sum(((qs >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xb[t][None, :] for t in range(cpw))
+      per_group = per_group + jnp.dot(b, move, precision=hi)
     xg = _sum_cols(xf[:n_in].reshape(ng, g))                                           # [ng]
     return _sum_cols(per_group * s) - _sum_cols(sz * xg[None, :])
 
