@@ -32,6 +32,7 @@ import numpy as np
 
 from qdllm_jax import config as config_lib
 from qdllm_jax import report as report_lib
+from qdllm_jax import workdir as workdir_lib
 from qdllm_jax.errors import ConfigError, QdllmError
 
 log = logging.getLogger("qdllm_jax.study")
@@ -218,8 +219,7 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   model = checkpoint_io.load_pretrained(d["model_path"], d["dtype"])
   tok = checkpoint_io.load_tokenizer(d["model_path"])
   config_lib.check_tokenizer(tok, model.config, d["model_path"])
-  digest = hashlib.sha256(b"".join(np.asarray(x, np.float32).tobytes()[:1 << 16]
-                                   for x in jax.tree_util.tree_leaves(model.params))).hexdigest()
+  digest = workdir_lib.model_identity(checkpoint_io.open_checkpoint(d["model_path"]))
   calib = config_lib.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
                                nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
                                prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")

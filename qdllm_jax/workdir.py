@@ -29,16 +29,21 @@ def _sha(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def model_identity(reader) -> str:
+  """Digest of a checkpoint from config.json, its weight files' names and sizes and the tensor headers (no
+  tensor data is read)."""
+  files = sorted({s for s, _, _ in reader.tensors.values()})
+  return _sha({"config": dict(sorted(reader.config.raw_dict().items())),
+               "files": [(f, os.path.getsize(os.path.join(reader.path, f))) for f in files],
+               "tensors": sorted((n, list(s), d) for n, (_, s, d) in reader.tensors.items())})
+
+
 def fingerprint(spec, reader, ids: np.ndarray, mesh_axes: dict) -> tuple[str, dict]:
   """(hex digest, components): model identity, calibration ids and the semantic config (module docstring)."""
-  files = sorted({s for s, _, _ in reader.tensors.values()})
-  model = {"config": dict(sorted(reader.config.raw_dict().items())),
-           "files": [(f, os.path.getsize(os.path.join(reader.path, f))) for f in files],
-           "tensors": sorted((n, list(s), d) for n, (_, s, d) in reader.tensors.items())}
   calib = hashlib.sha256(np.ascontiguousarray(ids).tobytes() + str(ids.shape).encode()).hexdigest()
   conf = {"config": spec.semantic_dict(), "mesh": mesh_axes, "version": qdllm_jax.__version__,
           "backend": jax.default_backend()}
-  comps = {"model": _sha(model), "calibration": calib, "config": _sha(conf)}
+  comps = {"model": model_identity(reader), "calibration": calib, "config": _sha(conf)}
   return _sha(comps)[:32], dict(comps, config_values=conf)
 
 
