@@ -177,6 +177,7 @@ def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int =
   return Capture(hessians=hessians, n=n, outputs=out)
 
 
-def block_outputs(p: dict, xs, cfg: ModelConfig, *, chunk_size: int = 8, key_mask=None):
+def block_outputs(p: dict, xs, cfg: ModelConfig, *, chunk_size: int = 8, key_mask=None, chunk_sharding=None):
   """The block's outputs [N, L, D] on the calibration activations (no Hessians)."""
-  return capture_block(p, xs, cfg, taps=(), chunk_size=chunk_size, key_mask=key_mask).outputs
+  return capture_block(p, xs, cfg, taps=(), chunk_size=chunk_size, key_mask=key_mask,
+                       chunk_sharding=chunk_sharding).outputs

@@ -271,8 +271,8 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
         log.info("block %d %-5s %s rel_err=%.4f loss=%s %.2fs", layer, n, rule, entry["rel_err"],
                  entry["loss"], dt)
       done.update(names)
-  outputs = capture.capture_block(work, x, cfg, taps=(), chunk_size=chunk_size, key_mask=key_mask,
-                                  chunk_sharding=chunk_sharding).outputs
+  outputs = capture.block_outputs(work, x, cfg, chunk_size=chunk_size, key_mask=key_mask,
+                                  chunk_sharding=chunk_sharding)
   return qparams, outputs, report
 
 
