@@ -153,7 +153,8 @@ def _progress(total: int, initial: int, per_block: int):
 
 
 def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
-  """Quantize blocks state.next_block.. in order; `on_block(state)` after each. Returns the final state."""
+  """Quantize blocks state.next_block.. in order; `state = on_block(state)` after each (it saves the state and
+  may hand back one whose finished blocks are spilled to disk). Returns the final state."""
   cfg, q = src.config, spec.quant
   groups = pipeline.module_groups(q.module_order)
   chunk = spec.calib.chunk_size
@@ -184,7 +185,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
       del p
       state = dataclasses.replace(state, next_block=b + 1, x=place(out), blocks=state.blocks + [jax.device_get(qp)],
                                   report=state.report + rep)
-      on_block(state)
+      state = on_block(state)
       outer.update(1)
       dt, n_done = time.perf_counter() - t0, b + 1 - done0
       eta = (time.perf_counter() - t_start) / n_done * (cfg.n_layers - b - 1)
@@ -306,16 +307,17 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
     with open(qrep_path, encoding="utf-8") as f:
       layers = json.load(f)["layers"]
   else:
-    state = ckpt_lib.load_state(state_dir, fp)
+    state = ckpt_lib.load_state(state_dir, fp, lazy=True)
     if state is not None:
       _step(2, "resuming after block %d of %d (state in %s)", state.next_block, cfg.n_layers, state_dir)
 
-    def on_block(s):
+    def on_block(s):  # the finished blocks wait on disk, not in host memory (checkpoint/state.py)
       if primary:
         ckpt_lib.save_state(state_dir, s, fingerprint=fp)
       _sync(f"state {s.next_block}")
       if kill_after_block is not None and s.next_block == kill_after_block:
         os.kill(os.getpid(), signal.SIGKILL)
+      return ckpt_lib.spill(state_dir, s, fingerprint=fp)
 
     src = pipeline.ReaderSource(reader, dtype)
     state = quantize_blocks(src, ids, rules_plan, spec, mesh, rp.offload, state, on_block)
@@ -323,7 +325,7 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
     timings["quantize"] = time.perf_counter() - t
     # 4. save
     t = time.perf_counter()
-    params = dict(src.top(), blocks=list(state.blocks))
+    params = dict(src.top(), blocks=[ckpt_lib.load_block(b) for b in state.blocks])
     meta = {"fingerprint": fp, "config": spec.semantic_dict(), "rules": json.loads(rules_plan.to_json()),
             "qdllm_jax_version": qdllm_jax.__version__, "calibration": {k: v for k, v in calib_info.items()
                                                                        if k != "timesteps"}}

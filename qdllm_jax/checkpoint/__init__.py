@@ -6,13 +6,14 @@
     export_hf(out, hf_dir, dtype="bfloat16")         # dequantized HF safetensors (load_pretrained, PyTorch)
     export_packed_safetensors(out, packed_dir)       # packed arrays as <hf name>.<field> + layout header
     save_state(dir, state, fingerprint=fp); load_state(dir, fp)   # resume quantize_model after any block
+    state = spill(dir, state, fingerprint=fp)        # finished blocks stay on disk (SpilledBlock), load_block
 
 Every write goes to a temporary sibling directory that is renamed into place (checkpoint/store.py).
 """
 from qdllm_jax.checkpoint.export import export_hf, export_packed_safetensors, load_packed_safetensors
 from qdllm_jax.checkpoint.quantized import (checkpoint_nbytes, load_quantized, read_sidecar, save_quantized,
                                             size_summary)
-from qdllm_jax.checkpoint.state import load_state, save_state
+from qdllm_jax.checkpoint.state import SpilledBlock, load_block, load_state, save_state, spill
 
 __all__ = ["save_quantized", "load_quantized", "read_sidecar", "checkpoint_nbytes", "size_summary", "save_state",
-           "load_state", "export_hf", "export_packed_safetensors", "load_packed_safetensors"]
+           "load_state", "spill", "load_block", "SpilledBlock", "export_hf", "export_packed_safetensors", "load_packed_safetensors"]

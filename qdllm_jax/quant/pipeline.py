@@ -61,7 +61,8 @@ class PipelineState:
   Attributes:
     next_block: index of the next block to quantize.
     x: its input activations [N, L, D] (model dtype; device or host array).
-    blocks: quantized params of blocks 0..next_block-1 (QuantizedWeight leaves; host arrays).
+    blocks: quantized params of blocks 0..next_block-1 (QuantizedWeight leaves; host arrays), or
+      `checkpoint.state.SpilledBlock` references to them on disk (`spill_dir`).
     report: per-matrix report entries so far.
     orders: {(layer, name): int orders per column block} fixed by global ABMP, or None.
     global_bits: the true bits per weight of the global ABMP allocation, or None.
@@ -297,7 +298,8 @@ def embed_inputs(source, calib_ids, *, offload_activations: bool = False):
 def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_size: int = 8, key_mask=None,
                    global_abmp: dict | None = None, callback: Callable | None = None,
                    resume: PipelineState | None = None, offload_activations: bool = False,
-                   dequantize: bool = False, row_sharding=None):
+                   dequantize: bool = False, row_sharding=None, spill_dir: str | None = None,
+                   spill_fingerprint: str = "quantize_model"):
   """Quantize every block linear of a model, streaming block by block (see module docstring).
 
   Args:
@@ -315,6 +317,9 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
     offload_activations: keep the [N, L, D] activations in host memory (chunks move to the device).
     dequantize: return dense fake-quantized weights (model dtype) instead of QuantizedWeight leaves.
     row_sharding: None, or (mesh, axis) to split each GPTQ / DAQ solve over the output rows (shard_map).
+    spill_dir: None, or a directory where the state is saved after every block (`checkpoint.save_state` under
+      `spill_fingerprint`, resumable with `checkpoint.load_state`) and where the finished blocks stay until
+      the end instead of in host memory (peak memory one block + activations, whatever the depth).
   Returns:
     (params, report): the params pytree with quantized linears replaced (other leaves unchanged) and the
     list of per-matrix report dicts.
@@ -353,10 +358,15 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
     # a new state per block (lists are not mutated), so states handed to callbacks stay valid snapshots
     state = dataclasses.replace(state, next_block=b + 1, x=out, blocks=state.blocks + [jax.device_get(qp)],
                                 report=state.report + rep)
+    if spill_dir is not None:
+      from qdllm_jax.checkpoint import state as state_lib  # the checkpoint package imports this module
+      state_lib.save_state(spill_dir, state, fingerprint=spill_fingerprint)
+      state = state_lib.spill(spill_dir, state, fingerprint=spill_fingerprint)
     if callback is not None:
       callback(state, rep)
   params = dict(src.top())
-  params["blocks"] = [dense_block(b) for b in state.blocks] if dequantize else list(state.blocks)
+  load = lambda b: b.load() if hasattr(b, "load") else b  # noqa: E731  (spilled blocks come back one by one)
+  params["blocks"] = [dense_block(load(b)) if dequantize else load(b) for b in state.blocks]
   return params, state.report
 
 

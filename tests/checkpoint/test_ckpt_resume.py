@@ -49,7 +49,7 @@ def test_resume_is_bit_exact(tmp_path, method):
       save_state(tmp_path / "after0", state, fingerprint=fp)
   full, report = pipeline.quantize_model(model, IDS, plan, callback=callback)
   # only the newest state is kept
-  assert os.listdir(tmp_path / "every") == ["state-000002"]
+  assert sorted(os.listdir(tmp_path / "every")) == ["blocks", "state-000002"]
   final = load_state(tmp_path / "every", fp)
   assert final.next_block == CFG.n_layers and _no_time(final.report) == _no_time(report)
   assert_bitwise_equal(final.blocks, [jax.device_get(b) for b in full["blocks"]])
@@ -99,7 +99,9 @@ _KILLED_WRITER = textwrap.dedent("""
     from qdllm_jax.checkpoint import save_state, store
     from qdllm_jax.quant.pipeline import PipelineState
     real = store.write_text
-    def die(path, text):  # the arrays of state 2 are on disk, its state.json half-written: kill -9 now
+    def die(path, text):  # block 1 and the arrays of state 2 are on disk, its state.json half-written: kill -9
+      if not path.endswith("state.json"):
+        return real(path, text)
       with open(path, "w") as f:
         f.write(text[: len(text) // 2])
       os.kill(os.getpid(), signal.SIGKILL)
@@ -121,12 +123,13 @@ def test_kill_9_mid_write_keeps_previous_state(tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
   names = os.listdir(tmp_path)
   assert "state-000001" in names and any(n.startswith(".state-000002.tmp-") for n in names)
+  assert sorted(os.listdir(tmp_path / "blocks")) == ["block-000000", "block-000001"]
   got = load_state(tmp_path, "f")
   assert got.next_block == 1 and _bits(got.x) == _bits(prev.x) and got.report == prev.report
   assert _bits(got.blocks[0]["w"]) == _bits(prev.blocks[0]["w"])
   save_state(tmp_path, PipelineState(**{**prev.__dict__, "next_block": 2, "blocks": prev.blocks * 2}),
              fingerprint="f")
-  assert sorted(os.listdir(tmp_path)) == ["state-000002"]  # the killed writer's temporary dir is cleaned up
+  assert sorted(os.listdir(tmp_path)) == ["blocks", "state-000002"]  # the killed writer's temporary dir is cleaned up
 
 
 def test_checkpoint_bytes_match_reported_bits(tmp_path):
@@ -150,3 +153,34 @@ def test_checkpoint_bytes_match_reported_bits(tmp_path):
   want1 = sum(shapes[n][0] * -(-shapes[n][1] // 10) * 4 + shapes[n][0] * (shapes[n][1] // 32) * 2
               for n in transformer.LINEARS)
   assert s["quantized_bytes"] == want0 + want1
+
+
+def test_spilled_blocks_equal_in_memory_and_are_written_once(tmp_path):
+  """spill_dir: the callback sees only SpilledBlock references (no finished block in memory), each block
+  directory is written once (its files keep their first inode and mtime), and the params equal the in-memory
+  run bit for bit; a lazy resume from the spilled state ends the same; a deleted block is reported."""
+  from qdllm_jax.checkpoint import SpilledBlock, load_block
+  model = Model(params=transformer.init_params(CFG, jax.random.key(3), std=0.2), config=CFG)
+  plan = rules.default_rules("gptq", 2, 32)
+  ref, _ = pipeline.quantize_model(model, IDS, plan)
+  stamps = {}
+
+  def callback(state, block_report):
+    assert all(isinstance(b, SpilledBlock) for b in state.blocks) and len(state.blocks) == state.next_block
+    for i in range(state.next_block):
+      st = os.stat(tmp_path / "blocks" / f"block-{i:06d}" / "block.json")
+      stamps.setdefault(i, (st.st_ino, st.st_mtime_ns))
+      assert (st.st_ino, st.st_mtime_ns) == stamps[i], f"block {i} rewritten after block {state.next_block - 1}"
+    if state.next_block == 1:
+      live["after0"] = load_state(tmp_path, "fp", lazy=True)
+  live = {}
+  got, _ = pipeline.quantize_model(model, IDS, plan, spill_dir=tmp_path, spill_fingerprint="fp", callback=callback)
+  assert len(stamps) == CFG.n_layers
+  assert_bitwise_equal(jax.device_get(got), jax.device_get(ref))
+  resumed, _ = pipeline.quantize_model(model, IDS, plan, resume=live["after0"])
+  assert_bitwise_equal(jax.device_get(resumed), jax.device_get(ref))
+  assert_bitwise_equal(load_block(live["after0"].blocks[0]), jax.device_get(ref["blocks"][0]))
+  import shutil
+  shutil.rmtree(tmp_path / "blocks" / "block-000000")
+  with pytest.raises(Exception, match=r"blocks \[0\] are missing"):
+    load_state(tmp_path, "fp")

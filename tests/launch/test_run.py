@@ -115,7 +115,7 @@ def test_an_interrupted_run_resumes_to_the_same_checkpoint(main_run, model_dir, 
   monkeypatch.setattr(run_lib.os, "kill", fake_kill)
   with pytest.raises(_Interrupted):
     launch.main(fast_argv(model_dir, run_wd, "--kill_after_block", "1"))
-  assert os.listdir(run_wd / "state") == ["state-000001"] and not (run_wd / "checkpoint").exists()
+  assert sorted(os.listdir(run_wd / "state")) == ["blocks", "state-000001"] and not (run_wd / "checkpoint").exists()
   monkeypatch.undo()
   with caplog.at_level("INFO", logger="qdllm_jax"):
     assert launch.main(fast_argv(model_dir, run_wd)) == 0
@@ -139,7 +139,7 @@ def test_sigkill_after_the_first_block_then_resume_is_bit_exact(main_run, model_
   p = _cli(fast_argv(model_dir, run_wd, "--kill_after_block", "1"))
   out, _ = p.communicate(timeout=600)
   assert p.returncode == -signal.SIGKILL, out
-  assert os.listdir(run_wd / "state") == ["state-000001"]
+  assert sorted(os.listdir(run_wd / "state")) == ["blocks", "state-000001"]
   p = _cli(fast_argv(model_dir, run_wd))
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
