@@ -50,6 +50,18 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _hwm_bytes() -> int:
+  """Peak RSS since the last `_reset_hwm` (VmHWM)."""
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+
+
+def _reset_hwm() -> None:
+  """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
 def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, shard_bytes: int, seed: int) -> dict:
   """A random N(0, 0.02^2) LLaDA checkpoint of the given shape (every block holds the same random weights);
   returns its sizes in bytes."""
@@ -83,8 +95,12 @@ def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, sh
 
 
 def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size: int, chunk_size: int,
-                 offload: bool) -> dict:
-  """Child process: quantize the checkpoint streaming; returns memory and timing numbers."""
+                 offload: bool, spill: bool, save_blocks: int) -> dict:
+  """Child process: quantize the checkpoint streaming (finished blocks spilled to disk unless spill=False), then
+  save it with `save_quantized` as the launch does (top params read from the source checkpoint and blocks from
+  the spill while their part is written); returns memory (peak per block and of the save) and timing numbers.
+  save_blocks > 0: save a checkpoint of that many blocks, the quantized ones in turn (in-memory copies with
+  --no-spill), to measure the final save of a full-depth run without quantizing every block."""
   import jax
   from qdllm_jax.calib import mcs, windows
   from qdllm_jax.models.checkpoint_io import open_checkpoint
@@ -99,21 +115,43 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   trace = []
 
   def on_block(state, rep):
-    trace.append(dict(block=state.next_block - 1, rss=_rss_bytes(), t=time.perf_counter() - t0,
+    trace.append(dict(block=state.next_block - 1, rss=_rss_bytes(), peak=_hwm_bytes(), t=time.perf_counter() - t0,
                       rel_err=float(np.mean([r["rel_err"] for r in rep]))))
-    print(f"block {state.next_block - 1}: rss {trace[-1]['rss'] / 2**20:.0f} MiB, "
-          f"{trace[-1]['t']:.1f} s, mean rel_err {trace[-1]['rel_err']:.4f}", file=sys.stderr, flush=True)
+    _reset_hwm()
+    print(f"block {state.next_block - 1}: rss {trace[-1]['rss'] / 2**20:.0f} MiB, peak {trace[-1]['peak'] / 2**20:.0f}"
+          f" MiB, {trace[-1]['t']:.1f} s, mean rel_err {trace[-1]['rel_err']:.4f}", file=sys.stderr, flush=True)
 
+  work = tempfile.mkdtemp(prefix="bench_mem_")
   t0 = time.perf_counter()
-  _, report = pipeline.quantize_model(reader, ids, rules.default_rules(method, 2, group_size), chunk_size=chunk_size,
-                                      callback=on_block, offload_activations=offload)
+  _reset_hwm()
+  params, report = pipeline.quantize_model(reader, ids, rules.default_rules(method, 2, group_size),
+                                           chunk_size=chunk_size, callback=on_block, offload_activations=offload,
+                                           spill_dir=os.path.join(work, "spill") if spill else None)
+  quant_s = time.perf_counter() - t0
+  save_peak = _hwm_bytes()  # the end of quantize_model: top params + the finished blocks read back
+  if spill:  # as the launch saves: top tensors read from the source and blocks from the spill, one at a time
+    params = dict(reader.lazy_top(), blocks=params["blocks"])
+  if save_blocks:
+    import dataclasses
+    done = params["blocks"]
+    copy = (lambda b: b) if spill else (lambda b: {k: jax.tree.map(np.copy, v) for k, v in b.items()})  # noqa: E731
+    params = dict(params, blocks=[copy(done[i % len(done)]) for i in range(save_blocks)])
+    cfg = dataclasses.replace(cfg, n_layers=save_blocks)
+  from qdllm_jax.checkpoint import save_quantized
+  t1 = time.perf_counter()
+  save_quantized(os.path.join(work, "ckpt"), params, cfg)
+  save_peak, save_s = max(save_peak, _hwm_bytes()), time.perf_counter() - t1
+  del params
+  import shutil
+  shutil.rmtree(work, ignore_errors=True)
   dev = {}
   try:
     stats = jax.devices()[0].memory_stats() or {}
     dev = {k: stats[k] for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
   except Exception:  # noqa: BLE001 - not every backend reports memory
     pass
-  return dict(rss_startup=rss0, peak_rss=_peak_rss_bytes(), trace=trace, device=dev, seconds=time.perf_counter() - t0,
+  return dict(rss_startup=rss0, peak_rss=_peak_rss_bytes(), trace=trace, device=dev, seconds=quant_s,
+              save_seconds=save_s, save_peak=save_peak, save_blocks=save_blocks or cfg.n_layers,
               matrices=len(report), backend=jax.default_backend())
 
 
@@ -129,19 +167,24 @@ def main(argv=None):
   ap.add_argument("--group-size", type=int, default=64)
   ap.add_argument("--chunk-size", type=int, default=4)
   ap.add_argument("--offload", action="store_true", help="keep activations in host memory")
+  ap.add_argument("--no-spill", action="store_true", help="keep the finished blocks in memory (the old pipeline)")
+  ap.add_argument("--save-blocks", type=int, default=0,
+                  help="blocks in the saved checkpoint (copies of the quantized ones; 0: as quantized)")
   ap.add_argument("--ckpt", default=None, help="existing checkpoint directory (skip writing)")
   ap.add_argument("--out", default=None, help="write the JSON result here")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   if a.child:
-    print(json.dumps(run_pipeline(a.ckpt, a.nsamples, a.seqlen, a.method, a.group_size, a.chunk_size, a.offload)))
+    print(json.dumps(run_pipeline(a.ckpt, a.nsamples, a.seqlen, a.method, a.group_size, a.chunk_size, a.offload,
+                                  not a.no_spill, a.save_blocks)))
     return
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = a.ckpt or os.path.join(tmp, "ckpt")
     sizes = write_checkpoint(ckpt, a.shape, a.n_layers, a.dtype, a.shard_bytes, 0) if a.ckpt is None else {}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--ckpt", ckpt, "--nsamples", str(a.nsamples),
            "--seqlen", str(a.seqlen), "--method", a.method, "--group-size", str(a.group_size),
-           "--chunk-size", str(a.chunk_size)] + (["--offload"] if a.offload else [])
+           "--chunk-size", str(a.chunk_size), "--save-blocks", str(a.save_blocks)] + (
+               ["--offload"] if a.offload else []) + (["--no-spill"] if a.no_spill else [])
     res = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
   res.update(sizes=sizes, args=vars(a))
   if sizes:
@@ -159,6 +202,8 @@ def main(argv=None):
   print(f"peak RSS          {mib(res['peak_rss'])}  (above startup: {mib(res['peak_rss'] - res['rss_startup'])})")
   if res["trace"]:
     print("RSS after blocks  " + " ".join(f"{t['rss'] / 2**20:.0f}" for t in res["trace"]) + " MiB")
+    print("peak per block    " + " ".join(f"{t['peak'] / 2**20:.0f}" for t in res["trace"]) + " MiB")
+  print(f"final save        peak {mib(res['save_peak'])} ({res['save_blocks']} blocks, {res['save_seconds']:.1f} s)")
   if res["device"]:
     print(f"device peak       {mib(res['device'].get('peak_bytes_in_use', 0))}")
   if a.out:

@@ -325,7 +325,8 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
     timings["quantize"] = time.perf_counter() - t
     # 4. save
     t = time.perf_counter()
-    params = dict(src.top(), blocks=[ckpt_lib.load_block(b) for b in state.blocks])
+    # streamed: save_quantized reads each top tensor and spilled block only while it writes that part
+    params = dict(reader.lazy_top(dtype), blocks=list(state.blocks))
     meta = {"fingerprint": fp, "config": spec.semantic_dict(), "rules": json.loads(rules_plan.to_json()),
             "qdllm_jax_version": qdllm_jax.__version__, "calibration": {k: v for k, v in calib_info.items()
                                                                        if k != "timesteps"}}

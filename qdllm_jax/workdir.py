@@ -71,15 +71,19 @@ def prepare(workdir: str, fp: str, comps: dict, overwrite: bool) -> None:
 
 
 def content_digest(path: str) -> str:
-  """sha256 over a quantized checkpoint's content: every stored array (path, dtype, shape, bytes) in sorted
-  order, the sidecar and config.json. Equal digests mean bit-identical checkpoints (file timestamps aside)."""
+  """sha256 over a quantized checkpoint's content: the sha256 of every stored array (path, dtype, shape, bytes),
+  in sorted path order, then the sidecar and config.json. Equal digests mean bit-identical checkpoints (file
+  timestamps aside). Reads one part (a block, the embedding, ...) at a time."""
   from qdllm_jax.checkpoint import quantized
-  params, _, _ = quantized.read_params(path, host=True)
+  leaves = {}
+  for _, part in quantized.iter_parts(path):
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(part)[0]:
+      a = np.ascontiguousarray(np.asarray(leaf))
+      name = jax.tree_util.keystr(kp)
+      leaves[name] = hashlib.sha256(f"{name}|{a.dtype}|{a.shape}|".encode() + a.tobytes()).hexdigest()
   h = hashlib.sha256()
-  for kp, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda t: jax.tree_util.keystr(t[0])):
-    a = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f"{jax.tree_util.keystr(kp)}|{a.dtype}|{a.shape}|".encode())
-    h.update(a.tobytes())
+  for name in sorted(leaves):
+    h.update(f"{name}={leaves[name]}\n".encode())
   for name in (quantized.SIDECAR, quantized.CONFIG):
     with open(os.path.join(path, name), "rb") as f:
       h.update(f.read())

@@ -1,8 +1,12 @@
 """Quantized model checkpoints: an Orbax array tree plus a JSON sidecar, written atomically.
 
-Directory layout (`save_quantized`):
-  arrays/               Orbax PyTree checkpoint of every stored array (dense leaves and the packed fields
-                        planes/a_r/a_c/orders/plane_block or qweight/scales/zeros/g_idx), bit-exact
+Directory layout (`save_quantized`, version 2):
+  arrays/<part>/        Orbax PyTree checkpoints of the stored arrays (dense leaves and the packed fields
+                        planes/a_r/a_c/orders/plane_block or qweight/scales/zeros/g_idx), bit-exact, one part per
+                        top-level param ("embed", "head", "final_norm") and one per block ("blocks.<i>"); each
+                        part holds its subtree under its full path, so the parts merge into the params tree.
+                        Writing and reading part by part bounds host memory by the largest part (Orbax keeps a
+                        serialized copy of what it writes), and a block may be read from its spill only then.
   qdllm_checkpoint.json {"format", "version", "layout_version", "tree": structure spec (checkpoint/tree.py),
                          "metadata": the caller's run metadata, "tokenizer": {"files", "source"}}
   config.json           the model's HF config (`config_to_hf`)
@@ -32,7 +36,7 @@ from qdllm_jax.models.model import Model
 SIDECAR = "qdllm_checkpoint.json"
 CONFIG = "config.json"
 FORMAT = "qdllm-jax.quantized"
-VERSION = 1
+VERSION = 2
 
 
 def tokenizer_files(directory: str | None, what: str) -> list[str]:
@@ -65,6 +69,38 @@ def check_structure(spec: dict, cfg: ModelConfig, where: str) -> None:
       raise CheckpointError(f"{where}: {'.'.join(path)} has shape {have[path]}, expected {shp} from {CONFIG}")
 
 
+def _is_lazy(x) -> bool:
+  """A value read only when its part is written: `checkpoint.state.SpilledBlock` (a block on disk) or
+  `models.checkpoint_io.LazyTensor` (a tensor of the source checkpoint); both have load() and spec()."""
+  return hasattr(x, "load") and hasattr(x, "spec")
+
+
+def _parts(params: dict, where: str) -> list[tuple[str, tuple, object, dict]]:
+  """[(part name, path prefix, value or lazy value, tree spec)] in write order (top-level params, then blocks)."""
+  if not isinstance(params, dict) or not isinstance(params.get("blocks"), (list, tuple)):
+    raise CheckpointError(f"{where}: params must be a dict with a 'blocks' list (transformer.py layout)")
+  out = []
+  for k, v in params.items():
+    items = enumerate(v) if k == "blocks" else [(None, v)]
+    for i, x in items:
+      name, prefix = (k, (k,)) if i is None else (f"blocks.{i}", ("blocks", str(i)))
+      out.append((name, prefix, x, x.spec() if _is_lazy(x) else tree.encode(x, f"{where}.{name}")[1]))
+  return out
+
+
+def _full_spec(parts) -> dict:
+  items = {p[0]: p[3] for p in parts if p[1][0] != "blocks"}
+  items["blocks"] = {"kind": "list", "items": [p[3] for p in parts if p[1][0] == "blocks"]}
+  return {"kind": "dict", "items": items}
+
+
+def _under(prefix: tuple, value):
+  """{prefix[0]: {prefix[1]: ... value}}: a part's arrays under their full path."""
+  for k in reversed(prefix):
+    value = {k: value}
+  return value
+
+
 def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: dict | None = None,
                    tokenizer_from: str | None = None, overwrite: bool = False) -> str:
   """Write a quantized model checkpoint directory atomically (layout in the module docstring).
@@ -72,7 +108,9 @@ def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: di
   Args:
     path: target directory; written to a temporary sibling and renamed into place.
     params: the params pytree (transformer.py layout) with dense arrays and QuantizedWeight leaves
-      (e.g. `quantize_model(...)[0]`); arrays are stored bit-exactly in their own dtypes.
+      (e.g. `quantize_model(...)[0]`); arrays are stored bit-exactly in their own dtypes. A block may also be a
+      `SpilledBlock` and a top-level param a `LazyTensor`: it is read only while its part is written, so the
+      host holds one part at a time (the launch saves an 8B model this way).
     config: the model's ModelConfig (written as config.json).
     metadata: JSON-serializable run metadata (rules, report summary, fingerprint, ...).
     tokenizer_from: a directory whose tokenizer files are copied in (None: no tokenizer).
@@ -85,14 +123,15 @@ def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: di
   where = "save_quantized"
   if not isinstance(config, ModelConfig):
     raise CheckpointError(f"{where}: config must be a ModelConfig, found {type(config).__name__}")
-  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, tree.QuantizedWeight)):
+  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, tree.QuantizedWeight) or _is_lazy(x)):
     if isinstance(leaf, tree.QuantizedWeight):
       leaf.validate()
-  arrays, spec = tree.encode(params)
+  parts = _parts(params, where)
+  spec = _full_spec(parts)
   check_structure(spec, config, where)
   tok = tokenizer_files(tokenizer_from, where)
   sidecar = store.to_json({"format": FORMAT, "version": VERSION, "layout_version": tree.packed.LAYOUT_VERSION,
-                           "tree": spec, "metadata": metadata or {},
+                           "tree": spec, "parts": [p[0] for p in parts], "metadata": metadata or {},
                            "tokenizer": {"files": tok, "source": None if tokenizer_from is None
                                          else os.path.abspath(tokenizer_from)}}, f"{where} metadata")
   cfg_json = store.to_json(config_to_hf(config), CONFIG)
@@ -102,7 +141,13 @@ def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: di
   if tokenizer_from is not None and os.path.realpath(tokenizer_from) == os.path.realpath(target):
     raise CheckpointError(f"{where}: target {target} is the tokenizer_from directory; choose another target")
   with store.atomic_dir(target, overwrite=overwrite, what=where) as tmp:
-    store.save_arrays(tmp, arrays)
+    for name, prefix, value, want in parts:
+      arrays, got = tree.encode(value.load() if _is_lazy(value) else value, f"{where}.{name}")
+      if got != want:
+        raise CheckpointError(f"{where}: {name} read back with structure {got}, announced {want}; its source "
+                              "changed during the save")
+      store.save_tree(os.path.join(tmp, store.ARRAYS_DIR, name), _under(prefix, arrays))
+      del arrays, value
     store.write_text(os.path.join(tmp, CONFIG), cfg_json)
     for f in tok:
       shutil.copy2(os.path.join(tokenizer_from, f), os.path.join(tmp, f))
@@ -120,24 +165,57 @@ def read_sidecar(path: str) -> tuple[dict, ModelConfig]:
     raise CheckpointError(f"quantized checkpoint {path!r} does not exist (or is not a directory); expected a "
                           f"directory written by save_quantized with {SIDECAR}")
   side = store.read_json(os.path.join(path, SIDECAR), "checkpoint sidecar")
-  if side.get("format") != FORMAT or side.get("version") != VERSION or not isinstance(side.get("tree"), dict):
+  if side.get("format") != FORMAT or side.get("version") != VERSION or not isinstance(side.get("tree"), dict) \
+      or not isinstance(side.get("parts"), list):
     raise CheckpointError(f"{os.path.join(path, SIDECAR)}: format {side.get('format')!r} version "
-                          f"{side.get('version')!r}; expected {FORMAT!r} version {VERSION} with a 'tree'")
+                          f"{side.get('version')!r}; expected {FORMAT!r} version {VERSION} with a 'tree' (a "
+                          "checkpoint of another qdllm-jax version: re-save it with this one)")
   tree.check_layout(side["tree"], path)
   cfg = config_from_hf(store.read_json(os.path.join(path, CONFIG), "model config"), os.path.join(path, CONFIG))
   check_structure(side["tree"], cfg, path)
   return side, cfg
 
 
+def _part_prefix(name: str) -> tuple:
+  return tuple(name.split(".")) if name.startswith("blocks.") else (name,)
+
+
+def iter_parts(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES):
+  """Yield (part name, its stored arrays nested under their full path) one part at a time: host numpy arrays,
+  or sharded jax.Arrays on `mesh` (`tree.shardings`)."""
+  side, _ = read_sidecar(path)
+  stored = tree.stored_arrays(side["tree"])
+  shard = None if mesh is None else tree.shardings(side["tree"], mesh, rules)
+  for name in side["parts"]:
+    prefix = _part_prefix(name)
+    specs = store.nest({p: a for p, a in stored.items() if p[:len(prefix)] == prefix})
+    sub = None
+    if shard is not None:
+      sub = shard
+      for k in prefix:
+        sub = sub[k]
+      sub = _under(prefix, sub)
+    yield name, store.restore_tree(os.path.join(path, store.ARRAYS_DIR, name), specs, sub)
+
+
+def _merge(into: dict, new: dict) -> dict:
+  for k, v in new.items():
+    if isinstance(v, dict) and isinstance(into.get(k), dict):
+      _merge(into[k], v)
+    else:
+      into[k] = v
+  return into
+
+
 def read_params(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, host: bool = False):
   """(params, ModelConfig, sidecar) of a checkpoint directory; host=True gives numpy arrays (no device)."""
   side, cfg = read_sidecar(path)
-  spec = side["tree"]
-  shard = None if mesh is None else tree.shardings(spec, mesh, rules)
-  arrays = store.restore_arrays(path, store.nest(tree.stored_arrays(spec)), shard)
-  if mesh is None and not host:
-    arrays = jax.tree.map(jnp.asarray, arrays)
-  return tree.decode(spec, arrays, os.fspath(path)), cfg, side
+  arrays = {}
+  for _, part in iter_parts(path, mesh=mesh, rules=rules):
+    if mesh is None and not host:
+      part = jax.tree.map(jnp.asarray, part)
+    _merge(arrays, part)
+  return tree.decode(side["tree"], arrays, os.fspath(path)), cfg, side
 
 
 def load_quantized(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES) -> Model:
@@ -165,7 +243,9 @@ def checkpoint_nbytes(path: str) -> int:
   """
   side, _ = read_sidecar(path)
   want = {".".join(p): (tuple(a["shape"]), a["dtype"]) for p, a in tree.stored_arrays(side["tree"]).items()}
-  have = store.stored_metadata(path)
+  have = {}
+  for name in side["parts"]:
+    have.update(store.tree_metadata(os.path.join(path, store.ARRAYS_DIR, name)))
   if have != want:
     diff = sorted(set(have.items()) ^ set(want.items()))[:4]
     raise CheckpointError(f"{path}: the stored arrays differ from {SIDECAR} (e.g. {diff}); the checkpoint is "
@@ -183,7 +263,8 @@ def size_summary(source) -> dict:
     dense_params, dense_bytes  the other leaves (embedding, head, norms, unquantized linears)
     total_params, total_bytes, model_bits_per_weight = 8 * total_bytes / total_params
   """
-  spec = read_sidecar(source)[0]["tree"] if isinstance(source, (str, os.PathLike)) else tree.encode(source)[1]
+  spec = read_sidecar(source)[0]["tree"] if isinstance(source, (str, os.PathLike)) else _full_spec(
+      _parts(source, "size_summary"))
   s = {"quantized_params": 0, "quantized_bytes": 0, "dense_params": 0, "dense_bytes": 0}
   for _, leaf in tree.iter_specs(spec):
     kind = "quantized" if leaf["kind"] == "quantized" else "dense"

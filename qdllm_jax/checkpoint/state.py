@@ -46,7 +46,7 @@ class SpilledBlock:
   index: int
   fingerprint: str
 
-  def load(self) -> dict:
+  def _meta(self) -> dict:
     meta = store.read_json(os.path.join(self.path, BLOCK_JSON), "spilled block")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("index") != self.index:
       raise CheckpointError(f"{self.path}: not block {self.index} of a version-{VERSION} pipeline state "
@@ -55,8 +55,16 @@ class SpilledBlock:
       raise ConfigError(f"{self.path}: block written by run {meta.get('fingerprint')!r}, expected "
                         f"{self.fingerprint!r}; delete the state directory to start over")
     tree.check_layout(meta["spec"], self.path)
-    arrays = store.restore_arrays(self.path, store.nest(tree.stored_arrays(meta["spec"])))
-    return tree.decode(meta["spec"], arrays, self.path, ())
+    return meta
+
+  def spec(self) -> dict:
+    """The block's structure spec (checkpoint/tree.py), from its block.json alone."""
+    return self._meta()["spec"]
+
+  def load(self) -> dict:
+    spec = self.spec()
+    arrays = store.restore_arrays(self.path, store.nest(tree.stored_arrays(spec)))
+    return tree.decode(spec, arrays, self.path, ())
 
 
 def load_block(block) -> dict:

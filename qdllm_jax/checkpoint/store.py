@@ -90,23 +90,29 @@ def _checkpointer():
   return ocp, ocp.PyTreeCheckpointer()
 
 
-def save_arrays(directory: str, arrays: dict) -> None:
-  """Write a nested dict of arrays (numpy or jax, any sharding) as an Orbax PyTree checkpoint at
-  `directory/arrays` (synchronously: the files are complete when this returns)."""
+def save_tree(path: str, arrays: dict) -> None:
+  """Write a nested dict of arrays (numpy or jax, any sharding) as an Orbax PyTree checkpoint at `path`
+  (synchronously: the files are complete when this returns). Orbax holds a serialized copy of every array while
+  it writes, so callers bound memory by writing large trees in parts."""
   ocp, ckptr = _checkpointer()
-  ckptr.save(os.path.join(os.path.abspath(directory), ARRAYS_DIR), args=ocp.args.PyTreeSave(_prune(arrays)))
+  ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_prune(arrays)))
 
 
-def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -> dict:
-  """Read the Orbax arrays of `directory/arrays`.
+def save_arrays(directory: str, arrays: dict) -> None:
+  """`save_tree` at `directory/arrays`."""
+  save_tree(os.path.join(directory, ARRAYS_DIR), arrays)
+
+
+def restore_tree(path: str, specs: dict, shardings: dict | None = None) -> dict:
+  """Read the Orbax tree at `path`.
 
   specs: nested dict (as saved) of {"shape", "dtype"} leaves; shardings: the same nesting of NamedShardings
   (arrays come back as sharded jax.Arrays, each host reading its shards) or None (host numpy arrays).
   """
   ocp, ckptr = _checkpointer()
-  path = os.path.join(os.path.abspath(directory), ARRAYS_DIR)  # Orbax requires absolute paths
+  path = os.path.abspath(path)  # Orbax requires absolute paths
   if not os.path.isdir(path):
-    raise CheckpointError(f"{directory}: no {ARRAYS_DIR}/ (the Orbax arrays); the checkpoint is incomplete")
+    raise CheckpointError(f"{path}: missing Orbax arrays; the checkpoint is incomplete")
   is_spec = lambda s: isinstance(s, dict) and "dtype" in s and "shape" in s  # noqa: E731
   specs = _prune(specs)
   if shardings is None:
@@ -122,16 +128,22 @@ def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -
                           "incomplete or corrupt") from e
 
 
-def stored_metadata(directory: str) -> dict:
-  """{dotted name: (shape, dtype)} of the arrays as Orbax recorded them (no array data is read)."""
+def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -> dict:
+  """`restore_tree` of `directory/arrays`."""
+  return restore_tree(os.path.join(directory, ARRAYS_DIR), specs, shardings)
+
+
+def tree_metadata(path: str) -> dict:
+  """{dotted name: (shape, dtype)} of the arrays of the Orbax tree at `path` as Orbax recorded them (no array
+  data is read)."""
   _, ckptr = _checkpointer()
-  md = ckptr.metadata(os.path.join(os.path.abspath(directory), ARRAYS_DIR))
+  md = ckptr.metadata(os.path.abspath(path))
   md = getattr(md, "item_metadata", md)
   md = getattr(md, "tree", md)
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(
       md, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]:
-    name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in kp)
     out[name] = (tuple(int(s) for s in leaf.shape), jnp.dtype(leaf.dtype).name)
   return out
 

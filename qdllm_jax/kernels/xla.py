@@ -13,8 +13,9 @@ Two regimes, chosen by the static token count n:
         y[n, o] = sum_g s[o, g] sum_{j in g} q[o, j] x[n, j]  -  sum_g s[o, g] z[o, g] X[n, g],
     X[n, g] = sum_{j in g} x[n, j]; q[o, j] is extracted from its word with a shift and a mask.
   - uniform with words straddling groups (3 bits: 10 codes per word, G = 128): the aligned loop credits every
-    word to the group of its first column; the codes of the few straddling words past the boundary are then
-    moved to the next group (a small [out, #straddling] correction), then the group scales and zero points.
+    word to the group of its first column (its scale, gathered per word, fuses into the loop); the codes of
+    the few straddling words past the boundary then get the next group's scale (a small [out, #straddling]
+    correction), then the zero points.
 * Prefill (larger n; and uniform weights with act-order): W^ is dequantized
   CHUNK_ROWS output rows at a time inside a `lax.map` (the chunk stays in cache) and multiplied with a dense
   dot. Columns are produced in a permuted order in which every slice is a plain shift of the packed words,
@@ -175,10 +176,12 @@ def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
   """Decode-regime uniform product when words straddle groups (no act-order, G >= codes per word); see the
   module doc. x2 [n, in] -> float32 [n, out].
 
-  The hot loop is the aligned one: A[o, w] = sum_t q_t[o, w] x[w cpw + t] over all words, credited to the group
-  g0(w) of each word's first column. The few words that straddle a boundary (at most one per group) are then
-  corrected: their codes past the boundary, B[o, s] = sum_{t >= b(s)} q_t[o, w_s] x[w_s cpw + t], move from
-  g0 to g0 + 1. Per-group sums = A M0 + B (M1_s - M0_s) with 0/1 matrices.
+  The hot loop is the aligned one: A[o, w] = sum_t q_t[o, w] x[w cpw + t] over all words, scaled by the scale
+  of the group g0(w) of each word's first column: S[o, w] = s[o, g0(w)] (gathered once per call, shared by the
+  tokens; it fuses into the loop, so the group sums cost no matmul). The few words that straddle a boundary
+  (at most one per group) are then corrected: their codes past the boundary,
+  B[o, s] = sum_{t >= b(s)} q_t[o, w_s] x[w_s cpw + t], belong to g0 + 1:
+      y[o] = sum_w S[o, w] A[o, w] + sum_s (s[o, g0(w_s) + 1] - s[o, g0(w_s)]) B[o, s] - sum_g s z[o, g] X[g].
   """
   geo = common.uniform_geometry(qw)
   bits, cpw, nw, ng, g, n_in = geo["bits"], geo["cpw"], geo["nw"], geo["ng"], geo["G"], geo["n_in"]
@@ -191,8 +194,8 @@ def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
   gcol = np.minimum(cols, n_in - 1) // g                                               # [nw, cpw]
   g0 = gcol[:, 0]
   ws = np.nonzero(gcol[:, -1] != g0)[0]                                                # straddling words
-  m0 = jnp.asarray(g0[:, None] == np.arange(ng)[None, :], jnp.float32)                # [nw, ng]
-  move = jnp.asarray((g0[ws] + 1)[:, None] == np.arange(ng)[None, :], jnp.float32) - m0[ws]   # [S, ng]
+  sw = jnp.take(s, jnp.asarray(g0, jnp.int32), axis=1)                                 # [out, nw]
+  ds = jnp.take(s, jnp.asarray(g0[ws] + 1, jnp.int32), axis=1) - sw[:, ws]            # [out, S]
   tail = jnp.asarray((gcol[ws] != g0[ws, None]).T, jnp.float32)                       # [cpw, S]
   qs = q[:, ws]                                                                        # [out, S]
 
@@ -205,14 +208,13 @@ def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
     for t in range(cpw):
       term = ((q >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xp[t][None, :]
       acc = term if acc is None else acc + term                                        # [out, nw]
-    hi = lax.Precision.HIGHEST
-    per_group = jnp.dot(acc, m0, precision=hi)                                         # [out, ng]
+    y = _sum_cols(acc * sw)
     if len(ws):
       xb = xp[:, ws] * tail                                                            # [cpw, S]
       b = sum(((qs >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xb[t][None, :] for t in range(cpw))
-      per_group = per_group + jnp.dot(b, move, precision=hi)
+      y = y + _sum_cols(b * ds)
     xg = _sum_cols(xf[:n_in].reshape(ng, g))                                           # [ng]
-    return _sum_cols(per_group * s) - _sum_cols(sz * xg[None, :])
+    return y - _sum_cols(sz * xg[None, :])
 
   return jnp.stack([one(x2[t]) for t in range(x2.shape[0])])
 

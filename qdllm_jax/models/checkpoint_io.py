@@ -120,6 +120,23 @@ def _headers(path: str, shards: list[str]) -> dict[str, tuple[str, tuple, str]]:
   return out
 
 
+class LazyTensor:
+  """One tensor of a CheckpointReader, read only by `load()` (host NumPy, cast to `dtype`); `spec()` gives its
+  array spec from the header. `checkpoint.save_quantized` reads it only while writing its part."""
+
+  def __init__(self, reader, name: str, dtype=None):
+    self.reader, self.name, self.dtype = reader, name, dtype
+
+  def spec(self) -> dict:
+    _, shape, st = self.reader.tensors[self.name]
+    dt = _np_dtype(self.dtype)  # (a np.dtype is falsy: no `or`)
+    dt = jnp.dtype(_FLOAT_DTYPES[st]) if dt is None else dt
+    return {"kind": "array", "shape": [int(x) for x in shape], "dtype": jnp.dtype(dt).name}
+
+  def load(self) -> np.ndarray:
+    return self.reader.read(self.name, self.dtype, numpy=True)
+
+
 class CheckpointReader:
   """A validated checkpoint directory. Tensors are read lazily (safetensors mmap), one request at a time.
 
@@ -163,6 +180,10 @@ class CheckpointReader:
   def top(self, dtype=None, numpy: bool = False) -> dict:
     """The non-block params {"embed": [V, D], "final_norm": [D], ("head": [V, D])}."""
     return self._read(hf.top_names(self.config), dtype, numpy)
+
+  def lazy_top(self, dtype=None) -> dict:
+    """The non-block params as LazyTensors (nothing read until each one's `load()`)."""
+    return {k: LazyTensor(self, name, dtype) for k, name in hf.top_names(self.config).items()}
 
   def load_params(self, dtype=None, numpy: bool = False) -> dict:
     """The whole params pytree (transformer.py layout)."""

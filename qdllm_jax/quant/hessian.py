@@ -95,13 +95,17 @@ def chol_inverse_upper(hd):
 
 @jax.jit
 def _damped_u(h, percdamp):
-  delta = percdamp * jnp.mean(jnp.diagonal(h))
-  hd = h + delta * jnp.eye(h.shape[0], dtype=h.dtype)
+  """fix_dead_columns on H, then U of H + delta I: (u, delta, all finite, dead)."""
+  dead = jnp.diagonal(h) == 0
+  diag = jnp.where(dead, jnp.ones((), h.dtype), jnp.diagonal(h))
+  delta = percdamp * jnp.mean(diag)
+  idx = jnp.arange(h.shape[0])
+  hd = h.at[idx, idx].set(diag + delta)
   u = chol_inverse_upper(hd)
-  return u, delta, jnp.all(jnp.isfinite(u))
+  return u, delta, jnp.all(jnp.isfinite(u)), dead
 
 
-_fix_dead_jit = jax.jit(fix_dead_columns)
+_zero_dead_jit = jax.jit(lambda w, dead: jnp.where(dead[None, :], jnp.zeros((), w.dtype), w))
 
 
 def prepare_hessian(w, h, percdamp: float = 0.01, max_percdamp: float = 10.0) -> PreparedHessian:
@@ -119,14 +123,14 @@ def prepare_hessian(w, h, percdamp: float = 0.01, max_percdamp: float = 10.0) ->
   """
   w = jnp.asarray(w)
   h = jnp.asarray(h)
-  w, h, dead = _fix_dead_jit(w, h)
   p = float(percdamp)
   tried = []
   while True:
-    u, delta, ok = _damped_u(h, jnp.asarray(p, h.dtype))
+    # the dead-column fix is fused into the factorisation (no fixed copy of H stays alive beside it)
+    u, delta, ok, dead = _damped_u(h, jnp.asarray(p, h.dtype))
     tried.append(p)
     if bool(ok):
-      return PreparedHessian(w, u, p, float(delta), dead)
+      return PreparedHessian(_zero_dead_jit(w, dead), u, p, float(delta), dead)
     if p * 10.0 > max_percdamp * (1 + 1e-9):
       raise QuantizationError(
           f"Hessian is not positive definite even with damping percdamp={tried} (x mean diag H); "

@@ -318,8 +318,9 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
     dequantize: return dense fake-quantized weights (model dtype) instead of QuantizedWeight leaves.
     row_sharding: None, or (mesh, axis) to split each GPTQ / DAQ solve over the output rows (shard_map).
     spill_dir: None, or a directory where the state is saved after every block (`checkpoint.save_state` under
-      `spill_fingerprint`, resumable with `checkpoint.load_state`) and where the finished blocks stay until
-      the end instead of in host memory (peak memory one block + activations, whatever the depth).
+      `spill_fingerprint`, resumable with `checkpoint.load_state`) and where the finished blocks stay instead
+      of in host memory (peak memory one block + activations, whatever the depth): params["blocks"] then holds
+      `checkpoint.SpilledBlock` references, which `checkpoint.save_quantized` writes one at a time.
   Returns:
     (params, report): the params pytree with quantized linears replaced (other leaves unchanged) and the
     list of per-matrix report dicts.
@@ -365,8 +366,12 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
     if callback is not None:
       callback(state, rep)
   params = dict(src.top())
-  load = lambda b: b.load() if hasattr(b, "load") else b  # noqa: E731  (spilled blocks come back one by one)
-  params["blocks"] = [dense_block(load(b)) if dequantize else load(b) for b in state.blocks]
+  # with spill_dir the blocks stay references (save_quantized streams them; checkpoint.load_block reads one)
+  load = lambda b: b.load() if hasattr(b, "load") else b  # noqa: E731  (also a lazily resumed state's blocks)
+  if dequantize:
+    params["blocks"] = [dense_block(load(b)) for b in state.blocks]
+  else:
+    params["blocks"] = list(state.blocks) if spill_dir is not None else [load(b) for b in state.blocks]
   return params, state.report
 
 

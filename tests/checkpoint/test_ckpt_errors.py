@@ -95,10 +95,10 @@ def test_disk_full_during_write(tmp_path, dense_params, monkeypatch, overwrite):
 
 
 def test_orbax_failure_is_wrapped(tmp_path, dense_params, monkeypatch):
-  def boom(directory, arrays):
-    os.makedirs(os.path.join(directory, "arrays"))
+  def boom(path, arrays):
+    os.makedirs(path)
     raise ValueError("tensorstore write failed")
-  monkeypatch.setattr(store, "save_arrays", boom)
+  monkeypatch.setattr(store, "save_tree", boom)
   with pytest.raises(CheckpointError, match="ValueError: tensorstore write failed.*nothing was written"):
     save_quantized(tmp_path / "c", dense_params, CFG)
   assert os.listdir(tmp_path) == []

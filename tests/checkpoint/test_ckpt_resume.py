@@ -175,7 +175,13 @@ def test_spilled_blocks_equal_in_memory_and_are_written_once(tmp_path):
       live["after0"] = load_state(tmp_path, "fp", lazy=True)
   live = {}
   got, _ = pipeline.quantize_model(model, IDS, plan, spill_dir=tmp_path, spill_fingerprint="fp", callback=callback)
-  assert len(stamps) == CFG.n_layers
+  assert len(stamps) == CFG.n_layers and all(isinstance(b, SpilledBlock) for b in got["blocks"])
+  # save_quantized streams the references: the same checkpoint content as from the in-memory blocks
+  from qdllm_jax.workdir import content_digest
+  a = save_quantized(tmp_path / "from_spill", got, CFG)
+  b = save_quantized(tmp_path / "from_memory", ref, CFG)
+  assert content_digest(a) == content_digest(b)
+  got = dict(got, blocks=[load_block(b) for b in got["blocks"]])
   assert_bitwise_equal(jax.device_get(got), jax.device_get(ref))
   resumed, _ = pipeline.quantize_model(model, IDS, plan, resume=live["after0"])
   assert_bitwise_equal(jax.device_get(resumed), jax.device_get(ref))
