@@ -128,9 +128,8 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
                                            chunk_size=chunk_size, callback=on_block, offload_activations=offload,
                                            spill_dir=os.path.join(work, "spill") if spill else None)
   quant_s = time.perf_counter() - t0
-  save_peak = _hwm_bytes()  # the end of quantize_model: top params + the finished blocks read back
-  if spill:  # as the launch saves: top tensors read from the source and blocks from the spill, one at a time
-    params = dict(reader.lazy_top(), blocks=params["blocks"])
+  # with spill, params hold references (top tensors of the source, blocks on disk) that the save reads one by one
+  save_peak = _hwm_bytes()
   if save_blocks:
     import dataclasses
     done = params["blocks"]

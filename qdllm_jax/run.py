@@ -186,6 +186,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
       state = dataclasses.replace(state, next_block=b + 1, x=place(out), blocks=state.blocks + [jax.device_get(qp)],
                                   report=state.report + rep)
       state = on_block(state)
+      pipeline.release_host_memory()
       outer.update(1)
       dt, n_done = time.perf_counter() - t0, b + 1 - done0
       eta = (time.perf_counter() - t_start) / n_done * (cfg.n_layers - b - 1)

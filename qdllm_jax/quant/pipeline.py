@@ -108,6 +108,25 @@ class ReaderSource:
   def embedding(self):
     return self.reader.read(hf.top_names(self.config)["embed"], self.dtype, numpy=True)
 
+  def lazy_top(self) -> dict:
+    return self.reader.lazy_top(self.dtype)
+
+
+def release_host_memory() -> None:
+  """Hand freed host memory back to the OS between blocks: gc, then glibc's malloc_trim(0) where it exists.
+  Without it the heap keeps the freed per-block buffers (W copies, Hessians, Orbax serialisation buffers)
+  fragmented, and resident memory creeps up block after block."""
+  import ctypes
+  import gc
+  import os
+  gc.collect()
+  if os.environ.get("QDLLM_NO_TRIM"):
+    return
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+    pass
+
 
 def as_source(source):
   """A reader (`.config`, `.block(i)`, `.top()`, `.embedding()`) from a CheckpointReader, a Model or a
@@ -363,9 +382,11 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
       from qdllm_jax.checkpoint import state as state_lib  # the checkpoint package imports this module
       state_lib.save_state(spill_dir, state, fingerprint=spill_fingerprint)
       state = state_lib.spill(spill_dir, state, fingerprint=spill_fingerprint)
+    release_host_memory()
     if callback is not None:
       callback(state, rep)
-  params = dict(src.top())
+  # with spill_dir the top params of a checkpoint stay LazyTensors too (read while save_quantized writes them)
+  params = dict(src.lazy_top() if spill_dir is not None and hasattr(src, "lazy_top") else src.top())
   # with spill_dir the blocks stay references (save_quantized streams them; checkpoint.load_block reads one)
   load = lambda b: b.load() if hasattr(b, "load") else b  # noqa: E731  (also a lazily resumed state's blocks)
   if dequantize:
