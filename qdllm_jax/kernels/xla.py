@@ -172,13 +172,34 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
   return jnp.stack([one(x2[t]) for t in range(x2.shape[0])])
 
 
+def _word_scales(s: jax.Array, cpw: int, g: int, nw: int) -> jax.Array:
+  """S[o, w] = s[o, floor(w cpw / G)] for s [out, ng] -> [out, nw], without a gather (XLA:CPU runs gathers as
+  scalar loops). The pattern repeats every Wp = lcm(cpw, G) / cpw words spanning Gp = lcm / G groups, group j of
+  a period covering r_j words: per period, each group's scale is broadcast r_j times and the pieces concatenated
+  (one fused elementwise loop)."""
+  period = int(np.lcm(cpw, g))
+  wp, gp = period // cpw, period // g
+  r = np.bincount(np.arange(wp) * cpw // g, minlength=gp)
+  pn = -(-nw // wp)
+  out, ng = s.shape
+  sp = jnp.pad(s, ((0, 0), (0, pn * gp - ng))).reshape(out, pn, gp) if pn * gp > ng else \
+      s[:, :pn * gp].reshape(out, pn, gp)
+  pieces = [jnp.broadcast_to(sp[:, :, j, None], (out, pn, int(r[j]))) for j in range(gp)]
+  return jnp.concatenate(pieces, axis=-1).reshape(out, pn * wp)[:, :nw]
+
+
+def _cols(a: jax.Array, idx) -> jax.Array:
+  """a[..., idx] for a short static index list, as static slices (no gather)."""
+  return jnp.concatenate([a[..., int(i):int(i) + 1] for i in idx], axis=-1)
+
+
 def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
   """Decode-regime uniform product when words straddle groups (no act-order, G >= codes per word); see the
   module doc. x2 [n, in] -> float32 [n, out].
 
   The hot loop is the aligned one: A[o, w] = sum_t q_t[o, w] x[w cpw + t] over all words, scaled by the scale
-  of the group g0(w) of each word's first column: S[o, w] = s[o, g0(w)] (gathered once per call, shared by the
-  tokens; it fuses into the loop, so the group sums cost no matmul). The few words that straddle a boundary
+  of the group g0(w) of each word's first column: S[o, w] = s[o, g0(w)] (`_word_scales`, once per call, shared
+  by the tokens; the group sums then cost no matmul). The few words that straddle a boundary
   (at most one per group) are then corrected: their codes past the boundary,
   B[o, s] = sum_{t >= b(s)} q_t[o, w_s] x[w_s cpw + t], belong to g0 + 1:
       y[o] = sum_w S[o, w] A[o, w] + sum_s (s[o, g0(w_s) + 1] - s[o, g0(w_s)]) B[o, s] - sum_g s z[o, g] X[g].
@@ -194,10 +215,11 @@ def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
   gcol = np.minimum(cols, n_in - 1) // g                                               # [nw, cpw]
   g0 = gcol[:, 0]
   ws = np.nonzero(gcol[:, -1] != g0)[0]                                                # straddling words
-  sw = jnp.take(s, jnp.asarray(g0, jnp.int32), axis=1)                                 # [out, nw]
-  ds = jnp.take(s, jnp.asarray(g0[ws] + 1, jnp.int32), axis=1) - sw[:, ws]            # [out, S]
-  tail = jnp.asarray((gcol[ws] != g0[ws, None]).T, jnp.float32)                       # [cpw, S]
-  qs = q[:, ws]                                                                        # [out, S]
+  sw = _word_scales(s, cpw, g, nw)                                                     # [out, nw]
+  if len(ws):  # the straddling words' codes, scales and tail masks, by static slices
+    ds = _cols(s, g0[ws] + 1) - _cols(s, g0[ws])                                       # [out, S]
+    tail = jnp.asarray((gcol[ws] != g0[ws, None]).T, jnp.float32)                     # [cpw, S]
+    qs = _cols(q, ws)                                                                  # [out, S]
 
   def one(xt):                                                                         # xt [in]
     xf = jnp.pad(_to_f32(xt), (0, nw * cpw - n_in))
@@ -210,7 +232,7 @@ def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
       acc = term if acc is None else acc + term                                        # [out, nw]
     y = _sum_cols(acc * sw)
     if len(ws):
-      xb = xp[:, ws] * tail                                                            # [cpw, S]
+      xb = _cols(xp, ws) * tail                                                        # [cpw, S]
       b = sum(((qs >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xb[t][None, :] for t in range(cpw))
       y = y + _sum_cols(b * ds)
     xg = _sum_cols(xf[:n_in].reshape(ng, g))                                           # [ng]
