@@ -158,7 +158,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
   cfg, q = src.config, spec.quant
   groups = pipeline.module_groups(q.module_order)
   chunk = spec.calib.chunk_size
-  place = (lambda x: np.asarray(x)) if offload else (lambda x: shard_rows(x, mesh))  # noqa: E731
+  place = sharding.host_array if offload else (lambda x: shard_rows(x, mesh))  # noqa: E731
   if state is None:
     x = place(pipeline.embed_inputs(src, ids, offload_activations=True))
     orders = bits = None
@@ -183,7 +183,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
       qp, out, rep = pipeline.quantize_block(p, state.x, cfg, b, rules_plan, groups=groups, chunk_size=chunk,
                                              orders=state.orders, row_sharding=rows, chunk_sharding=chunks)
       del p
-      state = dataclasses.replace(state, next_block=b + 1, x=place(out), blocks=state.blocks + [jax.device_get(qp)],
+      state = dataclasses.replace(state, next_block=b + 1, x=place(out), blocks=state.blocks + [sharding.host_tree(qp)],
                                   report=state.report + rep)
       state = on_block(state)
       pipeline.release_host_memory()
@@ -223,6 +223,28 @@ def _fp_model(spec, mesh, dtype):
   return model.replace_params(jax.device_put(model.params, sharding.param_shardings(model.params, mesh)))
 
 
+def distributed_initialize() -> None:
+  """jax.distributed.initialize(): cluster auto-detection on TPU pods, Slurm, Open MPI, ...; elsewhere (e.g. CPU
+  hosts) from JAX_COORDINATOR_ADDRESS (read by JAX), JAX_NUM_PROCESSES and JAX_PROCESS_ID. Collectives between
+  CPU processes use gloo."""
+  kw = {k: int(os.environ[e]) for k, e in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+        if os.environ.get(e)}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kw)
+
+
+def _same_on_every_host(next_block: int, state_dir: str) -> None:
+  """ConfigError on every process unless all resume from the same block (multi-host; no-op on one host)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  seen = np.asarray(multihost_utils.process_allgather(np.asarray([next_block], np.int32))).reshape(-1)
+  if len(set(seen.tolist())) > 1:
+    raise ConfigError(f"the hosts see different saved states in {state_dir} (next blocks {seen.tolist()}); a "
+                      "multi-host run resumes only from a workdir on a filesystem every host sees (NFS, GCS "
+                      "FUSE): use one, or delete the state to start over")
+
+
 def _sync(name: str) -> None:
   """A barrier across the processes of a multi-host run (process 0 writes the workdir); no-op on one host."""
   if jax.process_count() > 1:
@@ -240,7 +262,7 @@ def run(spec, *, overwrite: bool = False, kill_after_block: int | None = None, c
   """
   timings, t0 = {}, time.perf_counter()
   if spec.distributed:
-    jax.distributed.initialize()
+    distributed_initialize()
   primary = jax.process_index() == 0
   # 1. load: headers, config checks, tokenizer, plan
   _step(0, "model %s", spec.model_path)
@@ -309,15 +331,20 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
       layers = json.load(f)["layers"]
   else:
     state = ckpt_lib.load_state(state_dir, fp, lazy=True)
+    _same_on_every_host(0 if state is None else state.next_block, state_dir)
     if state is not None:
       _step(2, "resuming after block %d of %d (state in %s)", state.next_block, cfg.n_layers, state_dir)
 
     def on_block(s):  # the finished blocks wait on disk, not in host memory (checkpoint/state.py)
+      multi = jax.process_count() > 1
+      x = sharding.host_array(s.x) if multi else s.x  # a collective on multi-host runs: every process calls it
       if primary:
-        ckpt_lib.save_state(state_dir, s, fingerprint=fp)
+        ckpt_lib.save_state(state_dir, dataclasses.replace(s, x=x), fingerprint=fp)
       _sync(f"state {s.next_block}")
       if kill_after_block is not None and s.next_block == kill_after_block:
         os.kill(os.getpid(), signal.SIGKILL)
+      if not primary:  # only process 0 saves the checkpoint; the others drop their copies of the blocks
+        return dataclasses.replace(s, blocks=[None] * len(s.blocks))
       return ckpt_lib.spill(state_dir, s, fingerprint=fp)
 
     src = pipeline.ReaderSource(reader, dtype)

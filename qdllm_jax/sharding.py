@@ -88,3 +88,18 @@ def param_shardings(params: dict, mesh: Mesh, rules=LOGICAL_RULES):
 def shard_params(params: dict, mesh: Mesh, rules=LOGICAL_RULES) -> dict:
   """Place params on the mesh per the rules (device_put with the logical shardings)."""
   return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def host_array(a) -> np.ndarray:
+  """a as a host NumPy array. A jax.Array that spans devices of other processes (multi-host runs) is
+  all-gathered, so this is a collective there: every process must call it, and every process gets the whole
+  array."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return np.asarray(a)
+
+
+def host_tree(tree):
+  """`host_array` over every array leaf of a pytree (QuantizedWeight fields included)."""
+  return jax.tree.map(lambda a: host_array(a) if isinstance(a, (jax.Array, np.ndarray)) else a, tree)

@@ -31,6 +31,7 @@ import numpy as np
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import layers, transformer
 from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.sharding import host_array
 
 TAPS = tuple(transformer.LINEAR_GROUPS)
 
@@ -166,7 +167,7 @@ def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int =
       sums[g] = v if g not in sums else sums[g] + v
     if with_outputs:
       if host_out:
-        out.reshape((k, per) + out.shape[1:])[:, start:start + cs] = np.asarray(o).reshape((k, cs) + o.shape[1:])
+        out.reshape((k, per) + out.shape[1:])[:, start:start + cs] = host_array(o).reshape((k, cs) + o.shape[1:])
       elif k > 1:
         out = _put_interleaved(out, o, start, k)
       else:

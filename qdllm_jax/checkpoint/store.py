@@ -85,16 +85,22 @@ def _prune(tree):
   return np.asarray(tree) if isinstance(tree, np.generic) else tree
 
 
-def _checkpointer():
+def _checkpointer(local: bool = False):
+  """(orbax module, PyTree checkpointer). local=True: a checkpointer of this process alone (no cross-process
+  barriers): on multi-host runs one process writes host arrays while the others wait at our own barrier."""
   import orbax.checkpoint as ocp  # heavy import, only when arrays are written or read
+  if local and jax.process_count() > 1:
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp, ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
   return ocp, ocp.PyTreeCheckpointer()
 
 
 def save_tree(path: str, arrays: dict) -> None:
-  """Write a nested dict of arrays (numpy or jax, any sharding) as an Orbax PyTree checkpoint at `path`
-  (synchronously: the files are complete when this returns). Orbax holds a serialized copy of every array while
+  """Write a nested dict of arrays (host numpy, or jax arrays this process holds whole) as an Orbax PyTree
+  checkpoint at `path` (synchronously: the files are complete when this returns), by this process alone. Orbax holds a serialized copy of every array while
   it writes, so callers bound memory by writing large trees in parts."""
-  ocp, ckptr = _checkpointer()
+  ocp, ckptr = _checkpointer(local=True)
   ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_prune(arrays)))
 
 
@@ -107,9 +113,10 @@ def restore_tree(path: str, specs: dict, shardings: dict | None = None) -> dict:
   """Read the Orbax tree at `path`.
 
   specs: nested dict (as saved) of {"shape", "dtype"} leaves; shardings: the same nesting of NamedShardings
-  (arrays come back as sharded jax.Arrays, each host reading its shards) or None (host numpy arrays).
+  (arrays come back as sharded jax.Arrays, each host reading its shards: on multi-host runs every process
+  calls it) or None (host numpy arrays, read by this process alone).
   """
-  ocp, ckptr = _checkpointer()
+  ocp, ckptr = _checkpointer(local=shardings is None)  # host reads are this process's own
   path = os.path.abspath(path)  # Orbax requires absolute paths
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: missing Orbax arrays; the checkpoint is incomplete")
@@ -136,7 +143,7 @@ def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -
 def tree_metadata(path: str) -> dict:
   """{dotted name: (shape, dtype)} of the arrays of the Orbax tree at `path` as Orbax recorded them (no array
   data is read)."""
-  _, ckptr = _checkpointer()
+  _, ckptr = _checkpointer(local=True)
   md = ckptr.metadata(os.path.abspath(path))
   md = getattr(md, "item_metadata", md)
   md = getattr(md, "tree", md)

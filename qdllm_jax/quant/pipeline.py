@@ -43,6 +43,7 @@ from qdllm_jax.models import hf, transformer
 from qdllm_jax.models.checkpoint_io import CheckpointReader
 from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.quant import rules as rules_lib
+from qdllm_jax.sharding import host_tree
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
                                   key_mask=key_mask, orders=state.orders, row_sharding=row_sharding)
     del p
     # a new state per block (lists are not mutated), so states handed to callbacks stay valid snapshots
-    state = dataclasses.replace(state, next_block=b + 1, x=out, blocks=state.blocks + [jax.device_get(qp)],
+    state = dataclasses.replace(state, next_block=b + 1, x=out, blocks=state.blocks + [host_tree(qp)],
                                 report=state.report + rep)
     if spill_dir is not None:
       from qdllm_jax.checkpoint import state as state_lib  # the checkpoint package imports this module
