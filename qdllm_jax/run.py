@@ -183,8 +183,8 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
       qp, out, rep = pipeline.quantize_block(p, state.x, cfg, b, rules_plan, groups=groups, chunk_size=chunk,
                                              orders=state.orders, row_sharding=rows, chunk_sharding=chunks)
       del p
-      state = dataclasses.replace(state, next_block=b + 1, x=place(out), blocks=state.blocks + [sharding.host_tree(qp)],
-                                  report=state.report + rep)
+      state = dataclasses.replace(state, next_block=b + 1, x=place(out),
+                                  blocks=state.blocks + [sharding.host_tree(qp)], report=state.report + rep)
       state = on_block(state)
       pipeline.release_host_memory()
       outer.update(1)

@@ -16,4 +16,5 @@ from qdllm_jax.checkpoint.quantized import (checkpoint_nbytes, load_quantized, r
 from qdllm_jax.checkpoint.state import SpilledBlock, load_block, load_state, save_state, spill
 
 __all__ = ["save_quantized", "load_quantized", "read_sidecar", "checkpoint_nbytes", "size_summary", "save_state",
-           "load_state", "spill", "load_block", "SpilledBlock", "export_hf", "export_packed_safetensors", "load_packed_safetensors"]
+           "load_state", "spill", "load_block", "SpilledBlock", "export_hf", "export_packed_safetensors",
+           "load_packed_safetensors"]

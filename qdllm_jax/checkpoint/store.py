@@ -98,8 +98,9 @@ def _checkpointer(local: bool = False):
 
 def save_tree(path: str, arrays: dict) -> None:
   """Write a nested dict of arrays (host numpy, or jax arrays this process holds whole) as an Orbax PyTree
-  checkpoint at `path` (synchronously: the files are complete when this returns), by this process alone. Orbax holds a serialized copy of every array while
-  it writes, so callers bound memory by writing large trees in parts."""
+  checkpoint at `path` (synchronously: the files are complete when this returns), by this process alone.
+  Orbax holds a serialized copy of every array while it writes, so callers bound memory by writing large trees
+  in parts."""
   ocp, ckptr = _checkpointer(local=True)
   ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_prune(arrays)))
 

@@ -116,7 +116,8 @@ class ReaderSource:
 def release_host_memory() -> None:
   """Hand freed host memory back to the OS between blocks: gc, then glibc's malloc_trim(0) where it exists.
   Without it the heap keeps the freed per-block buffers (W copies, Hessians, Orbax serialisation buffers)
-  fragmented, and resident memory creeps up block after block."""
+  fragmented, and resident memory creeps up block after block. QDLLM_NO_TRIM=1 skips the trim (to measure it).
+  """
   import ctypes
   import gc
   import os
