@@ -61,16 +61,24 @@ def hessian_update(h, n, x):
   return h * (nf / tot) + (2.0 / tot) * xtx, n + m
 
 
+def _fix_dead_h(h):
+  """(h with H_jj = 1 where H_jj == 0, dead bool [in])."""
+  dead = jnp.diagonal(h) == 0
+  idx = jnp.arange(h.shape[0])
+  return h.at[idx, idx].set(jnp.where(dead, jnp.ones((), h.dtype), jnp.diagonal(h))), dead
+
+
+def _zero_dead(w, dead):
+  return jnp.where(dead[None, :], jnp.zeros((), w.dtype), w)
+
+
 def fix_dead_columns(w, h):
   """GPTQ's dead-column fix: where H_jj == 0 set H_jj = 1 and W[:, j] = 0.
 
   Args: w float [out, in], h float [in, in]. Returns (w, h, dead bool [in]).
   """
-  dead = jnp.diagonal(h) == 0
-  idx = jnp.arange(h.shape[0])
-  h = h.at[idx, idx].set(jnp.where(dead, jnp.ones((), h.dtype), jnp.diagonal(h)))
-  w = jnp.where(dead[None, :], jnp.zeros((), w.dtype), w)
-  return w, h, dead
+  h, dead = _fix_dead_h(h)
+  return _zero_dead(w, dead), h, dead
 
 
 def tri_inv_lower(l, base: int = 512):
@@ -95,17 +103,15 @@ def chol_inverse_upper(hd):
 
 @jax.jit
 def _damped_u(h, percdamp):
-  """fix_dead_columns on H, then U of H + delta I: (u, delta, all finite, dead)."""
-  dead = jnp.diagonal(h) == 0
-  diag = jnp.where(dead, jnp.ones((), h.dtype), jnp.diagonal(h))
-  delta = percdamp * jnp.mean(diag)
-  idx = jnp.arange(h.shape[0])
-  hd = h.at[idx, idx].set(diag + delta)
-  u = chol_inverse_upper(hd)
+  """fix_dead_columns on H (inside the jit: no fixed copy of H outlives it), then U of H + delta I:
+  (u, delta, all finite, dead)."""
+  h, dead = _fix_dead_h(h)
+  delta = percdamp * jnp.mean(jnp.diagonal(h))
+  u = chol_inverse_upper(h + delta * jnp.eye(h.shape[0], dtype=h.dtype))
   return u, delta, jnp.all(jnp.isfinite(u)), dead
 
 
-_zero_dead_jit = jax.jit(lambda w, dead: jnp.where(dead[None, :], jnp.zeros((), w.dtype), w))
+_zero_dead_jit = jax.jit(_zero_dead)
 
 
 def prepare_hessian(w, h, percdamp: float = 0.01, max_percdamp: float = 10.0) -> PreparedHessian:
