@@ -63,7 +63,8 @@ def main(argv=None):
   ap.add_argument("--out", default="assets/tiny-llada")
   ap.add_argument("--workdir", default="runs/tiny-llada-work")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--steps", type=int, default=900)
+  ap.add_argument("--pretrain_steps", type=int, default=0, help="corpus-only steps before the task steps")
+  ap.add_argument("--steps", type=int, default=900, help="steps with corpus windows + task rows")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--task_batch", type=int, default=96)
   ap.add_argument("--task_width", type=int, default=18)
@@ -94,7 +95,7 @@ def main(argv=None):
   cfg = llada_config(LLADA_8B, **ARCH, **tokenizer.config_overrides(tok))
   log(f"model: {transformer.num_params(cfg)} params, {cfg}")
   stream = windows.encode_stream(tok, splits["train"])
-  tc = trainer.TrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, task_batch=args.task_batch,
+  tc = trainer.TrainConfig(seed=args.seed, steps=args.steps, pretrain_steps=args.pretrain_steps, batch=args.batch, task_batch=args.task_batch,
                            task_width=args.task_width,
                            lr=args.lr, warmup=args.warmup)
   log(f"train: {stream.shape[0]} corpus tokens; {tc}")

@@ -106,3 +106,19 @@ def test_train_config_rejects_bad_values():
     trainer.TrainConfig(steps=10, warmup=10)
   with pytest.raises(ConfigError, match="batch"):
     trainer.TrainConfig(batch=0)
+
+
+def test_pretraining_phase_batches_and_loss(params):
+  """Phase 1 (global steps < pretrain_steps) draws corpus windows only and optimises L_pre alone."""
+  with pytest.raises(ConfigError, match="pretrain_steps"):
+    trainer.TrainConfig(steps=10, warmup=5, pretrain_steps=5)  # a phase shorter than its warmup
+  tc = trainer.TrainConfig(steps=10, warmup=2, pretrain_steps=4, batch=3, seq_len=16)
+  stream = np.arange(1000, dtype=np.int32) % 100
+  b = trainer.host_batch(tc, 3, stream, None, ())          # phase 1 needs no tokenizer and no task families
+  assert set(b) == {"ids"} and b["ids"].shape == (3, 16)
+  np.testing.assert_array_equal(b["ids"], trainer.host_batch(tc, 3, stream, None, ())["ids"])  # seeded by step
+  key = jax.random.PRNGKey(2)
+  loss, (l_pre, l_sft) = trainer.total_loss(params, CFG, {"ids": jnp.asarray(b["ids"])}, key, 1.0)
+  assert float(l_sft) == 0.0 and float(loss) == float(l_pre)
+  np.testing.assert_allclose(float(l_pre), float(objective.pretrain_loss(params, CFG, jnp.asarray(b["ids"]),
+                                                                          jax.random.fold_in(key, 0))), rtol=1e-6)
