@@ -174,19 +174,18 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
 
 def _word_scales(s: jax.Array, cpw: int, g: int, nw: int) -> jax.Array:
   """S[o, w] = s[o, floor(w cpw / G)] for s [out, ng] -> [out, nw], without a gather (XLA:CPU runs gathers as
-  scalar loops). The pattern repeats every Wp = lcm(cpw, G) / cpw words spanning Gp = lcm / G groups: with the
-  constant 0/1 membership M [Gp, Wp] of the words of a period, S[o, p, i] = sum_j s[o, p Gp + j] M[j, i] (exact:
-  one term is s, the others 0). Written as Gp broadcast multiply-adds it fuses into the consumer's loop without
-  branches (a concatenation of broadcasts fused as a select chain per element and halved the loop's speed)."""
+  scalar loops). The pattern repeats every Wp = lcm(cpw, G) / cpw words spanning Gp = lcm / G groups, group j of
+  a period covering r_j words: per period, each group's scale is broadcast r_j times and the pieces concatenated
+  (one fused elementwise loop)."""
   period = int(np.lcm(cpw, g))
   wp, gp = period // cpw, period // g
-  member = (np.arange(wp)[None, :] * cpw // g == np.arange(gp)[:, None]).astype(np.float32)   # [gp, wp]
+  r = np.bincount(np.arange(wp) * cpw // g, minlength=gp)
   pn = -(-nw // wp)
   out, ng = s.shape
   sp = jnp.pad(s, ((0, 0), (0, pn * gp - ng))).reshape(out, pn, gp) if pn * gp > ng else \
       s[:, :pn * gp].reshape(out, pn, gp)
-  sw = sum(sp[:, :, j, None] * jnp.asarray(member[j])[None, None, :] for j in range(gp))
-  return sw.reshape(out, pn * wp)[:, :nw]
+  pieces = [jnp.broadcast_to(sp[:, :, j, None], (out, pn, int(r[j]))) for j in range(gp)]
+  return jnp.concatenate(pieces, axis=-1).reshape(out, pn * wp)[:, :nw]
 
 
 def _cols(a: jax.Array, idx) -> jax.Array:
