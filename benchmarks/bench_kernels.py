@@ -1,8 +1,9 @@
 """Packed matmul (`qdllm_jax.kernels.qmatmul`) against dense float32 and bfloat16 matmuls of the same shape.
 
-    python3 benchmarks/bench_kernels.py                               # 4096x4096 and 12288x4096, tokens 1,8,512
+    python3 benchmarks/bench_kernels.py                               # 4096x4096, 12288x4096, 4096x12288; tokens 1,8,512
     python3 benchmarks/bench_kernels.py --shapes 4096x4096 --tokens 1,8 --formats binary_planes,int2
     python3 benchmarks/bench_kernels.py --path interpret --shapes 256x512 --tokens 1      # kernel smoke run
+    python3 benchmarks/bench_kernels.py --tokens 1 --rotate 8          # weights streamed from DRAM, as in decode
 
 Shapes are out x in. Weights are random (uniform random bits/codes, scales in typical ranges): the kernels' cost
 does not depend on the values. Formats:
@@ -17,6 +18,12 @@ also process CPU time (all threads; on a shared, oversubscribed machine CPU time
 work, and wall ~ cpu / cores when the machine is idle), with the speed-ups dense / packed. Weight bytes and the
 true bits per weight (every stored array counted) are printed per format. Accelerator target: packed >= 4x
 faster than dense bf16 at 1 token.
+
+--rotate K gives every timed call the next of K independent copies of the weights (dense and packed), so the
+working set is K times the weight bytes: with K x packed bytes above the last-level cache the packed weights are
+streamed from DRAM on every call, as they are in a decode step that runs through all layers. Without it (K = 1)
+a packed weight of a few MiB stays cache-resident between calls while the dense one does not, which flatters
+the packed path.
 """
 from __future__ import annotations
 
@@ -59,13 +66,16 @@ def make_weight(fmt: str, out: int, n_in: int, seed: int = 0):
   return packed.from_uniform(codes, scales, zeros, bits=b, group_size=128, sym=False)
 
 
-def time_ms(fn, *args, iters: int):
-  """(wall, cpu): minimum milliseconds of fn(*args) over `iters` calls, after one compile + warm-up call."""
-  jax.block_until_ready(fn(*args))
+def time_ms(fn, x, ws, *, iters: int):
+  """(wall, cpu): minimum milliseconds of fn(x, ws[i % K]) over `iters` calls (call i uses weight copy
+  i % K), after one compile + warm-up call per copy."""
+  for w in ws:
+    jax.block_until_ready(fn(x, w))
   wall = cpu = float("inf")
-  for _ in range(iters):
+  for i in range(iters):
+    w = ws[i % len(ws)]
     t0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(x, w))
     wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
   return wall * 1e3, cpu * 1e3
 
@@ -80,17 +90,18 @@ def _ratio(a, b, on_cpu: bool) -> str:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--shapes", default="4096x4096,12288x4096", help="comma list of OUTxIN")
+  ap.add_argument("--shapes", default="4096x4096,12288x4096,4096x12288", help="comma list of OUTxIN")
   ap.add_argument("--tokens", default="1,8,512", help="comma list of token counts (rows of x)")
   ap.add_argument("--formats", default="binary_planes,int2,int3,int4")
   ap.add_argument("--path", default=None, help="force a qmatmul path (default: by backend)")
   ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--rotate", type=int, default=1, help="cycle through this many copies of every weight")
   args = ap.parse_args(argv)
 
   dev = jax.devices()[0]
   on_cpu = jax.default_backend() == "cpu"
   print(f"backend: {jax.default_backend()}  device: {dev.device_kind}  devices: {jax.device_count()}  "
-        f"jax {jax.__version__}  packed path: {args.path or default_path()}")
+        f"jax {jax.__version__}  packed path: {args.path or default_path()}  weight copies: {args.rotate}")
   print("times: ms, minimum over iterations" + ("; wall (process CPU)" if on_cpu else " (wall)"))
   dense = jax.jit(lambda x, w: jnp.einsum("ni,oi->no", x, w, preferred_element_type=jnp.float32).astype(x.dtype))
   packed_mm = jax.jit(lambda x, qw: qmatmul(x, qw, path=args.path))
@@ -98,11 +109,13 @@ def main(argv=None):
   rows = []
   for shape in args.shapes.split(","):
     out, n_in = (int(v) for v in shape.lower().split("x"))
-    w32 = jnp.asarray(np.random.default_rng(1).standard_normal((out, n_in)).astype(np.float32) * 0.02)
-    w16 = w32.astype(jnp.bfloat16)
-    qws = {f: make_weight(f, out, n_in) for f in formats}
+    k = max(1, args.rotate)
+    w32 = [jnp.asarray(np.random.default_rng(1 + i).standard_normal((out, n_in)).astype(np.float32) * 0.02)
+           for i in range(k)]
+    w16 = [w.astype(jnp.bfloat16) for w in w32]
+    qws = {f: [make_weight(f, out, n_in, seed=i) for i in range(k)] for f in formats}
     print(f"\n== W {out} x {n_in}: dense f32 {out * n_in * 4 / 2**20:.1f} MiB, bf16 {out * n_in * 2 / 2**20:.1f} MiB")
-    for f, qw in qws.items():
+    for f, (qw, *_) in qws.items():
       print(f"   {f:14s} {qw.nbytes / 2**20:7.2f} MiB  {qw.bits_per_weight:.4f} bits/weight  "
             f"({out * n_in * 2 / qw.nbytes:.2f}x fewer bytes than bf16)")
     for n in (int(t) for t in args.tokens.split(",")):
