@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -33,6 +34,9 @@ TOKENIZER_TASK_EXAMPLES = 20000
 # Training family mix: the multiple-choice families are learnt within ~300 steps, the generation ones need
 # far more examples, so generation rows are 2/3 of the task rows (a family listed k times has weight k).
 TRAIN_FAMILIES = tasks.GEN_FAMILIES * 3 + tasks.MC_FAMILIES
+# Phase 0 learns the tasks (the corpus stays on LLaDA's unigram plateau); phase 1 continues on twice the corpus
+# windows with a third of the task rows at half weight until the corpus objective leaves the plateau.
+PHASES = "900:8:96:1.0,1200:16:32:0.5"
 
 
 def build_tokenizer(splits, tok_dir: str, seed: int, vocab: int):
@@ -63,10 +67,11 @@ def main(argv=None):
   ap.add_argument("--out", default="assets/tiny-llada")
   ap.add_argument("--workdir", default="runs/tiny-llada-work")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--pretrain_steps", type=int, default=0, help="corpus-only steps before the task steps")
-  ap.add_argument("--steps", type=int, default=900, help="steps with corpus windows + task rows")
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--task_batch", type=int, default=96)
+  ap.add_argument("--phases", default=PHASES, help="comma list of steps:batch:task_batch:task_weight (corpus "
+                  "windows and task rows per step; task_batch 0 = pure pretraining)")
+  ap.add_argument("--init_from", default=None, help="resume at phase --start_phase from this checkpoint (the "
+                  "weights and tokenizer the earlier phases of the same command produced)")
+  ap.add_argument("--start_phase", type=int, default=0)
   ap.add_argument("--task_width", type=int, default=18)
   ap.add_argument("--lr", type=float, default=2e-3)
   ap.add_argument("--warmup", type=int, default=100)
@@ -89,15 +94,21 @@ def main(argv=None):
   splits = corpus.load_splits()
   log(f"corpus: {len(splits['train'])} train / {len(splits['heldout'])} held-out chapters")
   tok_dir = os.path.join(args.workdir, "tokenizer")
-  tok = build_tokenizer(splits, tok_dir, args.seed, args.vocab)
+  if args.init_from:  # the tokenizer of the run being resumed
+    init = checkpoint_io.load_pretrained(args.init_from)
+    os.makedirs(tok_dir, exist_ok=True)
+    for f in tokenizer.TOKENIZER_FILES:
+      shutil.copyfile(os.path.join(args.init_from, f), os.path.join(tok_dir, f))
+    tok = tokenizer.load_tokenizer(tok_dir)
+  else:
+    tok = build_tokenizer(splits, tok_dir, args.seed, args.vocab)
   paths = tasks.export_eval_sets()
   log(f"tokenizer: {len(tok)} ids; eval sets {paths}")
   cfg = llada_config(LLADA_8B, **ARCH, **tokenizer.config_overrides(tok))
   log(f"model: {transformer.num_params(cfg)} params, {cfg}")
   stream = windows.encode_stream(tok, splits["train"])
-  tc = trainer.TrainConfig(seed=args.seed, steps=args.steps, pretrain_steps=args.pretrain_steps, batch=args.batch, task_batch=args.task_batch,
-                           task_width=args.task_width,
-                           lr=args.lr, warmup=args.warmup)
+  tc = trainer.TrainConfig(seed=args.seed, phases=[trainer.Phase.parse(p) for p in args.phases.split(",")],
+                           task_width=args.task_width, lr=args.lr, warmup=args.warmup)
   log(f"train: {stream.shape[0]} corpus tokens; {tc}")
   gen_set, mc_set = tasks.load_eval_set("gen"), tasks.load_eval_set("mc")
   ckpt = os.path.join(args.workdir, "ckpt")
@@ -109,7 +120,8 @@ def main(argv=None):
 
   t_train = time.time()
   params, history = trainer.train(cfg, tc, stream, tok, TRAIN_FAMILIES, log=log, eval_fn=eval_fn,
-                                  eval_every=args.eval_every)
+                                  eval_every=args.eval_every, params=init.params if args.init_from else None,
+                                  start_phase=args.start_phase)
   train_s = time.time() - t_train
   checkpoint_io.save_pretrained(params, cfg, args.out, tokenizer_from=tok_dir, overwrite=True)
   model = checkpoint_io.load_pretrained(args.out)  # score what was shipped
@@ -117,11 +129,14 @@ def main(argv=None):
   mc = task_eval.eval_multiple_choice(model.params, cfg, tok, mc_set)
   held = heldout_loss(model.params, cfg, tok, splits["heldout"], args.seed)
   summary = {"command": "python3 scripts/make_tiny_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-             "seed": args.seed, "steps": args.steps, "train_seconds": round(train_s, 1),
+             "full_command": f"python3 scripts/make_tiny_model.py --out {args.out} --seed {args.seed} "
+                             f"--phases {args.phases}",
+             "seed": args.seed, "steps": tc.total_steps, "train_seconds": round(train_s, 1),
              "total_seconds": round(time.time() - t_start, 1), "num_params": transformer.num_params(cfg),
              "final_loss": history[-1], "heldout_pretrain_loss": held, "gen_exact_match": gen,
              "mc_accuracy": mc, "train_config": dataclasses.asdict(tc),
-             "corpus_train_tokens": int(stream.shape[0]), "arch": ARCH}
+             "corpus_train_tokens": int(stream.shape[0]), "arch": ARCH, "init_from": args.init_from,
+             "start_phase": args.start_phase}
   with open(os.path.join(args.out, "training_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   from qdllm_jax.data import model_card

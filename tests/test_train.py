@@ -85,8 +85,8 @@ def test_uniform_model_loss_is_log_v_times_weights():
 
 
 def test_train_step_decreases_loss(params):
-  tc = trainer.TrainConfig(steps=20, warmup=2, lr=3e-3)
-  opt = trainer.make_optimizer(tc)
+  tc = trainer.TrainConfig(phases=[trainer.Phase(20)], warmup=2, lr=3e-3)
+  opt = trainer.make_optimizer(tc, 20)
   batch = {"ids": jax.random.randint(jax.random.PRNGKey(4), (4, 16), 0, 100),
            "task_ids": jax.random.randint(jax.random.PRNGKey(5), (4, 8), 0, 100),
            "task_key_mask": jnp.ones((4, 8), bool), "task_loss_mask": jnp.arange(8)[None, :].repeat(4, 0) >= 3}
@@ -103,18 +103,25 @@ def test_train_step_decreases_loss(params):
 
 def test_train_config_rejects_bad_values():
   with pytest.raises(ConfigError, match="warmup"):
-    trainer.TrainConfig(steps=10, warmup=10)
+    trainer.TrainConfig(phases=[trainer.Phase(10)], warmup=10)
   with pytest.raises(ConfigError, match="batch"):
-    trainer.TrainConfig(batch=0)
+    trainer.TrainConfig(phases=[trainer.Phase(200, batch=0)])
+  with pytest.raises(ConfigError, match="phases is empty"):
+    trainer.TrainConfig(phases=())
+  with pytest.raises(ConfigError, match="steps:batch:task_batch:task_weight"):
+    trainer.Phase.parse("900:8:96")
+  assert trainer.Phase.parse("900:8:0:0.5") == trainer.Phase(900, 8, 0, 0.5)
 
 
-def test_pretraining_phase_batches_and_loss(params):
-  """Phase 1 (global steps < pretrain_steps) draws corpus windows only and optimises L_pre alone."""
-  with pytest.raises(ConfigError, match="pretrain_steps"):
-    trainer.TrainConfig(steps=10, warmup=5, pretrain_steps=5)  # a phase shorter than its warmup
-  tc = trainer.TrainConfig(steps=10, warmup=2, pretrain_steps=4, batch=3, seq_len=16)
+def test_phases_batches_and_loss(params):
+  """Global steps map to their phase; a phase without task rows draws corpus windows only and optimises L_pre."""
+  tc = trainer.TrainConfig(phases=[trainer.Phase(4, batch=3, task_batch=0), trainer.Phase(6, batch=2)], warmup=2,
+                           seq_len=16)
+  assert tc.total_steps == 10 and tc.phase_at(3)[0] == 0 and tc.phase_at(4)[0] == 1 and tc.phase_at(9)[0] == 1
+  with pytest.raises(ConfigError, match="past the last phase"):
+    tc.phase_at(10)
   stream = np.arange(1000, dtype=np.int32) % 100
-  b = trainer.host_batch(tc, 3, stream, None, ())          # phase 1 needs no tokenizer and no task families
+  b = trainer.host_batch(tc, 3, stream, None, ())          # no task rows: needs no tokenizer and no families
   assert set(b) == {"ids"} and b["ids"].shape == (3, 16)
   np.testing.assert_array_equal(b["ids"], trainer.host_batch(tc, 3, stream, None, ())["ids"])  # seeded by step
   key = jax.random.PRNGKey(2)
@@ -122,3 +129,5 @@ def test_pretraining_phase_batches_and_loss(params):
   assert float(l_sft) == 0.0 and float(loss) == float(l_pre)
   np.testing.assert_allclose(float(l_pre), float(objective.pretrain_loss(params, CFG, jnp.asarray(b["ids"]),
                                                                           jax.random.fold_in(key, 0))), rtol=1e-6)
+  with pytest.raises(ConfigError, match="start_phase"):
+    trainer.train(CFG, tc, stream, None, (), start_phase=1)  # resuming needs the earlier phases' weights

@@ -27,8 +27,10 @@ Load it with `qdllm_jax.models.checkpoint_io.load_pretrained("assets/tiny-llada"
 ```
 {command}
 ```
-seed {seed}, {steps_text}, {train_min:.1f} min of training ({total_min:.1f} min in all) on a shared 2-core CPU
-(jax {jax_version}). The run is a pure function of the seed (keys `fold_in(PRNGKey(seed), step)`, host batches
+seed {seed}, {steps} steps in {n_phases} phases, {train_min:.1f} min of training ({total_min:.1f} min in all) on a shared
+2-core CPU (jax {jax_version}).{resumed}
+
+The run is a pure function of the seed (keys `fold_in(PRNGKey(seed), step)`, host batches
 `default_rng([seed, step])`); bit-exactness across machines is not promised (XLA CPU reductions).
 
 ## Data
@@ -48,11 +50,20 @@ seed {seed}, {steps_text}, {train_min:.1f} min of training ({total_min:.1f} min 
 
 ## Objective
 
-{phases}Every phase-2 step adds two losses. (1) LLaDA pretraining on {batch} corpus windows: t ~ U(0,1) per sequence, p = (1 - 1e-3) t + 1e-3,
-each token masked with probability p, and `sum_masked CE / p / (B L)`. (2) LLaDA SFT on {task_batch} task rows
-`[BOS] prompt answer`. The prompt is never masked. For generation the answer region is the answer plus EOS fill
-to 8 tokens. For multiple choice the region is the correct choice only. The loss is
-`mean_b sum_masked CE / p / |answer_b|`. Padding keys are hidden, so a padded row computes exactly the unpadded sequence.
+Training runs in phases (`trainer.Phase`); every step of a phase adds two losses.
+(1) LLaDA pretraining on the phase's corpus windows: t ~ U(0,1) per sequence, p = (1 - 1e-3) t + 1e-3,
+each token masked with probability p, and `sum_masked CE / p / (B L)`. (2) LLaDA SFT on the phase's task rows
+`[BOS] prompt answer`, times the phase's task weight. The prompt is never masked. For generation the answer
+region is the answer plus EOS fill to 8 tokens. For multiple choice the region is the correct choice only. The
+loss is `mean_b sum_masked CE / p / |answer_b|`. Padding keys are hidden, so a padded row computes exactly the
+unpadded sequence.
+
+| phase | steps | corpus windows / step | task rows / step | task weight |
+|---|---|---|---|---|
+{phase_rows}
+
+{phase_note}
+
 Optimizer: AdamW (b1 {b1}, b2 {b2}, wd {wd} on matrices), peak lr {lr}, {warmup} warmup steps, cosine decay to
 {min_lr_ratio} x peak, global-norm clip {clip}; each phase starts a fresh optimizer state and schedule.
 
@@ -103,12 +114,12 @@ def _unigram_text(held: float, unigram: float) -> str:
           "damage shows in the corpus ELBO as well as in the tasks.")
 
 
-def _phases_text(tc: dict, batch: int) -> str:
-  if not tc.get("pretrain_steps"):
+def _phase_note(phases: list) -> str:
+  if len(phases) < 2:
     return ""
-  return (f"Phase 1 ({tc['pretrain_steps']} steps) trains on the pretraining loss (1) alone, {batch} corpus windows "
-          "per step: with\ntask rows in the batch the objective stays on a unigram plateau (docs/evaluation.md). "
-          f"Phase 2 ({tc['steps']} steps) then adds the tasks.\n")
+  return ("With task rows at full weight the corpus objective sits on a unigram plateau (docs/evaluation.md): phase "
+          "0 learns the\ntasks, and the later phase, with more corpus and fewer, down-weighted task rows, lets the "
+          "corpus loss leave the plateau\nwhile the task rows keep the tasks.")
 
 
 def write(out_dir: str, summary: dict, history: list[dict]) -> str:
@@ -125,18 +136,22 @@ def write(out_dir: str, summary: dict, history: list[dict]) -> str:
       params_m=summary["num_params"] / 1e6, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
       head_dim=cfg.head_dim, mlp=cfg.mlp_hidden, vocab=cfg.vocab_size, eos=cfg.eos_id, bos=cfg.bos_id,
       mask=cfg.mask_id, max_len=cfg.max_seq_len,
-      size_mb=os.path.getsize(os.path.join(out_dir, "model.safetensors")) / 1e6, command=summary["command"],
+      size_mb=os.path.getsize(os.path.join(out_dir, "model.safetensors")) / 1e6, command=summary.get("full_command", summary["command"]),
       seed=summary["seed"], train_min=summary["train_seconds"] / 60,
       total_min=summary["total_seconds"] / 60, jax_version=jax.__version__, n_train_tok=summary["corpus_train_tokens"],
-      seq_len=tc["seq_len"], batch=tc["batch"], task_batch=tc["task_batch"], b1=tc["b1"], b2=tc["b2"],
+      seq_len=tc["seq_len"], b1=tc["b1"], b2=tc["b2"],
       wd=tc["weight_decay"], lr=tc["lr"], warmup=tc["warmup"], min_lr_ratio=tc["min_lr_ratio"], clip=tc["clip"],
       log_every=tc["log_every"], loss=fl["loss"], l_pre=fl["l_pre"], l_sft=fl["l_sft"],
       held=summary["heldout_pretrain_loss"], gen_rows=_rows("generation exact match", summary["gen_exact_match"]),
       mc_rows=_rows("multiple-choice accuracy", summary["mc_accuracy"]), curve=curve,
       unigram_text=_unigram_text(summary["heldout_pretrain_loss"], unigram_entropy(load_tokenizer(out_dir))),
-      phases=_phases_text(tc, tc["batch"]),
-      steps_text=(f"{tc['pretrain_steps']} + {tc['steps']} steps (corpus only + corpus and tasks)"
-                  if tc.get("pretrain_steps") else f"{tc['steps']} steps"))
+      phase_rows="\n".join(f"| {i} | {p['steps']} | {p['batch']} | {p['task_batch']} | {p['task_weight']} |"
+                            for i, p in enumerate(tc["phases"])),
+      phase_note=_phase_note(tc["phases"]), steps=sum(p["steps"] for p in tc["phases"]), n_phases=len(tc["phases"]),
+      resumed=(f" These weights were made by `{summary['command']}`: it resumed at phase\n"
+               f"{summary['start_phase']} from `{summary['init_from']}`, the weights the earlier phases of the command "
+               "above produce (the previous shipped model),\nso the times are of the resumed phases only."
+               if summary.get("start_phase") else ""))
   path = os.path.join(out_dir, "README.md")
   with open(path, "w") as f:
     f.write(text)
