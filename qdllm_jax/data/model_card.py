@@ -27,7 +27,7 @@ Load it with `qdllm_jax.models.checkpoint_io.load_pretrained("assets/tiny-llada"
 ```
 {command}
 ```
-seed {seed}, {steps} steps in {n_phases} phases, {train_min:.1f} min of training ({total_min:.1f} min in all) on a shared
+seed {seed}, {steps} steps in {n_phases}, {train_min:.1f} min of training ({total_min:.1f} min in all) on a shared
 2-core CPU (jax {jax_version}).{resumed}
 
 The run is a pure function of the seed (keys `fold_in(PRNGKey(seed), step)`, host batches
@@ -117,9 +117,8 @@ def _unigram_text(held: float, unigram: float) -> str:
 def _phase_note(phases: list) -> str:
   if len(phases) < 2:
     return ""
-  return ("With task rows at full weight the corpus objective sits on a unigram plateau (docs/evaluation.md): phase "
-          "0 learns the\ntasks, and the later phase, with more corpus and fewer, down-weighted task rows, lets the "
-          "corpus loss leave the plateau\nwhile the task rows keep the tasks.")
+  return ("With task rows at full weight the corpus objective stays on a unigram plateau; docs/evaluation.md "
+          "measures recipes\nwith a pure-pretraining phase and with a continuation phase on more corpus.")
 
 
 def write(out_dir: str, summary: dict, history: list[dict]) -> str:
@@ -128,7 +127,10 @@ def write(out_dir: str, summary: dict, history: list[dict]) -> str:
   from qdllm_jax.data.tokenizer import load_tokenizer
   from qdllm_jax.models.checkpoint_io import load_pretrained
   cfg = load_pretrained(out_dir).config
-  tc, fl = summary["train_config"], summary["final_loss"]
+  tc, fl = dict(summary["train_config"]), summary["final_loss"]
+  if "phases" not in tc:  # a summary written before runs had phases: one phase
+    tc["phases"] = [dict(steps=tc["steps"], batch=tc["batch"], task_batch=tc["task_batch"],
+                         task_weight=tc.get("task_weight", 1.0))]
   stride = max(1, len(history) // 16)
   curve = "\n".join(f"| {h['step']} | {h['loss']:.4f} | {h['l_pre']:.4f} | {h['l_sft']:.4f} | {h['elapsed']:.0f} |"
                     for i, h in enumerate(history) if i % stride == 0 or i == len(history) - 1)
@@ -147,7 +149,7 @@ def write(out_dir: str, summary: dict, history: list[dict]) -> str:
       unigram_text=_unigram_text(summary["heldout_pretrain_loss"], unigram_entropy(load_tokenizer(out_dir))),
       phase_rows="\n".join(f"| {i} | {p['steps']} | {p['batch']} | {p['task_batch']} | {p['task_weight']} |"
                             for i, p in enumerate(tc["phases"])),
-      phase_note=_phase_note(tc["phases"]), steps=sum(p["steps"] for p in tc["phases"]), n_phases=len(tc["phases"]),
+      phase_note=_phase_note(tc["phases"]), steps=sum(p["steps"] for p in tc["phases"]), n_phases=f"{len(tc['phases'])} phase" + ("s" if len(tc["phases"]) > 1 else ""),
       resumed=(f" These weights were made by `{summary['command']}`: it resumed at phase\n"
                f"{summary['start_phase']} from `{summary['init_from']}`, the weights the earlier phases of the command "
                "above produce (the previous shipped model),\nso the times are of the resumed phases only."
