@@ -277,7 +277,8 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
     tokenizer: the shipped tokenizer (EOS 0 = pad, BOS 1, <|mdm_mask|>).
     protocol: a name in protocols.PROTOCOLS with data == "shipped", or a Protocol.
     seed / key: key = jax.random.key(seed) unless key is given. limit: examples per family (overrides the
-      protocol's). return_details: add per-example scores, generated ids and predictions.
+      protocol's). return_details: add per-item results (window NLLs and token counts, choice scores and NLLs,
+      generated ids, predictions and hits) for `compare.compare`.
   Returns:
     {"protocol": card, "seed", "metrics": flat {name: float}, "perplexity": {...}, "multiple_choice":
      {"accuracy": {family: acc, "all": acc}, "n": {...}}, "generation": {"exact_match": {...}, "n": {...}},
@@ -304,7 +305,7 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
     result["perplexity"] = perplexity_summary(res)
     result["metrics"].update(elbo_ppl=result["perplexity"]["elbo_ppl"],
                              elbo_nats_per_token=result["perplexity"]["nats_per_token"])
-    details["window_nll"] = res.nll_bound
+    details["window_nll"], details["window_tokens"] = res.nll_bound, res.n_tokens
     result["timing_s"]["perplexity"] = time.time() - t0
   if proto.likelihood:
     t0 = time.time()
@@ -313,10 +314,12 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
                                    key=jax.random.fold_in(key, 1))
     hits = {n: [int(np.argmax(s)) == e.label for s, e in zip(scores[n], chosen[n])] for n in chosen}
     acc = _by_family(hits)
-    nll = _by_family({n: [choice_nll([s], [e.label]) for s, e in zip(scores[n], chosen[n])] for n in chosen})
+    per_nll = {n: [choice_nll([s], [e.label]) for s, e in zip(scores[n], chosen[n])] for n in chosen}
+    nll = _by_family(per_nll)
     result["multiple_choice"] = {"accuracy": acc, "choice_nll": nll, "n": {n: len(h) for n, h in hits.items()}}
     result["metrics"].update({f"mc_{m}/{n}": v for m, d in (("acc", acc), ("nll", nll)) for n, v in d.items()})
     details["choice_scores"] = scores
+    details["choice_nll"] = per_nll
     result["timing_s"]["multiple_choice"] = time.time() - t0
   if proto.generation:
     t0 = time.time()
@@ -328,7 +331,7 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
     em = _by_family(hits)
     result["generation"] = {"exact_match": em, "n": {n: len(h) for n, h in hits.items()}}
     result["metrics"].update({f"gen_em/{n}": v for n, v in em.items()})
-    details.update(generated_ids=gen, predictions=preds)
+    details.update(generated_ids=gen, predictions=preds, gen_hits=hits)
     result["timing_s"]["generation"], t0 = time.time() - t0, time.time()
     ans = answer_nll(model, tokenizer, chosen, proto.generation, mask_id=mask_id, key=jax.random.fold_in(key, 3))
     if ans:

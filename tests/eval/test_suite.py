@@ -83,13 +83,26 @@ def test_perplexity_bookkeeping_and_card(runs):
 
 
 @pytest.mark.slow
-def test_a_packed_quantized_model_calls_the_same_way(small_model, small_tok):
+def test_a_packed_quantized_model_calls_the_same_way(runs, small_model, small_tok):
   from test_sensitivity import rtn2_copy
   q = rtn2_copy(small_model, group_size=32, packed=True)
   assert type(q.params["blocks"][0]["q"]).__name__ == "QuantizedWeight"
-  r = evaluate(q, small_tok, "tiny_smoke", seed=0, limit=LIMIT)
+  r = evaluate(q, small_tok, "tiny_smoke", seed=0, limit=LIMIT, return_details=True)
   assert np.isfinite(r["metrics"]["elbo_ppl"]) and 0 <= r["metrics"]["mc_acc/all"] <= 1
   assert r["multiple_choice"]["n"] == {"max": LIMIT, "analogy": LIMIT, "odd": LIMIT}
+  # the paired comparison against the FP run of the same seed: its deltas are the metric differences
+  from qdllm_jax.eval import compare
+  fp = runs[0]
+  c = compare(fp, r)
+  assert c["elbo_nats_per_token"]["delta"] == pytest.approx(
+      r["metrics"]["elbo_nats_per_token"] - fp["metrics"]["elbo_nats_per_token"], rel=1e-9, abs=1e-12)
+  for fam in ("max", "analogy", "odd", "all"):
+    assert c["mc_nll"][fam]["delta"] == pytest.approx(r["metrics"][f"mc_nll/{fam}"] - fp["metrics"][f"mc_nll/{fam}"],
+                                                      abs=1e-9)
+  for fam in ("shift", "increment", "all"):
+    assert c["gen_em"][fam]["delta"] == pytest.approx(r["metrics"][f"gen_em/{fam}"] - fp["metrics"][f"gen_em/{fam}"])
+  same = compare(fp, fp)
+  assert same["elbo_nats_per_token"]["delta"] == 0 and same["mc_nll"]["all"]["t"] == 0
 
 
 def test_refuses_lm_eval_protocols_and_wrong_arch(small_model, small_tok):
