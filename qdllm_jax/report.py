@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from qdllm_jax.eval import paired as paired_lib
 from qdllm_jax.models import transformer
 
 PLOTS = {"layer_errors": "plots/layer_errors.png", "abmp_orders": "plots/abmp_orders.png",
@@ -183,6 +184,11 @@ def markdown(report: dict) -> str:
       a, b = fp.get(n), qm.get(n)
       d = b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
       lines.append(f"| {n} | {_fmt(a) if a is not None else ''} | {_fmt(b) if b is not None else ''} | {_fmt(d)} |")
+  if report.get("comparison"):
+    lines += ["", "## Paired comparison (quantized - FP, same items and random draws; eval/paired.py)", "",
+              "| metric | delta | se | t | n |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['delta']:+.4g} | {v['se']:.3g} | {v['t']:.2f} | {v['n']} |"
+              for k, v in paired_lib.flatten(report["comparison"])]
   if report.get("protocol"):
     lines += ["", "## Protocol card", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in _flat(report["protocol"])]

@@ -33,6 +33,7 @@ from qdllm_jax import (checkpoint as ckpt_lib, config as config_lib, plan as pla
                        workdir as workdir_lib)
 from qdllm_jax.calib import mcs, windows as windows_lib
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.eval import paired as paired_lib
 from qdllm_jax.models import checkpoint_io, hf, transformer
 from qdllm_jax.quant import pipeline
 
@@ -199,15 +200,17 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate(model, tok, spec, mesh) -> dict:
   """Score `model` under spec.eval.protocol (shipped data: eval.suite; lm-eval tasks: eval.lm_eval_adapter) with
-  the eval key of the key tree. Returns {"metrics": flat {name: float}, "result": the full result}."""
+  the eval key of the key tree. Returns {"metrics": flat {name: float}, "result": the full result} (+ "details",
+  the per-item results of eval.suite, for the paired comparison)."""
   from qdllm_jax.eval import protocols
   proto = protocols.get_protocol(spec.eval.protocol)
   limit = spec.eval.limit or None
   with jax.set_mesh(mesh):
     if proto.data == "shipped":
       from qdllm_jax.eval import suite
-      res = suite.evaluate(model, tok, proto, key=purpose_key(spec.seed, "eval"), limit=limit)
-      return {"metrics": res["metrics"], "result": res}
+      res = suite.evaluate(model, tok, proto, key=purpose_key(spec.seed, "eval"), limit=limit, return_details=True)
+      details = res.pop("details")
+      return {"metrics": res["metrics"], "result": res, "details": details}
     from qdllm_jax.eval import lm_eval_adapter
     res = lm_eval_adapter.run_protocol(model, tok, proto, limit=limit, seed=spec.seed,
                                        ignore_cfg=spec.eval.ignore_cfg, include_path=spec.eval.include_path or None,
@@ -386,6 +389,11 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
     for k in [k for k, v in results.items() if v is not None]:
       _step(4, "%s: %s", k, results[k]["metrics"])
   metrics = {k: None if v is None else v["metrics"] for k, v in results.items()}
+  comparison = _paired_comparison(results)
+  if comparison:
+    _step(4, "quantized - FP, paired over the same items: %s", ", ".join(
+        f"{k} {v['delta']:+.4g} (t {v['t']:.1f})" for k, v in paired_lib.flatten(comparison)
+        if k.endswith("all") or k == "elbo_nats_per_token"))
   timings["evaluate"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - t0
   # 6. report
@@ -397,7 +405,7 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
                 "num_params": transformer.num_params(cfg), "stored_dtype": stored},
       "plan": rp.to_dict(), "mesh": rp.mesh, "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
       "calibration": calib_info, "rules": json.loads(rules_plan.to_json()), "layers": layers, "sizes": sizes,
-      "timings_s": timings, "metrics": metrics, "protocol": card,
+      "timings_s": timings, "metrics": metrics, "protocol": card, "comparison": comparison,
       "evaluation": {k: (None if v is None else v["result"]) for k, v in results.items()}}
   if primary:
     report = report_lib.write_report(wd, report, plots=spec.report.plots)
@@ -406,11 +414,19 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
   return report
 
 
+def _paired_comparison(results: dict):
+  """eval.paired.compare(FP, quantized) when both were scored by eval.suite (same protocol and key), else None."""
+  fp, q = results.get("fp"), results.get("quantized")
+  if not (fp and q and fp.get("details") and q.get("details")):
+    return None
+  return paired_lib.compare(dict(fp["result"], details=fp["details"]), dict(q["result"], details=q["details"]))
+
+
 def _cached_fp_eval(spec, wd, model_hash, compute, primary) -> dict:
   """The FP model's evaluation, computed once per (model, protocol, limit, seed) and kept in eval_fp.json."""
   key = {"model": model_hash, "protocol": spec.eval.protocol, "limit": spec.eval.limit,
          "ignore_cfg": spec.eval.ignore_cfg, "seed": spec.seed,
-         "dtype": spec.dtype}
+         "dtype": spec.dtype, "details": 1}  # details: per-item results are cached too (for the comparison)
   path = os.path.join(wd, "eval_fp.json")
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:

@@ -278,9 +278,9 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
     protocol: a name in protocols.PROTOCOLS with data == "shipped", or a Protocol.
     seed / key: key = jax.random.key(seed) unless key is given. limit: examples per family (overrides the
       protocol's). return_details: add per-item results (window NLLs and token counts, choice scores and NLLs,
-      generated ids, predictions and hits) for `compare.compare`.
+      generated ids, predictions and hits) for `paired.compare`.
   Returns:
-    {"protocol": card, "seed", "metrics": flat {name: float}, "perplexity": {...}, "multiple_choice":
+    {"protocol": card, "seed", "key_data" (the key's raw words), "metrics": flat {name: float}, "perplexity": {...}, "multiple_choice":
      {"accuracy": {family: acc, "all": acc}, "n": {...}}, "generation": {"exact_match": {...}, "n": {...}},
      "timing_s": {...}} (+ "details").
   """
@@ -295,7 +295,9 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
   key = jax.random.key(seed) if key is None else key
   limit = proto.limit if limit is None else int(limit)
   card = dict(proto.card(), limit=limit, mask_id=mask_id, pad_id=tokenizer.eos_token_id)
-  result, details = {"protocol": card, "seed": seed, "metrics": {}, "timing_s": {}}, {}
+  raw = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  key_data = [int(v) for v in np.asarray(raw).reshape(-1)]
+  result, details = {"protocol": card, "seed": seed, "key_data": key_data, "metrics": {}, "timing_s": {}}, {}
   if proto.perplexity is not None:
     t0, spec = time.time(), proto.perplexity
     wins = corpus_windows(tokenizer, spec)

@@ -31,7 +31,7 @@ def rtn2_copy(model, group_size=128, packed=False):
 
 
 def test_rtn2_is_worse_on_every_metric(shipped):
-  """FP vs 2-bit RTN (same seed, so the paired statistics of eval.compare apply). The likelihood metrics must be
+  """FP vs 2-bit RTN (same seed, so the paired statistics of eval.paired.compare apply). The likelihood metrics must be
   clearly worse: held-out ELBO and choice NLL by a paired t > 3 over the same windows / examples, answer NLL
   > 1.3 x (about 10 standard errors); accuracies may saturate (both models solve the easy families), so they must
   not be better, and gen_em/all must drop by > 3 binomial sd."""

@@ -43,6 +43,14 @@ def test_a_tiny_run_writes_every_output(main_run):
   assert all(0 < e["rel_err"] < 1 for e in rep["layers"])
   for k in ("fp", "quantized"):
     assert np.isfinite(rep["metrics"][k]["elbo_ppl"]) and "mc_acc/all" in rep["metrics"][k]
+    assert "details" not in rep["evaluation"][k]  # per-item results feed the comparison, not the report
+  # the paired comparison (same protocol and eval key): its deltas are the metric differences
+  c, fp, q = rep["comparison"], rep["metrics"]["fp"], rep["metrics"]["quantized"]
+  assert c["elbo_nats_per_token"]["delta"] == pytest.approx(q["elbo_nats_per_token"] - fp["elbo_nats_per_token"],
+                                                            rel=1e-9, abs=1e-12)
+  assert c["mc_nll"]["all"]["delta"] == pytest.approx(q["mc_nll/all"] - fp["mc_nll/all"], abs=1e-9)
+  assert c["gen_em"]["all"]["delta"] == pytest.approx(q["gen_em/all"] - fp["gen_em/all"])
+  assert "## Paired comparison" in (wd / "report.md").read_text()
   assert rep["protocol"]["name"] == "tiny_smoke" and rep["evaluation"]["quantized"]["protocol"]["limit"] == 4
   assert rep["calibration"]["n_sequences"] == 4 and rep["calibration"]["seqlen"] == 32
   assert 0 < rep["calibration"]["mask_fraction"] < 1

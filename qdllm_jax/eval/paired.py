@@ -17,6 +17,8 @@ Positive ELBO / NLL deltas and negative EM deltas mean the candidate is worse.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from qdllm_jax.errors import ConfigError
@@ -53,23 +55,30 @@ def _by_family(per_item: dict, fn) -> dict:
   return out
 
 
+def _canonical(card) -> str:
+  """The protocol card as sorted JSON (a card read back from JSON has lists where the live one has tuples)."""
+  return json.dumps(card, sort_keys=True, default=str)
+
+
 def compare(reference: dict, candidate: dict) -> dict:
   """Paired statistics of candidate - reference (module docstring) for every metric group both results have.
 
-  Both must come from `evaluate(..., return_details=True)` with the same protocol card and seed (so they share
-  the random draws); raises ConfigError otherwise, before computing anything.
+  Both must come from `evaluate(..., return_details=True)` with the same protocol card and seed or key (so they
+  share the random draws; results record the key's raw words as "key_data"); raises ConfigError otherwise,
+  before computing anything.
   Returns {"elbo_nats_per_token": stat} (if the protocol has perplexity), {"mc_nll": {family: stat}},
   {"gen_em": {family: stat}}; stat = {"delta", "se", "t", "n"}.
   """
   for name, r in (("reference", reference), ("candidate", candidate)):
     if "details" not in r:
       raise ConfigError(f"the {name} result has no per-item details; evaluate it with return_details=True.")
-  if reference["protocol"] != candidate["protocol"]:
+  if _canonical(reference["protocol"]) != _canonical(candidate["protocol"]):
     raise ConfigError("the two results use different protocols (or limits / mask ids); a paired comparison needs "
                       "both evaluated under the same protocol card.")
-  if reference["seed"] is None or reference["seed"] != candidate["seed"]:
-    raise ConfigError(f"seeds {reference['seed']} and {candidate['seed']}: a paired comparison needs both results "
-                      "from the same integer seed (the same random draws); re-evaluate with seed=...")
+  if reference.get("key_data") is None or reference.get("key_data") != candidate.get("key_data"):
+    raise ConfigError(f"seeds {reference.get('seed')} and {candidate.get('seed')} (or keys) differ: a paired "
+                      "comparison needs both results from the same seed or key (the same random draws); "
+                      "re-evaluate with seed=...")
   rd, cd = reference["details"], candidate["details"]
   out = {}
   if "window_nll" in rd:
@@ -81,4 +90,12 @@ def compare(reference: dict, candidate: dict) -> dict:
   if "gen_hits" in rd:
     out["gen_em"] = _by_family({f: np.asarray(cd["gen_hits"][f], np.float64) - np.asarray(v, np.float64)
                                 for f, v in rd["gen_hits"].items()}, paired_mean)
+  return out
+
+
+def flatten(comparison: dict) -> list:
+  """[(name, stat)] of a `compare` result: elbo_nats_per_token, mc_nll/<family>, gen_em/<family>."""
+  out = []
+  for group, v in comparison.items():
+    out += [(group, v)] if "delta" in v else [(f"{group}/{f}", s) for f, s in v.items()]
   return out

@@ -1,10 +1,10 @@
-"""eval.compare: paired statistics against scipy's paired t-test and a jackknife, and its refusals."""
+"""eval.paired: paired statistics against scipy's paired t-test and a jackknife, and its refusals."""
 import numpy as np
 import pytest
 from scipy import stats
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.eval.compare import compare, paired_mean, paired_ratio
+from qdllm_jax.eval.paired import compare, paired_mean, paired_ratio
 
 
 def test_paired_mean_is_scipys_paired_t():
@@ -36,7 +36,7 @@ def test_paired_ratio_equal_tokens_is_paired_t_and_matches_a_jackknife():
 
 
 def _result(seed, window_nll, choice_nll, hits, protocol="tiny"):
-  return {"protocol": {"name": protocol}, "seed": seed,
+  return {"protocol": {"name": protocol}, "seed": seed, "key_data": None if seed is None else [0, seed],
           "details": {"window_nll": np.asarray(window_nll, float), "window_tokens": np.full(len(window_nll), 10),
                       "choice_nll": choice_nll, "gen_hits": hits}}
 
@@ -59,9 +59,9 @@ def test_compare_refuses_what_is_not_paired():
   ref = _result(0, [1.0, 2.0], {"a": [0.1, 0.2]}, {"x": [True, False]})
   with pytest.raises(ConfigError, match="return_details"):
     compare({k: v for k, v in ref.items() if k != "details"}, ref)
-  with pytest.raises(ConfigError, match="same integer seed"):
+  with pytest.raises(ConfigError, match="same seed or key"):
     compare(ref, _result(1, [1.0, 2.0], {"a": [0.1, 0.2]}, {"x": [True, False]}))
-  with pytest.raises(ConfigError, match="same integer seed"):
+  with pytest.raises(ConfigError, match="same seed or key"):
     compare(_result(None, [1.0, 2.0], {}, {}), _result(None, [1.0, 2.0], {}, {}))
   with pytest.raises(ConfigError, match="different protocols"):
     compare(ref, _result(0, [1.0, 2.0], {"a": [0.1, 0.2]}, {"x": [True, False]}, protocol="other"))
