@@ -3,7 +3,9 @@
   python3 scripts/results_table.py --root runs/results --out docs/results_table.md
 
 Each row is `python -m qdllm_jax.launch --config configs/tiny.py:<presets>` in its own workdir (same
-calibration windows, seed and evaluation protocol); the FP row comes from the first run's FP evaluation.
+calibration windows, seed and evaluation protocol); the FP row comes from the first run's FP evaluation,
+which every later run reads back (eval_fp.json) for its paired comparison against FP (report.json
+"comparison"; the last three columns).
 A finished run is reused (the launch refuses nothing and redoes nothing when its fingerprint matches).
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,13 +31,20 @@ ROWS = [  # (label, presets)
 METRICS = [("elbo_ppl", "ELBO PPL ↓", "{:.1f}"), ("mc_acc/all", "MC acc ↑", "{:.1%}"),
            ("gen_em/all", "Gen EM ↑", "{:.1%}"), ("gen_em/increment", "EM increment", "{:.1%}"),
            ("gen_em/shift", "EM shift", "{:.1%}"), ("mc_acc/odd", "MC odd", "{:.1%}")]
+# Paired against FP over the same windows / examples and random draws: delta (t); t beyond +-3 is a real change.
+PAIRED = ("ΔELBO x1e3 (t)", "ΔMC NLL (t)", "ΔGen EM pts (t)")
 
 
-def run(presets: str, workdir: str, fp: bool) -> dict:
+def run(presets: str, workdir: str, fp_cache: str | None) -> dict:
+  """One launch run (reused if its report exists). Every run evaluates FP too, for the paired comparison; with
+  fp_cache (the first run's eval_fp.json: same model, protocol and seed) it is read back instead of recomputed."""
   rep = os.path.join(workdir, "report.json")
   if not os.path.exists(rep):
+    if fp_cache and not os.path.exists(os.path.join(workdir, "fingerprint.json")):
+      os.makedirs(workdir, exist_ok=True)
+      shutil.copyfile(fp_cache, os.path.join(workdir, "eval_fp.json"))
     cmd = [sys.executable, "-m", "qdllm_jax.launch", f"--config=configs/tiny.py:{presets}", f"--workdir={workdir}",
-           f"--config.eval.fp={fp}", "--overwrite"]
+           "--overwrite"]
     print("$", " ".join(cmd), flush=True)
     t = time.time()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -43,8 +53,18 @@ def run(presets: str, workdir: str, fp: bool) -> dict:
     return json.load(f)
 
 
-def fmt_row(label, m, bpw):
-  cells = [fmt.format(m[k]) if k in m else "–" for k, _, fmt in METRICS]
+def paired_cells(r: dict) -> list:
+  """ΔELBO (nats/token x 1e3), ΔMC NLL, ΔEM (points) against FP with the paired t (eval/paired.py)."""
+  c = r.get("comparison")
+  if not c:
+    return ["–"] * 3
+  return [f"{1e3 * c['elbo_nats_per_token']['delta']:+.2f} ({c['elbo_nats_per_token']['t']:+.1f})",
+          f"{c['mc_nll']['all']['delta']:+.4f} ({c['mc_nll']['all']['t']:+.1f})",
+          f"{100 * c['gen_em']['all']['delta']:+.1f} ({c['gen_em']['all']['t']:+.1f})"]
+
+
+def fmt_row(label, m, bpw, paired=("", "", "")):
+  cells = [fmt.format(m[k]) if k in m else "–" for k, _, fmt in METRICS] + list(paired)
   return f"| {label} | {bpw} | " + " | ".join(cells) + " |"
 
 
@@ -55,12 +75,14 @@ def main():
   args = ap.parse_args()
   reports = []
   for i, (label, presets) in enumerate(ROWS):
-    reports.append((label, run(presets, os.path.join(args.root, presets.replace(",", "+")), fp=(i == 0))))
-  head = "| Method | true bits/weight | " + " | ".join(h for _, h, _ in METRICS) + " |"
-  lines = [head, "|" + "---|" * (len(METRICS) + 2)]
+    fp_cache = os.path.join(args.root, ROWS[0][1].replace(",", "+"), "eval_fp.json") if i else None
+    reports.append((label, run(presets, os.path.join(args.root, presets.replace(",", "+")), fp_cache)))
+  head = "| Method | true bits/weight | " + " | ".join(h for _, h, _ in METRICS) + " | " + " | ".join(PAIRED) + " |"
+  lines = [head, "|" + "---|" * (len(METRICS) + len(PAIRED) + 2)]
   lines.append(fmt_row("FP32", reports[0][1]["metrics"]["fp"], "32"))
   for label, r in reports:
-    lines.append(fmt_row(label, r["metrics"]["quantized"], f"{r['sizes']['true_bits_per_weight']:.3f}"))
+    lines.append(fmt_row(label, r["metrics"]["quantized"], f"{r['sizes']['true_bits_per_weight']:.3f}",
+                         paired_cells(r)))
   table = "\n".join(lines)
   print(table)
   proto = reports[0][1].get("protocol", {})
