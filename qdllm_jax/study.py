@@ -165,14 +165,32 @@ def task_columns(metrics: dict) -> list[str]:
   return sorted(k for k in metrics if k.startswith(TASK_METRICS) and not k.endswith("/all"))
 
 
+PAIRED_KEYS = ("window_nll", "window_tokens", "choice_nll", "gen_hits")  # what eval.paired.compare reads
+
+
+def _paired_cells(fp: dict, r: dict) -> list[str]:
+  """'delta (t)' of the ELBO (nats/token x 1e3) and of the choice NLL against FP, paired over the same items and
+  draws (eval.paired; rows evaluated with one key); '–' for rows without per-item results (older caches)."""
+  if r is fp or not (fp.get("paired") and r.get("paired")):
+    return ["–", "–"]
+  from qdllm_jax.eval import paired
+  wrap = lambda row: {"protocol": "study", "key_data": row["paired"]["key_data"], "details": row["paired"]}  # noqa
+  c = paired.compare(wrap(fp), wrap(r))
+  cells = []
+  for stat, scale in ((c.get("elbo_nats_per_token"), 1e3), ((c.get("mc_nll") or {}).get("all"), 1.0)):
+    cells.append("–" if stat is None else f"{scale * stat['delta']:+.3g} ({stat['t']:+.1f})")
+  return cells
+
+
 def table(rows: list[dict]) -> str:
   """Markdown table: one row per entry, task columns, Avg (mean of the task columns), relative drop vs FP
-  ((Avg - Avg_FP) / Avg_FP), and the ELBO perplexity with its relative change."""
+  ((Avg - Avg_FP) / Avg_FP), the ELBO perplexity with its relative change, and the paired ELBO and choice-NLL
+  changes against FP with their t (`_paired_cells`)."""
   fp = next(r for r in rows if r["entry"]["method"] == "fp")
   cols = task_columns(fp["metrics"])
   avg = lambda m: float(np.mean([m[c] for c in cols])) if cols else float("nan")  # noqa: E731
   head = ["Method", "Setting"] + [c.replace("mc_acc/", "MC ").replace("gen_em/", "EM ") for c in cols]
-  head += ["Avg", "Drop", "ELBO PPL", "PPL change"]
+  head += ["Avg", "Drop", "ELBO PPL", "PPL change", "ΔELBO x1e3 (t)", "ΔMC NLL (t)"]
   out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     m, e = r["metrics"], r["entry"]
@@ -180,7 +198,7 @@ def table(rows: list[dict]) -> str:
     drop = "–" if e["method"] == "fp" else f"{100 * (a - avg(fp['metrics'])) / avg(fp['metrics']):+.1f}%"
     dppl = "–" if e["method"] == "fp" else f"{100 * (ppl - fp['metrics']['elbo_ppl']) / fp['metrics']['elbo_ppl']:+.2f}%"
     cells = [e["method"] if e["method"] != "fp" else "–", r["setting"]] + [f"{100 * m[c]:.1f}" for c in cols]
-    out.append("| " + " | ".join(cells + [f"{100 * a:.1f}", drop, f"{ppl:.1f}", dppl]) + " |")
+    out.append("| " + " | ".join(cells + [f"{100 * a:.1f}", drop, f"{ppl:.1f}", dppl] + _paired_cells(fp, r)) + " |")
   return "\n".join(out)
 
 
@@ -244,8 +262,11 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
     jax.block_until_ready(qmodel.params)
     t1 = time.time()
     res = run_lib.evaluate(qmodel, tok, spec, mesh)
+    det = res.get("details") or {}
     row = dict(entry=dataclasses.asdict(e), setting=e.setting, fingerprint=fpr, metrics=res["metrics"],
-               quantize_s=round(t1 - t0, 2), eval_s=round(time.time() - t1, 2))
+               quantize_s=round(t1 - t0, 2), eval_s=round(time.time() - t1, 2),
+               paired=dict({k: det[k] for k in PAIRED_KEYS if k in det}, key_data=res["result"].get("key_data"))
+               if det else None)
     report_lib.write_json(fp_path, row)
     log.info("[%d/%d] %s %s: quantize %.1fs, eval %.1fs, %s", i + 1, len(entries), e.method, e.setting,
              t1 - t0, time.time() - t1, {k: round(v, 4) for k, v in res["metrics"].items() if k.endswith("/all")})

@@ -42,9 +42,21 @@ def test_table_arithmetic():
   q = dict(entry=dict(method="gptq", w_bits=3, a_bits=16), setting="W3A16",
            metrics={"mc_acc/a": 0.7, "gen_em/b": 0.5, "mc_acc/all": 0.7, "elbo_ppl": 110.0})
   lines = study.table([fp, q]).splitlines()
-  assert lines[0] == "| Method | Setting | EM b | MC a | Avg | Drop | ELBO PPL | PPL change |"
-  assert lines[2] == "| – | FP | 60.0 | 80.0 | 70.0 | – | 100.0 | – |"
-  assert lines[3] == "| gptq | W3A16 | 50.0 | 70.0 | 60.0 | -14.3% | 110.0 | +10.00% |"
+  assert lines[0] == ("| Method | Setting | EM b | MC a | Avg | Drop | ELBO PPL | PPL change | ΔELBO x1e3 (t) | "
+                      "ΔMC NLL (t) |")
+  assert lines[2] == "| – | FP | 60.0 | 80.0 | 70.0 | – | 100.0 | – | – | – |"
+  assert lines[3] == "| gptq | W3A16 | 50.0 | 70.0 | 60.0 | -14.3% | 110.0 | +10.00% | – | – |"  # no per-item data
+  # with per-item results: paired deltas against FP (window NLLs over 10 tokens each; one MC family)
+  fp["paired"] = {"key_data": [0, 1], "window_nll": [50.0, 52.0, 49.0], "window_tokens": [10, 10, 10],
+                  "choice_nll": {"a": [0.1, 0.2, 0.0]}}
+  q["paired"] = {"key_data": [0, 1], "window_nll": [51.0, 52.5, 50.0], "window_tokens": [10, 10, 10],
+                 "choice_nll": {"a": [0.3, 0.2, 0.1]}}
+  d = np.array([0.1, 0.05, 0.1])  # per-window nats/token; t = mean / (sd / sqrt(3))
+  t_elbo = d.mean() / (d.std(ddof=1) / np.sqrt(3))
+  m = np.array([0.2, 0.0, 0.1])
+  t_mc = m.mean() / (m.std(ddof=1) / np.sqrt(3))
+  assert study.table([fp, q]).splitlines()[3].endswith(f"| {1e3 * d.mean():+.3g} ({t_elbo:+.1f}) | "
+                                                        f"{m.mean():+.3g} ({t_mc:+.1f}) |")
 
 
 def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
@@ -64,6 +76,8 @@ def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
   assert rows["fpFP"]["metrics"] == pytest.approx(ref, rel=1e-6)
   for r in out["rows"]:
     assert np.isfinite(list(r["metrics"].values())).all()
+    assert len(r["paired"]["window_nll"]) == len(r["paired"]["window_tokens"]) > 0
+  assert "ΔELBO x1e3 (t)" in md
 
   calls = []
   real_build = study.build
