@@ -3,9 +3,9 @@
 A run is a sequence of phases (`Phase`). Every step of a phase optimises
     L = L_pre(corpus windows) + task_weight * L_sft(task rows)            (objective.py)
 with `batch` corpus windows and `task_batch` SFT-form task rows (prompt never masked; task_batch = 0 gives pure
-pretraining). Each phase starts a fresh AdamW state and its own warmup / cosine schedule. The shipped recipe
-(docs/evaluation.md) first learns the tasks, with the corpus on LLaDA's long unigram plateau, then continues on
-more corpus with fewer, down-weighted task rows until the corpus objective leaves the plateau.
+pretraining). Each phase starts a fresh AdamW state and its own warmup / cosine schedule. The shipped model is
+one phase (its corpus loss stays on LLaDA's long unigram plateau); docs/evaluation.md measures two-phase recipes
+(pure pretraining first; a continuation on more corpus with fewer, down-weighted task rows).
 Determinism: the noise key of global step s (steps count on across phases) is fold_in(PRNGKey(seed), s) and the
 host batches come from numpy.random.default_rng([seed, s]), so a run is a pure function of (seed, config), also
 across restarts and when a run resumes at a phase boundary from the weights the earlier phases produced.
