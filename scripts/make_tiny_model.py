@@ -76,6 +76,7 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=None, help="one phase of this many steps (overrides --phases)")
   ap.add_argument("--batch", type=int, default=8, help="corpus windows per step of the --steps phase")
   ap.add_argument("--task_batch", type=int, default=96, help="task rows per step of the --steps phase")
+  ap.add_argument("--arch", default="", help="comma list of key=int overrides of ARCH, e.g. n_layers=8 (experiments)")
   ap.add_argument("--init_from", default=None, help="resume at phase --start_phase from this checkpoint (the "
                   "weights and tokenizer the earlier phases of the same command produced)")
   ap.add_argument("--start_phase", type=int, default=0)
@@ -88,6 +89,12 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.steps is not None:
     args.phases = f"{args.steps}:{args.batch}:{args.task_batch}:1.0"
+  arch = dict(ARCH)
+  for kv in filter(None, args.arch.split(",")):
+    k, _, v = kv.partition("=")
+    if k not in ARCH or not v.isdigit():
+      raise SystemExit(f"--arch {kv!r}: expected key=int with key in {sorted(k for k in ARCH if k != 'torch_dtype')}")
+    arch[k] = int(v)
   os.makedirs(args.workdir, exist_ok=True)
   logf = open(os.path.join(args.workdir, "train.log"), "a")
 
@@ -113,7 +120,7 @@ def main(argv=None):
     tok = build_tokenizer(splits, tok_dir, args.seed, args.vocab)
   paths = tasks.export_eval_sets()
   log(f"tokenizer: {len(tok)} ids; eval sets {paths}")
-  cfg = llada_config(LLADA_8B, **ARCH, **tokenizer.config_overrides(tok))
+  cfg = llada_config(LLADA_8B, **arch, **tokenizer.config_overrides(tok))
   log(f"model: {transformer.num_params(cfg)} params, {cfg}")
   stream = windows.encode_stream(tok, splits["train"])
   tc = trainer.TrainConfig(seed=args.seed, phases=[trainer.Phase.parse(p) for p in args.phases.split(",")],
@@ -144,7 +151,7 @@ def main(argv=None):
              "total_seconds": round(time.time() - t_start, 1), "num_params": transformer.num_params(cfg),
              "final_loss": history[-1], "heldout_pretrain_loss": held, "gen_exact_match": gen,
              "mc_accuracy": mc, "train_config": dataclasses.asdict(tc),
-             "corpus_train_tokens": int(stream.shape[0]), "arch": ARCH, "init_from": args.init_from,
+             "corpus_train_tokens": int(stream.shape[0]), "arch": arch, "init_from": args.init_from,
              "start_phase": args.start_phase}
   with open(os.path.join(args.out, "training_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
