@@ -1,7 +1,7 @@
 """Reproduce the shipped tiny LLaDA (assets/tiny-llada) from a seed, on CPU.
 
   python3 scripts/make_tiny_model.py --out assets/tiny-llada --seed 0 --steps 900
-  python3 scripts/make_tiny_model.py --out /tmp/m --phases 900:8:96:1.0,1200:16:32:0.5    # several phases
+  python3 scripts/make_tiny_model.py --out runs/m2 --phases 900:8:96:1.0,1200:16:32:0.5   # several phases
 
 --steps N [--batch B --task_batch T] is one phase N:B:T:1.0 (the shipped model's command).
 
