@@ -209,8 +209,9 @@ def evaluate(model, tok, spec, mesh) -> dict:
     if proto.data == "shipped":
       from qdllm_jax.eval import suite
       res = suite.evaluate(model, tok, proto, key=purpose_key(spec.seed, "eval"), limit=limit, return_details=True)
-      details = res.pop("details")
-      return {"metrics": res["metrics"], "result": res, "details": details}
+      details = res.pop("details")  # only what the paired comparison reads is kept (and cached for FP)
+      return {"metrics": res["metrics"], "result": res,
+              "details": {k: details[k] for k in paired_lib.DETAIL_KEYS if k in details}}
     from qdllm_jax.eval import lm_eval_adapter
     res = lm_eval_adapter.run_protocol(model, tok, proto, limit=limit, seed=spec.seed,
                                        ignore_cfg=spec.eval.ignore_cfg, include_path=spec.eval.include_path or None,

@@ -165,9 +165,6 @@ def task_columns(metrics: dict) -> list[str]:
   return sorted(k for k in metrics if k.startswith(TASK_METRICS) and not k.endswith("/all"))
 
 
-PAIRED_KEYS = ("window_nll", "window_tokens", "choice_nll", "gen_hits")  # what eval.paired.compare reads
-
-
 def _paired_cells(fp: dict, r: dict) -> list[str]:
   """'delta (t)' of the ELBO (nats/token x 1e3) and of the choice NLL against FP, paired over the same items and
   draws (eval.paired; rows evaluated with one key); '–' for rows without per-item results (older caches)."""
@@ -262,10 +259,10 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
     jax.block_until_ready(qmodel.params)
     t1 = time.time()
     res = run_lib.evaluate(qmodel, tok, spec, mesh)
-    det = res.get("details") or {}
+    det = res.get("details") or {}  # run_lib.evaluate keeps only paired.DETAIL_KEYS
     row = dict(entry=dataclasses.asdict(e), setting=e.setting, fingerprint=fpr, metrics=res["metrics"],
                quantize_s=round(t1 - t0, 2), eval_s=round(time.time() - t1, 2),
-               paired=dict({k: det[k] for k in PAIRED_KEYS if k in det}, key_data=res["result"].get("key_data"))
+               paired=dict(det, key_data=res["result"].get("key_data"))
                if det else None)
     report_lib.write_json(fp_path, row)
     log.info("[%d/%d] %s %s: quantize %.1fs, eval %.1fs, %s", i + 1, len(entries), e.method, e.setting,

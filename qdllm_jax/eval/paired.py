@@ -24,6 +24,9 @@ import numpy as np
 from qdllm_jax.errors import ConfigError
 
 
+DETAIL_KEYS = ("window_nll", "window_tokens", "choice_nll", "gen_hits")  # the per-item results compare reads
+
+
 def _stat(delta: float, se: float, n: int) -> dict:
   t = delta / se if se > 0 else (0.0 if delta == 0 else float(np.sign(delta)) * float("inf"))
   return {"delta": float(delta), "se": float(se), "t": float(t), "n": int(n)}

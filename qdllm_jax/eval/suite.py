@@ -280,7 +280,8 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
       protocol's). return_details: add per-item results (window NLLs and token counts, choice scores and NLLs,
       generated ids, predictions and hits) for `paired.compare`.
   Returns:
-    {"protocol": card, "seed", "key_data" (the key's raw words), "metrics": flat {name: float}, "perplexity": {...}, "multiple_choice":
+    {"protocol": card, "seed", "key_data" (the key's raw words), "metrics": flat {name: float},
+     "perplexity": {...}, "multiple_choice":
      {"accuracy": {family: acc, "all": acc}, "n": {...}}, "generation": {"exact_match": {...}, "n": {...}},
      "timing_s": {...}} (+ "details").
   """
