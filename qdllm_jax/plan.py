@@ -27,6 +27,7 @@ import time
 from qdllm_jax import sharding
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
+from qdllm_jax.quant import packed
 
 GiB = 2 ** 30
 
@@ -126,7 +127,7 @@ def linear_bytes(rows: int, cols: int, method: str, bits: int, group_size: int, 
   """Exact packed bytes of one [rows, cols] weight (packed.QuantizedWeight.nbytes) at uniform order/bits.
 
   binary_planes: P = bits * nb planes: P rows (g / 32) x 4 + P (rows + g) x sb + nb + 4 P.
-  uniform: rows ceil(cols / floor(32 / bits)) x 4 + rows G sb (+ rows G zeros) (+ 4 cols g_idx), G = cols / g.
+  uniform: rows packed.words_per_row(bits, cols) x 4 + rows G sb (+ rows G zeros) (+ 4 cols g_idx), G = cols / g.
   ABMP keeps the mean order at `bits` in every matrix, so its size equals the uniform one.
   """
   sb = {"float16": 2, "bfloat16": 2, "float32": 4}[scale_dtype]
@@ -135,7 +136,7 @@ def linear_bytes(rows: int, cols: int, method: str, bits: int, group_size: int, 
     p = bits * nb
     return p * rows * (group_size // 32) * 4 + p * (rows + group_size) * sb + nb + 4 * p
   groups = 1 if group_size == -1 else cols // group_size
-  out = rows * -(-cols // (32 // bits)) * 4 + rows * groups * sb
+  out = rows * packed.words_per_row(bits, cols) * 4 + rows * groups * sb
   out += 0 if sym else rows * groups
   return out + (4 * cols if act_order else 0)
 

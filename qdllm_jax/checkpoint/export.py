@@ -142,7 +142,7 @@ def load_packed_safetensors(path: str) -> Model:
         weights = doc["weights"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{file}: malformed {HEADER_KEY!r} metadata ({e})") from e
-      if doc.get("layout_version") != tree.packed.LAYOUT_VERSION:
+      if doc.get("layout_version") not in (1, tree.packed.LAYOUT_VERSION):  # per weight: QuantizedWeight.validate
         raise FormatError(f"{file}: packed layout_version={doc.get('layout_version')!r}; this build reads version "
                           f"{tree.packed.LAYOUT_VERSION}. Re-export with this version of qdllm-jax.")
       names = {name: path_ for path_, name in _hf_names(cfg).items()}

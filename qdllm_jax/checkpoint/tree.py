@@ -103,16 +103,17 @@ def stored_arrays(spec: dict) -> dict[tuple, dict]:
 
 
 def check_layout(spec: dict, where: str) -> None:
-  """FormatError for a quantized leaf with an unknown layout version or format (read from the spec only)."""
+  """FormatError for a quantized leaf with an unreadable layout version or format (read from the spec only)."""
   for path, s in iter_specs(spec):
     if s["kind"] != "quantized":
       continue
     meta = s.get("meta", {})
-    if meta.get("layout_version") != packed.LAYOUT_VERSION or meta.get("format") not in packed.FORMATS:
+    if meta.get("format") not in packed.FORMATS or not packed.layout_readable(
+        meta.get("layout_version"), meta.get("format"), meta.get("bits", 3)):
       raise FormatError(f"{where}: packed weight {'.'.join(path)} has layout_version="
                         f"{meta.get('layout_version')!r} format={meta.get('format')!r}; this build reads layout "
-                        f"version {packed.LAYOUT_VERSION} with formats {packed.FORMATS}. Re-export the checkpoint "
-                        "with this version of qdllm-jax.")
+                        f"version {packed.LAYOUT_VERSION} (and version 1 where the layouts agree) with formats "
+                        f"{packed.FORMATS}. Re-export the checkpoint with this version of qdllm-jax.")
 
 
 def _get(arrays, path, where):

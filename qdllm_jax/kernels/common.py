@@ -4,16 +4,20 @@ Binary planes (docs/packed_format.md): P planes, plane p covers the bs-column bl
 ordered by block then by order k. `block_slots` turns the flat plane list into a fixed [nb, 3] table (blocks have
 1..3 planes) so a dequantizing path can loop over k = 0, 1, 2 with a validity mask instead of data-dependent shapes.
 
-Uniform: codes of `bits` bits packed `cpw = 32 // bits` per uint32 word along the input dimension, column
-j = w * cpw + t at bit offset bits * t of word w. The kernels use the "t-major" column order (t, w): slot t of
-every word is one contiguous [out, nw] array obtained by a shift, so no kernel ever interleaves lanes; the
-activations are permuted to match once per call (`permute_x_tmajor`, O(tokens * in), cheap).
+Uniform (quant/packed.py): a row is nu units of cu codes in wu words (2/4/8 bits: one word of 32 / bits codes;
+3 bits: 32 codes in 3 words), words stored word-major (word k of all units is one contiguous [out, nu] slice).
+Column j = u * cu + t is slot t of unit u; `packed.slot_code` extracts it with a shift and a mask (and an OR of
+the next word for a code that crosses a word boundary). The kernels use the "t-major" column order (t, u): slot t
+of every unit is one contiguous [out, nu] array, so no kernel ever interleaves lanes; the activations are
+permuted to match once per call (`permute_x_tmajor`, O(tokens * in), cheap).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qdllm_jax.quant import packed
 
 MAX_ORDER = 3  # DAQ orders are 1..3 (quant-dllm.md §3.1, §5)
 
@@ -36,19 +40,29 @@ def block_slots(orders: jax.Array, num_planes: int):
 
 
 def uniform_geometry(qw):
-  """Static layout numbers of a uniform weight.
+  """Static layout numbers of a uniform weight (quant/packed.py: units of cu codes in wu words, word-major).
 
   Returns:
-    dict with bits, cpw (codes per word), nw (words per row), n_in, G (columns per group), ng (groups),
-    aligned (no act-order and every group is a whole number of words, so a word never straddles groups).
+    dict with bits, cu (codes per unit), wu (words per unit), nu (units per row), nw = nu wu (words per row),
+    n_in, n_pad = nu cu (columns incl. the zero codes of the last unit), G (columns per group), ng (groups),
+    aligned (no act-order and every unit inside one group: G % cu == 0 or one group per row), upg (units per
+    group when aligned: G / cu, or nu for one group).
   """
   out, n_in = qw.shape
   bits = int(qw.bits)
-  cpw = 32 // bits
-  nw = -(-n_in // cpw)
+  cu, wu = packed.unit_shape(bits)
+  nu = -(-n_in // cu)
   g = n_in if qw.group_size == -1 else int(qw.group_size)
-  aligned = qw.g_idx is None and g % cpw == 0 and n_in % cpw == 0
-  return dict(bits=bits, cpw=cpw, nw=nw, n_in=n_in, G=g, ng=n_in // g, aligned=aligned)
+  ng = n_in // g
+  aligned = qw.g_idx is None and (ng == 1 or g % cu == 0)
+  return dict(bits=bits, cu=cu, wu=wu, nu=nu, nw=nu * wu, n_in=n_in, n_pad=nu * cu, G=g, ng=ng, aligned=aligned,
+              upg=(nu if ng == 1 else g // cu) if aligned else 0)
+
+
+def unit_words(q: jax.Array, geo: dict) -> list:
+  """The wu word arrays of every unit: q [..., nw] (word-major) -> [q_0, ..., q_{wu-1}], each [..., nu]."""
+  nu = geo["nu"]
+  return [q[..., k * nu:(k + 1) * nu] for k in range(geo["wu"])]
 
 
 def column_groups(qw) -> jax.Array:
@@ -60,24 +74,24 @@ def column_groups(qw) -> jax.Array:
 
 
 def tmajor_groups(qw) -> jax.Array:
-  """Group of the column in t-major slot (t, w), i.e. of column j = w * cpw + t; int32 [cpw, nw].
+  """Group of the column in t-major slot (t, u), i.e. of column j = u * cu + t; int32 [cu, nu].
 
-  Slots past the last column (j >= in, padding bits of the last word) get group 0; the matching activations
+  Slots past the last column (j >= in, zero codes of the last unit) get group 0; the matching activations
   are zero (`permute_x_tmajor`), so they contribute nothing.
   """
   geo = uniform_geometry(qw)
-  cpw, nw, n_in = geo["cpw"], geo["nw"], geo["n_in"]
-  cols = np.arange(nw)[None, :] * cpw + np.arange(cpw)[:, None]
+  cu, nu, n_in = geo["cu"], geo["nu"], geo["n_in"]
+  cols = np.arange(nu)[None, :] * cu + np.arange(cu)[:, None]
   gcol = column_groups(qw)
   return jnp.where(jnp.asarray(cols < n_in), gcol[jnp.asarray(np.minimum(cols, n_in - 1))], 0)
 
 
-def permute_x_tmajor(x2: jax.Array, cpw: int, nw: int) -> jax.Array:
-  """xp[n, t, w] = x[n, w * cpw + t] (zero past the last column); x2 [n, in] -> [n, cpw, nw] (x2's dtype)."""
+def permute_x_tmajor(x2: jax.Array, cu: int, nu: int) -> jax.Array:
+  """xp[n, t, u] = x[n, u * cu + t] (zero past the last column); x2 [n, in] -> [n, cu, nu] (x2's dtype)."""
   n, n_in = x2.shape
-  pad = nw * cpw - n_in
+  pad = nu * cu - n_in
   xp = jnp.pad(x2, ((0, 0), (0, pad))) if pad else x2
-  return xp.reshape(n, nw, cpw).transpose(0, 2, 1)
+  return xp.reshape(n, nu, cu).transpose(0, 2, 1)
 
 
 def zero_points(qw) -> jax.Array:

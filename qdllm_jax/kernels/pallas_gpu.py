@@ -6,9 +6,11 @@ and read with gather indexing on the refs, which Triton lowers to pointer arithm
   binary_planes, plane p (block b = plane_block[p]):
     words[o, j] = planes[p, o, j // 32],  Bpm[o, j] = +1 if (words >> j % 32) & 1 else -1,
     acc += a_r[p, o] * ((x[:, b bs + j] a_c[p, j]) @ Bpm^T)
-  uniform, K chunk of kc columns j (natural column order, any bits / groups / act-order):
-    code[o, j] = (q[o, j // cpw] >> bits (j % cpw)) & mask,  W[o, j] = s[o, g(j)] (code - z[o, g(j)]),
-    acc += x[:, chunk] @ W^T,  g = column groups (g_idx or j // G).
+  uniform, K chunk of kc columns j (natural column order, any bits / groups / act-order; quant/packed.py units):
+    code[o, j] = bits [b t, b t + b) of unit u = j // cu (t = j % cu): (word_k >> sh | word_{k+1} << (32 - sh))
+    & mask with k, sh = divmod(b t, 32), the second word only for a code crossing a word boundary; word k of unit
+    u is q[o, k nu + u] (word-major). W[o, j] = s[o, g(j)] (code - z[o, g(j)]), acc += x[:, chunk] @ W^T,
+    g = column groups (g_idx or j // G).
 Out-of-range rows of the last out tile are clamped to row out-1 for the reads and land in padding columns of
 the (padded) output, which the wrapper slices off; the token dimension is zero-padded to the tile. Every loaded
 tensor has power-of-two dims (Triton): tm >= 16, to in {16..128}, bs and kc powers of two.
@@ -86,7 +88,7 @@ def planes_matmul(x2: jax.Array, qw, *, interpret=False, num_warps: int = 4) -> 
   return y[:n, :out]
 
 
-def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, g_ref, o_ref, *, bits, cpw, n_in, nk, kc, out, tm, to,
+def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, g_ref, o_ref, *, bits, cu, nu, n_in, nk, kc, out, tm, to,
                     sym, cdt):
   """One (M tile, out tile) program; loops over K chunks of kc columns (see module doc)."""
   m0 = pl.program_id(0) * tm
@@ -95,8 +97,13 @@ def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, g_ref, o_ref, *, bits, cpw, n_in
 
   def body(k, acc):
     cols = jnp.minimum(k * kc + jnp.arange(kc), n_in - 1)
-    words = q_ref[rows, (cols // cpw)[None, :]]                             # [to, kc] uint32
-    code = ((words >> ((cols % cpw) * bits).astype(jnp.uint32)[None, :]) & mask).astype(jnp.float32)
+    off = (cols % cu) * bits                                                # bit offset in the unit
+    word, sh = off // 32, (off % 32).astype(jnp.uint32)
+    lo = q_ref[rows, (word * nu + cols // cu)[None, :]]                     # [to, kc] uint32 (word-major)
+    cross = (off % 32 + bits > 32)[None, :]                                 # code continues in the next word
+    hi = q_ref[rows, (jnp.where(cross[0], word + 1, word) * nu + cols // cu)[None, :]]
+    up = jnp.where(cross, hi << ((jnp.uint32(32) - sh) % jnp.uint32(32))[None, :], jnp.uint32(0))
+    code = (((lo >> sh[None, :]) | up) & mask).astype(jnp.float32)
     grp = g_ref[cols][None, :]
     s = s_ref[rows, grp].astype(jnp.float32)
     z = jnp.float32(2 ** (bits - 1)) if sym else z_ref[rows, grp].astype(jnp.float32)
@@ -119,8 +126,8 @@ def uniform_matmul(x2: jax.Array, qw, *, interpret=False, num_warps: int = 4, kc
   xp = jnp.pad(x2, ((0, mp - n), (0, nk * kc - n_in)))
   sym = bool(qw.sym)
   zeros = qw.scales if sym else qw.zeros                                    # placeholder when sym (unread)
-  kernel = functools.partial(_uniform_kernel, bits=geo["bits"], cpw=geo["cpw"], n_in=n_in, nk=nk, kc=kc,
-                             out=out, tm=tm, to=to, sym=sym, cdt=x2.dtype)
+  kernel = functools.partial(_uniform_kernel, bits=geo["bits"], cu=geo["cu"], nu=geo["nu"], n_in=n_in, nk=nk,
+                             kc=kc, out=out, tm=tm, to=to, sym=sym, cdt=x2.dtype)
   y = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((mp, op), jnp.float32), grid=(mp // tm, op // to),
       out_specs=pl.BlockSpec((tm, to), lambda m, o: (m, o)), interpret=interpret,

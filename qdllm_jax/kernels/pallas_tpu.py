@@ -10,12 +10,13 @@ binary_planes: grid (M tiles, out tiles, plane groups). The kernel needs the wor
   plane p reads its block's columns with a 128-aligned dynamic lane slice at plane_block[p] (scalar prefetch):
     s = (x[:, blk] ⊙ a_c[p]) @ Bpm_p^T,  Bpm_p^T[32 w + i, o] = +1 if bit i of word w of row o else -1,
     acc += a_r[p] ⊙ s.
-uniform: grid (M tiles, out tiles, K word-blocks) in the t-major column order (common.py): slot t of a word
-  block is (q >> bits t) & mask, an [out, kw] tile; x is permuted to [cpw, M, nw] by the wrapper. Per-group
-  scale/zero are expanded to the word lanes with an exact 0/1 matmul, s_w = s @ E (E[g, w] = 1 iff slot (t, w)
-  belongs to group g), then W_t = s_w (code_t - z_w) and acc += x_t @ W_t^T.
-  "local" E (no act-order, groups of whole words, word blocks made of whole groups) is one [gk, kw] matrix for
-  every block and slot; otherwise ("global") E is [cpw, ng, nwK] built per call from the column groups.
+uniform: grid (M tiles, out tiles, K unit-blocks) in the t-major column order (common.py): the packed row is viewed
+  as [wu, nu] (word k of every unit, word-major storage, a free reshape) and blocked [to, wu, ku]; slot t of a unit
+  block is `packed.slot_code` of its wu word tiles, an [out, ku] tile; x is permuted to [cu, M, nu] by the wrapper.
+  Per-group scale/zero are expanded to the unit lanes with an exact 0/1 matmul, s_u = s @ E (E[g, u] = 1 iff slot
+  (t, u) belongs to group g), then W_t = s_u (code_t - z_u) and acc += x_t @ W_t^T.
+  "local" E (no act-order, unit blocks made of whole groups) is one [gk, ku] matrix for
+  every block and slot; otherwise ("global") E is [cu, ng, nuK] built per call from the column groups.
 The wrappers hand the kernels float32 copies of the float16 scales and uint8 zero points (float16 / int8 vector
 math is not native on every TPU generation); that is 2-4 bytes per 128 weights per plane or group.
 """
@@ -30,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from qdllm_jax.kernels import common
+from qdllm_jax.quant import packed
 
 _VMEM_X_BYTES = 4 << 20      # budget of one token block (all `in` columns)
 _HI = jax.lax.Precision.HIGHEST
@@ -125,18 +127,17 @@ def planes_matmul(x2: jax.Array, qw, *, interpret=False, tile_out: int = 1024,
   return y[:n]
 
 
-def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, e_ref, o_ref, acc_ref, *, bits, cpw, local, sym, cdt):
-  """One (M tile, out tile, word block) step; see the module doc for the math."""
+def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, e_ref, o_ref, acc_ref, *, bits, cu, wu, local, sym, cdt):
+  """One (M tile, out tile, unit block) step; see the module doc for the math."""
   k = pl.program_id(2)
 
   @pl.when(k == 0)
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  q = q_ref[...]                                                            # [to, kw] uint32
+  qk = [q_ref[:, w, :] for w in range(wu)]                                  # wu x [to, ku] uint32
   s = s_ref[...]                                                            # [to, gk] float32
   z = None if sym else z_ref[...]
-  mask = jnp.uint32(2 ** bits - 1)
   half = jnp.float32(2 ** (bits - 1))
 
   def expand(e):
@@ -147,10 +148,10 @@ def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, e_ref, o_ref, acc_ref, *, bits, 
   if local:
     sw, zw = expand(e_ref[...])
   acc = acc_ref[...]
-  for t in range(cpw):
+  for t in range(cu):
     if not local:
       sw, zw = expand(e_ref[t])
-    code = ((q >> jnp.uint32(bits * t)) & mask).astype(jnp.float32)
+    code = packed.slot_code(qk, t, bits).astype(jnp.float32)
     w_t = (sw * (code - zw)).astype(cdt)
     acc = acc + _dot(x_ref[t], w_t, 1)
   acc_ref[...] = acc
@@ -160,61 +161,62 @@ def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, e_ref, o_ref, acc_ref, *, bits, 
     o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _uniform_plan(qw, max_kw: int):
-  """Word-block size kw, blocks nK, and whether the "local" expansion applies (see module doc)."""
+def _uniform_plan(qw, max_ku: int):
+  """Unit-block size ku, blocks nK, and whether the "local" expansion applies (see module doc)."""
   geo = common.uniform_geometry(qw)
-  cpw, nw, g = geo["cpw"], geo["nw"], geo["G"]
+  nu = geo["nu"]
   if geo["aligned"]:
-    for kw in (512, 256, 128):
-      if kw <= max_kw and nw % kw == 0 and (kw * cpw) % g == 0:
-        return kw, nw // kw, True
-    return nw, 1, True                                                      # one block = all groups
-  kw = nw if nw <= 128 else 128
-  return kw, pl.cdiv(nw, kw), False
+    for ku in (512, 256, 128):
+      if ku <= max_ku and nu % ku == 0 and ku % geo["upg"] == 0:
+        return ku, nu // ku, True
+    return nu, 1, True                                                      # one block = all groups
+  ku = nu if nu <= 128 else 128
+  return ku, pl.cdiv(nu, ku), False
 
 
 def uniform_matmul(x2: jax.Array, qw, *, interpret=False, tile_out: int = 512, max_kw: int = 512,
                    tile_m: int | None = None) -> jax.Array:
   """uniform y = x2 @ W^T on TPU. x2 [n, in] f32/bf16 -> float32 [n, out].
 
-  tile_out: out rows per step (multiple of 128); max_kw: largest word block (512, 256 or 128) tried;
+  tile_out: out rows per step (multiple of 128); max_kw: largest unit block (512, 256 or 128) tried;
   tile_m: token rows per step (multiple of 8/16; default by batch size and VMEM budget).
   """
   n, n_in = x2.shape
   out = qw.shape[0]
   geo = common.uniform_geometry(qw)
-  bits, cpw, nw, ng = geo["bits"], geo["cpw"], geo["nw"], geo["ng"]
+  bits, cu, wu, nu, ng = geo["bits"], geo["cu"], geo["wu"], geo["nu"], geo["ng"]
   cdt = x2.dtype
-  kw, nk, local = _uniform_plan(qw, max_kw)
-  nwk = nk * kw
-  tm = tile_m or _tile_m(n, kw * cpw, cdt)
+  ku, nk, local = _uniform_plan(qw, max_kw)
+  nuk = nk * ku
+  tm = tile_m or _tile_m(n, ku * cu, cdt)
   to = _tile_out(out, tile_out)
   mp = common.round_up(n, tm)
-  xp = common.permute_x_tmajor(x2, cpw, nw)                                 # [n, cpw, nw]
-  xp = jnp.pad(xp, ((0, mp - n), (0, 0), (0, nwk - nw))).transpose(1, 0, 2)  # [cpw, mp, nwk]
+  xp = common.permute_x_tmajor(x2, cu, nu)                                  # [n, cu, nu]
+  xp = jnp.pad(xp, ((0, mp - n), (0, 0), (0, nuk - nu))).transpose(1, 0, 2)  # [cu, mp, nuk]
+  q3 = qw.qweight.reshape(out, wu, nu)                                      # word-major units (free reshape)
   if local:
     gk = ng // nk
-    e = np.zeros((gk, kw), np.float32)
-    e[np.arange(kw) * cpw // geo["G"], np.arange(kw)] = 1.0                 # word w of the block -> group
+    e = np.zeros((gk, ku), np.float32)
+    e[np.arange(ku) // geo["upg"], np.arange(ku)] = 1.0                     # unit u of the block -> group
     e = jnp.asarray(e, jnp.bfloat16)
-    e_spec = pl.BlockSpec((gk, kw), lambda m, o, k: (0, 0))
+    e_spec = pl.BlockSpec((gk, ku), lambda m, o, k: (0, 0))
     sz_spec = pl.BlockSpec((to, None, gk), lambda m, o, k: (o, k, 0))
     s_in = qw.scales.astype(jnp.float32).reshape(out, nk, gk)             # f16 / u8 math is not native on TPU
     z_in = None if qw.sym else qw.zeros.astype(jnp.float32).reshape(out, nk, gk)
   else:
-    gt = jnp.pad(common.tmajor_groups(qw), ((0, 0), (0, nwk - nw)), constant_values=-1)
-    e = jax.nn.one_hot(gt, ng, dtype=jnp.bfloat16, axis=1)                  # [cpw, ng, nwk]; pad -> 0
-    e_spec = pl.BlockSpec((cpw, ng, kw), lambda m, o, k: (0, 0, k))
+    gt = jnp.pad(common.tmajor_groups(qw), ((0, 0), (0, nuk - nu)), constant_values=-1)
+    e = jax.nn.one_hot(gt, ng, dtype=jnp.bfloat16, axis=1)                  # [cu, ng, nuk]; pad -> 0
+    e_spec = pl.BlockSpec((cu, ng, ku), lambda m, o, k: (0, 0, k))
     sz_spec = pl.BlockSpec((to, ng), lambda m, o, k: (o, 0))
     s_in = qw.scales.astype(jnp.float32)
     z_in = None if qw.sym else qw.zeros.astype(jnp.float32)
-  x_spec = pl.BlockSpec((cpw, tm, kw), lambda m, o, k: (0, m, k))
-  q_spec = pl.BlockSpec((to, kw), lambda m, o, k: (o, k))
-  args = [xp, qw.qweight, s_in, z_in, e]
+  x_spec = pl.BlockSpec((cu, tm, ku), lambda m, o, k: (0, m, k))
+  q_spec = pl.BlockSpec((to, wu, ku), lambda m, o, k: (o, 0, k))
+  args = [xp, q3, s_in, z_in, e]
   specs = [x_spec, q_spec, sz_spec, sz_spec, e_spec]
   if qw.sym:                                                                # no zeros array: drop its slot
     del args[3], specs[3]
-  kernel = functools.partial(_uniform_kernel, bits=bits, cpw=cpw, local=local, sym=bool(qw.sym), cdt=cdt)
+  kernel = functools.partial(_uniform_kernel, bits=bits, cu=cu, wu=wu, local=local, sym=bool(qw.sym), cdt=cdt)
   if qw.sym:
     kernel = functools.partial(_drop_z, kernel)
   y = pl.pallas_call(

@@ -9,13 +9,10 @@ Two regimes, chosen by the static token count n:
         y[n, o] = sum_p a_r[p, o] * sum_j (+z_p[n, j] if B_p[o, j] else -z_p[n, j]);
     the inner sum is read from byte lookup tables: all 256 signed sums of every 8 consecutive z (no unpacked
     array exists; one gather per 8 weights).
-  - uniform (no act-order, groups made of whole words: 2/4/8 bits):
+  - uniform (no act-order, every packing unit inside one group: G a multiple of 32 / gcd(bits, 32)):
         y[n, o] = sum_g s[o, g] sum_{j in g} q[o, j] x[n, j]  -  sum_g s[o, g] z[o, g] X[n, g],
-    X[n, g] = sum_{j in g} x[n, j]; q[o, j] is extracted from its word with a shift and a mask.
-  - uniform with words straddling groups (3 bits: 10 codes per word, G = 128): the aligned loop credits every
-    word to the group of its first column (its scale, gathered per word, fuses into the loop); the codes of
-    the few straddling words past the boundary then get the next group's scale (a small [out, #straddling]
-    correction), then the zero points.
+    X[n, g] = sum_{j in g} x[n, j]; q[o, j] is extracted from its unit with a shift and a mask (3 bits: 32 codes
+    in 3 words; the 2 codes that cross a word boundary OR in the next word).
 * Prefill (larger n; and uniform weights with act-order): W^ is dequantized
   CHUNK_ROWS output rows at a time inside a `lax.map` (the chunk stays in cache) and multiplied with a dense
   dot. Columns are produced in a permuted order in which every slice is a plain shift of the packed words,
@@ -32,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from qdllm_jax.kernels import common
+from qdllm_jax.quant import packed
 
 PLANES_GEMV_MAX_TOKENS = 8   # per-token cost ~ a dense f32 GEMV; beyond, dequantize-and-dot wins
 UNIFORM_GEMV_MAX_TOKENS = 4
@@ -141,102 +139,33 @@ def planes_dequant_dot(x2: jax.Array, qw) -> jax.Array:
 
 
 def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
-  """Decode-regime uniform product (aligned groups only; see module doc). x2 [n, in] -> float32 [n, out].
+  """Decode-regime uniform product (no act-order, units inside groups; see module doc). x2 [n, in] -> [n, out].
 
-  Tokens are unrolled (n is small and static), each one fused loop over the [out, nw] words, followed by the
-  group scales and a ones-vector dot over the words.
+  Tokens are unrolled (n is small and static), each one fused loop over the [out, nu] units (slot t of every unit
+  by `packed.slot_code`), followed by the group scales and a ones-vector dot over the units.
   """
   geo = common.uniform_geometry(qw)
-  assert geo["aligned"], "uniform_gemv needs groups made of whole words and no act-order"
+  assert geo["aligned"], "uniform_gemv needs contiguous groups made of whole units (no act-order)"
   out = qw.shape[0]
-  bits, cpw, nw, ng, g = geo["bits"], geo["cpw"], geo["nw"], geo["ng"], geo["G"]
-  q = qw.qweight
-  mask = jnp.uint32(2 ** bits - 1)
+  bits, cu, nu, ng, upg = geo["bits"], geo["cu"], geo["nu"], geo["ng"], geo["upg"]
+  qk = common.unit_words(qw.qweight, geo)                                              # wu x [out, nu]
   s = qw.scales.astype(jnp.float32)
   sz = s * common.zero_points(qw)
 
   def one(xt):                                                                         # xt [in]
-    # xp[t, w] = x[w cpw + t], as an (exact) identity dot so that XLA materializes it instead of fusing the
+    # xp[t, u] = x[u cu + t], as an (exact) identity dot so that XLA materializes it instead of fusing the
     # strided transpose into the hot loop below.
-    eye = jnp.eye(cpw, dtype=jnp.float32)
-    xp = lax.dot_general(eye, _to_f32(xt).reshape(nw, cpw), (((1,), (1,)), ((), ())),
-                         precision=lax.Precision.HIGHEST)                              # [cpw, nw]
+    eye = jnp.eye(cu, dtype=jnp.float32)
+    xf = jnp.pad(_to_f32(xt), (0, geo["n_pad"] - geo["n_in"]))
+    xp = lax.dot_general(eye, xf.reshape(nu, cu), (((1,), (1,)), ((), ())),
+                         precision=lax.Precision.HIGHEST)                              # [cu, nu]
     acc = None
-    for t in range(cpw):
-      term = ((q >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xp[t][None, :]
-      acc = term if acc is None else acc + term                                        # [out, nw]
-    y1 = _sum_cols((acc.reshape(out, ng, g // cpw) * s[:, :, None]).reshape(out, nw))
-    xg = _sum_cols(_to_f32(xt).reshape(ng, g))                                         # [ng]
+    for t in range(cu):
+      term = packed.slot_code(qk, t, bits).astype(jnp.float32) * xp[t][None, :]
+      acc = term if acc is None else acc + term                                        # [out, nu]
+    y1 = _sum_cols((acc.reshape(out, ng, upg) * s[:, :, None]).reshape(out, nu))
+    xg = _sum_cols(_to_f32(xt).reshape(ng, geo["G"]))                                  # [ng]
     return y1 - _sum_cols(sz * xg[None, :])
-
-  return jnp.stack([one(x2[t]) for t in range(x2.shape[0])])
-
-
-def _word_scales(s: jax.Array, cpw: int, g: int, nw: int) -> jax.Array:
-  """S[o, w] = s[o, floor(w cpw / G)] for s [out, ng] -> [out, nw], without a gather (XLA:CPU runs gathers as
-  scalar loops). The pattern repeats every Wp = lcm(cpw, G) / cpw words spanning Gp = lcm / G groups, group j of
-  a period covering r_j words: per period, each group's scale is broadcast r_j times and the pieces concatenated
-  (one fused elementwise loop)."""
-  period = int(np.lcm(cpw, g))
-  wp, gp = period // cpw, period // g
-  r = np.bincount(np.arange(wp) * cpw // g, minlength=gp)
-  pn = -(-nw // wp)
-  out, ng = s.shape
-  sp = jnp.pad(s, ((0, 0), (0, pn * gp - ng))).reshape(out, pn, gp) if pn * gp > ng else \
-      s[:, :pn * gp].reshape(out, pn, gp)
-  pieces = [jnp.broadcast_to(sp[:, :, j, None], (out, pn, int(r[j]))) for j in range(gp)]
-  return jnp.concatenate(pieces, axis=-1).reshape(out, pn * wp)[:, :nw]
-
-
-def _cols(a: jax.Array, idx) -> jax.Array:
-  """a[..., idx] for a short static index list, as static slices (no gather)."""
-  return jnp.concatenate([a[..., int(i):int(i) + 1] for i in idx], axis=-1)
-
-
-def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
-  """Decode-regime uniform product when words straddle groups (no act-order, G >= codes per word); see the
-  module doc. x2 [n, in] -> float32 [n, out].
-
-  The hot loop is the aligned one: A[o, w] = sum_t q_t[o, w] x[w cpw + t] over all words, scaled by the scale
-  of the group g0(w) of each word's first column: S[o, w] = s[o, g0(w)] (`_word_scales`, once per call, shared
-  by the tokens; the group sums then cost no matmul). The few words that straddle a boundary
-  (at most one per group) are then corrected: their codes past the boundary,
-  B[o, s] = sum_{t >= b(s)} q_t[o, w_s] x[w_s cpw + t], belong to g0 + 1:
-      y[o] = sum_w S[o, w] A[o, w] + sum_s (s[o, g0(w_s) + 1] - s[o, g0(w_s)]) B[o, s] - sum_g s z[o, g] X[g].
-  """
-  geo = common.uniform_geometry(qw)
-  bits, cpw, nw, ng, g, n_in = geo["bits"], geo["cpw"], geo["nw"], geo["ng"], geo["G"], geo["n_in"]
-  assert qw.g_idx is None and g >= cpw, "uniform_gemv_straddle needs contiguous groups of >= cpw columns"
-  q = qw.qweight
-  mask = jnp.uint32(2 ** bits - 1)
-  s = qw.scales.astype(jnp.float32)
-  sz = s * common.zero_points(qw)
-  cols = np.arange(nw * cpw).reshape(nw, cpw)
-  gcol = np.minimum(cols, n_in - 1) // g                                               # [nw, cpw]
-  g0 = gcol[:, 0]
-  ws = np.nonzero(gcol[:, -1] != g0)[0]                                                # straddling words
-  sw = _word_scales(s, cpw, g, nw)                                                     # [out, nw]
-  if len(ws):  # the straddling words' codes, scales and tail masks, by static slices
-    ds = _cols(s, g0[ws] + 1) - _cols(s, g0[ws])                                       # [out, S]
-    tail = jnp.asarray((gcol[ws] != g0[ws, None]).T, jnp.float32)                     # [cpw, S]
-    qs = _cols(q, ws)                                                                  # [out, S]
-
-  def one(xt):                                                                         # xt [in]
-    xf = jnp.pad(_to_f32(xt), (0, nw * cpw - n_in))
-    eye = jnp.eye(cpw, dtype=jnp.float32)
-    xp = lax.dot_general(eye, xf.reshape(nw, cpw), (((1,), (1,)), ((), ())),
-                         precision=lax.Precision.HIGHEST)                              # [cpw, nw]
-    acc = None
-    for t in range(cpw):
-      term = ((q >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xp[t][None, :]
-      acc = term if acc is None else acc + term                                        # [out, nw]
-    y = _sum_cols(acc * sw)
-    if len(ws):
-      xb = _cols(xp, ws) * tail                                                        # [cpw, S]
-      b = sum(((qs >> jnp.uint32(bits * t)) & mask).astype(jnp.float32) * xb[t][None, :] for t in range(cpw))
-      y = y + _sum_cols(b * ds)
-    xg = _sum_cols(xf[:n_in].reshape(ng, g))                                           # [ng]
-    return y - _sum_cols(sz * xg[None, :])
 
   return jnp.stack([one(x2[t]) for t in range(x2.shape[0])])
 
@@ -244,35 +173,33 @@ def uniform_gemv_straddle(x2: jax.Array, qw) -> jax.Array:
 def uniform_dequant_dot(x2: jax.Array, qw) -> jax.Array:
   """Uniform product by chunked dequantization + dot (any bits, groups, act-order). -> float32 [n, out].
 
-  t-major column order (common.permute_x_tmajor): W[c, t, w] = s[c, g(t, w)] (q_t[c, w] - z[c, g(t, w)]).
+  t-major column order (common.permute_x_tmajor): W[c, t, u] = s[c, g(t, u)] (q_t[c, u] - z[c, g(t, u)]).
   """
   geo = common.uniform_geometry(qw)
   n = x2.shape[0]
   out = qw.shape[0]
-  bits, cpw, nw, ng = geo["bits"], geo["cpw"], geo["nw"], geo["ng"]
+  bits, cu, nu, ng, wu = geo["bits"], geo["cu"], geo["nu"], geo["ng"], geo["wu"]
   cdt = x2.dtype
-  xp = common.permute_x_tmajor(x2, cpw, nw).reshape(n, cpw * nw)
+  xp = common.permute_x_tmajor(x2, cu, nu).reshape(n, cu * nu)
   s = qw.scales.astype(jnp.float32)
   z = common.zero_points(qw)
   gt = None if geo["aligned"] else common.tmajor_groups(qw)
   rows = common.divisor_at_most(out, CHUNK_ROWS)
-  mask = jnp.uint32(2 ** bits - 1)
-
-  shifts = (bits * jnp.arange(cpw, dtype=jnp.uint32))[None, :, None]                   # over t
 
   def chunk(args):
-    q, sc, zc = args                                                                   # [C,nw], [C,ng] x2
+    q, sc, zc = args                                                                   # [C,wu,nu], [C,ng] x2
     if gt is None:
-      wpg = geo["G"] // cpw
-      sw = jnp.broadcast_to(sc[:, None, :, None], (rows, 1, ng, wpg)).reshape(rows, 1, nw)
-      zw = jnp.broadcast_to(zc[:, None, :, None], (rows, 1, ng, wpg)).reshape(rows, 1, nw)
+      upg = geo["upg"]
+      sw = jnp.broadcast_to(sc[:, None, :, None], (rows, 1, ng, upg)).reshape(rows, 1, nu)
+      zw = jnp.broadcast_to(zc[:, None, :, None], (rows, 1, ng, upg)).reshape(rows, 1, nu)
     else:
-      sw, zw = jnp.take(sc, gt, axis=1), jnp.take(zc, gt, axis=1)                      # [C, cpw, nw]
-    code = ((q[:, None, :] >> shifts) & mask).astype(jnp.float32)                      # one fusion [C,cpw,nw]
-    wc = (sw * (code - zw)).astype(cdt).reshape(rows, cpw * nw)
+      sw, zw = jnp.take(sc, gt, axis=1), jnp.take(zc, gt, axis=1)                      # [C, cu, nu]
+    qk = [q[:, k] for k in range(wu)]
+    code = jnp.stack([packed.slot_code(qk, t, bits) for t in range(cu)], 1).astype(jnp.float32)  # [C,cu,nu]
+    wc = (sw * (code - zw)).astype(cdt).reshape(rows, cu * nu)
     return jnp.einsum("nk,ck->nc", xp, wc, preferred_element_type=jnp.float32)
 
-  y = lax.map(chunk, (qw.qweight.reshape(out // rows, rows, nw), s.reshape(out // rows, rows, ng),
+  y = lax.map(chunk, (qw.qweight.reshape(out // rows, rows, wu, nu), s.reshape(out // rows, rows, ng),
                       z.reshape(out // rows, rows, ng)))
   return y.transpose(1, 0, 2).reshape(n, out)
 
@@ -282,9 +209,6 @@ def matmul(x2: jax.Array, qw) -> jax.Array:
   n = x2.shape[0]
   if qw.format == "binary_planes":
     return planes_gemv(x2, qw) if n <= PLANES_GEMV_MAX_TOKENS else planes_dequant_dot(x2, qw)
-  geo = common.uniform_geometry(qw)
-  if n <= UNIFORM_GEMV_MAX_TOKENS and geo["aligned"]:
+  if n <= UNIFORM_GEMV_MAX_TOKENS and common.uniform_geometry(qw)["aligned"]:
     return uniform_gemv(x2, qw)
-  if n <= UNIFORM_GEMV_MAX_TOKENS and qw.g_idx is None and geo["G"] >= geo["cpw"]:
-    return uniform_gemv_straddle(x2, qw)
   return uniform_dequant_dot(x2, qw)

@@ -8,7 +8,10 @@ Two formats, both packing along the input dimension into uint32 words, least sig
       plane_block int32 [P]           block of each plane (= repeat(arange(nb), orders))
       W^[:, blk b] = sum over b's planes in order of where(bit, a_r a_c^T, -(a_r a_c^T))
   "uniform" (RTN / GPTQ):
-      qweight uint32 [out, ceil(in / (32 // bits))]   code of column j at bits (j % cpw) * bits of word j // cpw
+      qweight uint32 [out, nu * wu]   units of cu = 32 / gcd(bits, 32) codes in wu = bits / gcd(bits, 32) words
+                      (2 bits: 16 codes / 1 word; 3 bits: 32 codes / 3 words, no unused bit), nu = ceil(in / cu);
+                      a unit is a little-endian bit string (code t at bits [bits t, bits t + bits), crossing
+                      words where it must), stored word-major: word k of unit u at k * nu + u (`pack_codes`)
       scales [out, G] scale_dtype, zeros uint8 [out, G] (integer zero points; None when sym: zero = 2^(bits-1))
       g_idx int32 [in] (act-order only; else group of column j is j // g), G = in / g (1 for g = -1)
       W^[o, j] = scales[o, g_idx[j]] * (q[o, j] - zeros[o, g_idx[j]])
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -27,7 +31,7 @@ import numpy as np
 
 from qdllm_jax.errors import FormatError
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 FORMATS = ("binary_planes", "uniform")
 _ARRAYS = ("planes", "a_r", "a_c", "orders", "plane_block", "qweight", "scales", "zeros", "g_idx")
 _META = ("shape", "method", "format", "bits", "group_size", "sym", "scale_dtype", "layout_version")
@@ -47,26 +51,75 @@ def unpack_signs(words):
 
 
 def codes_per_word(bits: int) -> int:
-  """floor(32 / bits) codes per uint32 word (3 bits: 10 codes, 2 bits unused)."""
+  """floor(32 / bits): codes that fit whole in one uint32 word (3 bits: 10)."""
   return 32 // bits
 
 
+def unit_shape(bits: int) -> tuple[int, int]:
+  """(codes, words) of one packing unit: the shortest run of codes that fills whole words, 32 / gcd(bits, 32)
+  codes in bits / gcd(bits, 32) words (2 bits: 16 codes in 1 word; 3 bits: 32 codes in 3 words; 6: 16 in 3)."""
+  d = math.gcd(int(bits), 32)
+  return 32 // d, int(bits) // d
+
+
+def words_per_row(bits: int, n: int) -> int:
+  """uint32 words of one packed row of n codes: ceil(n / codes per unit) units of `words` words each."""
+  cu, wu = unit_shape(bits)
+  return -(-n // cu) * wu
+
+
+def layout_readable(version, fmt: str, bits: int) -> bool:
+  """True iff a weight stored with layout `version` is read correctly by this build: version 2, or version 1
+  where the two agree (binary planes; uniform with bits dividing 32, i.e. one-word units: 2, 4, 8 bits)."""
+  if version == LAYOUT_VERSION:
+    return True
+  return version == 1 and (fmt == "binary_planes" or unit_shape(bits)[1] == 1)
+
+
+def slot_code(words, t: int, bits: int):
+  """Code of slot t (0 <= t < codes per unit) of every unit, uint32 [...]: its bits start at offset bits * t of
+  the unit's bit string; words[k] holds bits [32 k, 32 k + 32) (a list of wu equally shaped uint32 arrays).
+  A code that crosses a word boundary takes its high bits from the next word."""
+  k, sh = divmod(bits * t, 32)
+  v = words[k] >> jnp.uint32(sh)
+  if sh + bits > 32:
+    v = v | (words[k + 1] << jnp.uint32(32 - sh))
+  return v & jnp.uint32(2 ** bits - 1)
+
+
 def pack_codes(codes, bits: int):
-  """Integer codes [..., n] in [0, 2^bits) -> uint32 [..., ceil(n / cpw)], code j at bit (j % cpw) * bits."""
-  cpw = codes_per_word(bits)
+  """Integer codes [..., n] in [0, 2^bits) -> uint32 [..., words_per_row(bits, n)].
+
+  The row is cut into units of cu codes (unit_shape; zero codes pad the last unit). Unit u is one little-endian
+  bit string of wu words, code t at bits [bits t, bits t + bits) (a code may cross into the next word); the words
+  are stored word-major: word k of unit u at position k * nu + u (nu units per row). With one-word units
+  (2, 4, 8 bits) this is simply code j at bit (j % cu) * bits of word j // cu."""
+  cu, wu = unit_shape(bits)
   codes = jnp.asarray(codes).astype(jnp.uint32)
   n = codes.shape[-1]
-  nw = -(-n // cpw)
-  pad = [(0, 0)] * (codes.ndim - 1) + [(0, nw * cpw - n)]
-  c = jnp.pad(codes, pad).reshape(codes.shape[:-1] + (nw, cpw))
-  return jnp.sum(c << (bits * jnp.arange(cpw, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
+  nu = -(-n // cu)
+  c = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, nu * cu - n)]).reshape(codes.shape[:-1] + (nu, cu))
+  words = []
+  for k in range(wu):
+    acc = jnp.zeros(codes.shape[:-1] + (nu,), jnp.uint32)
+    for t in range(cu):
+      lo = bits * t
+      if lo // 32 == k:
+        acc = acc | (c[..., t] << jnp.uint32(lo % 32))
+      elif (lo + bits - 1) // 32 == k:  # the high bits of a code that started in word k - 1
+        acc = acc | (c[..., t] >> jnp.uint32(32 - lo % 32))
+    words.append(acc)
+  return jnp.concatenate(words, axis=-1)
 
 
 def unpack_codes(words, bits: int, n: int):
-  """uint32 [..., nw] -> uint8 codes [..., n] (inverse of `pack_codes`)."""
-  cpw = codes_per_word(bits)
-  c = (jnp.asarray(words)[..., None] >> (bits * jnp.arange(cpw, dtype=jnp.uint32))) & (2 ** bits - 1)
-  return c.reshape(c.shape[:-2] + (-1,))[..., :n].astype(jnp.uint8)
+  """uint32 [..., words_per_row(bits, n)] -> uint8 codes [..., n] (inverse of `pack_codes`)."""
+  cu, wu = unit_shape(bits)
+  w = jnp.asarray(words)
+  nu = w.shape[-1] // wu
+  wk = [w[..., k * nu:(k + 1) * nu] for k in range(wu)]
+  c = jnp.stack([slot_code(wk, t, bits) for t in range(cu)], axis=-1)
+  return c.reshape(c.shape[:-2] + (nu * cu,))[..., :n].astype(jnp.uint8)
 
 
 def plane_sum(a_r, a_c, signs):
@@ -131,13 +184,14 @@ class QuantizedWeight:
 
   def validate(self) -> "QuantizedWeight":
     """Check layout version, format and that every field matches `shape`; raises FormatError."""
-    if self.layout_version != LAYOUT_VERSION:
-      raise FormatError(f"QuantizedWeight layout_version={self.layout_version!r} is unknown; this build reads "
-                        f"version {LAYOUT_VERSION}. Re-quantize or re-pack the weight with this version.")
     if self.format not in FORMATS:
       raise FormatError(f"QuantizedWeight format {self.format!r} is unknown; expected one of {FORMATS}.")
     if len(self.shape) != 2 or min(self.shape) <= 0:
       raise FormatError(f"QuantizedWeight shape {self.shape!r} must be (out, in) with positive sizes.")
+    if not layout_readable(self.layout_version, self.format, self.bits):
+      raise FormatError(f"QuantizedWeight layout_version={self.layout_version!r} ({self.format}, {self.bits} bits) "
+                        f"is not readable by this build (layout version "
+                        f"{LAYOUT_VERSION}). Re-quantize or re-pack the weight with this version.")
     out, n = self.shape
     sd = jnp.dtype(self.scale_dtype)
 
@@ -173,7 +227,7 @@ class QuantizedWeight:
       g = n if self.group_size == -1 else self.group_size
       if g <= 0 or n % g:
         raise FormatError(f"uniform group_size {self.group_size} must divide in={n} (or be -1).")
-      need("qweight", (out, -(-n // codes_per_word(self.bits))), jnp.uint32)
+      need("qweight", (out, words_per_row(self.bits, n)), jnp.uint32)
       need("scales", (out, n // g), sd)
       if self.sym:
         if self.zeros is not None:
@@ -261,6 +315,7 @@ def from_uniform(codes, scales, zeros, *, bits: int, group_size: int, sym: bool,
 
 
 __all__ = [
-    "LAYOUT_VERSION", "FORMATS", "QuantizedWeight", "pack_signs", "unpack_signs", "codes_per_word", "pack_codes",
+    "LAYOUT_VERSION", "FORMATS", "QuantizedWeight", "pack_signs", "unpack_signs", "codes_per_word", "unit_shape",
+    "words_per_row", "layout_readable", "slot_code", "pack_codes",
     "unpack_codes", "plane_sum", "from_binary_planes", "from_uniform",
 ]

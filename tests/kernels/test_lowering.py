@@ -11,7 +11,7 @@ from qdllm_jax.kernels import qmatmul
 
 def _weights(planes, uniform):
   return {"planes": planes(256, 1024, [2, 1, 3, 2, 2, 2, 3, 1])[0], "int2": uniform(256, 1024, 2, 128)[0],
-          "int3_act": uniform(256, 1024, 3, 128, act_order=True)[0]}
+          "int3": uniform(256, 1024, 3, 128)[0], "int3_act": uniform(256, 1024, 3, 128, act_order=True)[0]}
 
 
 @pytest.mark.parametrize("platform,path", [("tpu", "pallas_tpu"), ("cuda", "pallas_gpu")])

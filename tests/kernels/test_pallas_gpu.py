@@ -27,8 +27,9 @@ def test_planes_bf16(planes, assert_matmul):
   assert_matmul(y, x, w, bf16=True)
 
 
-@pytest.mark.parametrize("bits,group,sym,act", [(2, 32, False, False), (3, 128, False, False),
-                                                (4, 64, True, False), (2, 64, False, True), (8, -1, False, False)])
+@pytest.mark.parametrize("bits,group,sym,act", [(2, 32, False, False), (3, 128, False, False), (3, 80, False, False),
+                                                (4, 64, True, False), (2, 64, False, True), (8, -1, False, False),
+                                                (5, 64, False, False), (3, 64, False, True)])
 def test_uniform(uniform, assert_matmul, bits, group, sym, act):
   qw, w = uniform(136, 640, bits, group, sym=sym, act_order=act)
   x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 640)), jnp.float32)

@@ -32,13 +32,16 @@ def test_planes_dispatch(planes, assert_matmul, dtype):
   assert_matmul(y, x, w, bf16=dtype == jnp.bfloat16)
 
 
-UNIFORM = [  # (out, in, bits, group, sym, act, max_kw): local / global expansion, 1 or several word blocks
+UNIFORM = [  # (out, in, bits, group, sym, act, max_kw): local / global expansion, 1 or several unit blocks
     (136, 640, 2, 32, False, False, 512),
-    (72, 4096, 2, 128, False, False, 128),     # local, 2 word blocks
+    (72, 4096, 2, 128, False, False, 128),     # local, 2 unit blocks
     (72, 640, 4, 128, True, False, 512),
-    (72, 1536, 3, 128, False, False, 512),     # global, ragged last word block (154 words)
+    (72, 1536, 3, 128, False, False, 512),     # 3-word units (48), local, one block
+    (40, 8192, 3, 128, False, False, 128),     # 3-word units, local, 2 blocks of 128 units
+    (40, 4800, 3, 100, False, False, 128),     # units straddle groups: global, ragged last block (150 units)
     (72, 4096, 2, 128, False, True, 512),      # act-order, global, 2 blocks
     (72, 640, 8, -1, False, False, 512),
+    (40, 640, 6, 64, False, False, 512),       # 16 codes in 3 words
 ]
 
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qdllm_jax.kernels import common
 from qdllm_jax.kernels import qmatmul, xla
 
 PLANE_SHAPES = [(72, 256, [1, 3]), (136, 640, [2, 1, 3, 2, 3]), (200, 384, [3, 1, 2])]
@@ -56,12 +57,25 @@ def test_uniform_xla_ragged_words_bf16(uniform, assert_matmul):
   assert_matmul(jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw), x, w, bf16=True)
 
 
-@pytest.mark.parametrize("n_in,group", [(640, 128), (384, 64), (1000, 200), (256, -1)])
-def test_uniform_gemv_straddling_words(uniform, assert_matmul, n_in, group):
-  """3-bit decode path: words of 10 codes straddle group boundaries (and the last word is ragged)."""
-  qw, w = uniform(72, n_in, 3, group)
+@pytest.mark.parametrize("bits,n_in,group", [(3, 640, 128), (3, 384, 64), (3, 1000, -1), (5, 640, 32),
+                                             (6, 96, 16), (7, 320, 64)])
+@pytest.mark.parametrize("fn", [xla.uniform_gemv, xla.uniform_dequant_dot])
+def test_uniform_multiword_units(uniform, assert_matmul, bits, n_in, group, fn):
+  """Units of several words (3 bits: 32 codes in 3 words; codes crossing word boundaries), groups of whole units,
+  a ragged last unit (1000 columns, one group)."""
+  qw, w = uniform(72, n_in, bits, group)
   x = jnp.asarray(np.random.default_rng(6).standard_normal((2, n_in)), jnp.float32)
-  assert_matmul(jax.jit(xla.uniform_gemv_straddle)(x, qw), x, w, bf16=False)
+  assert_matmul(jax.jit(fn)(x, qw), x, w, bf16=False)
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_uniform_groups_splitting_units(uniform, assert_matmul, n):
+  """3 bits with groups of 100 columns: units of 32 codes straddle groups, so every token count takes the
+  dequantize path with per-slot groups (qmatmul picks it)."""
+  qw, w = uniform(40, 400, 3, 100)
+  assert not common.uniform_geometry(qw)["aligned"]
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((n, 400)), jnp.float32)
+  assert_matmul(jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw), x, w, bf16=False)
 
 
 @pytest.mark.parametrize("fn", [xla.uniform_gemv, xla.uniform_dequant_dot])

@@ -26,12 +26,39 @@ def test_code_packing_round_trip(bits):
   rng = np.random.default_rng(bits)
   codes = rng.integers(0, 2 ** bits, (7, 100))
   words = np.asarray(packed.pack_codes(codes, bits))
-  cpw = 32 // bits
-  assert words.shape == (7, -(-100 // cpw))
-  # manual decode of one code: column j lives at bit (j % cpw) * bits of word j // cpw
-  j = 37
-  assert (int(words[3, j // cpw]) >> ((j % cpw) * bits)) & (2 ** bits - 1) == codes[3, j]
+  cu, wu = packed.unit_shape(bits)
+  assert cu * bits == 32 * wu and cu == 32 // np.gcd(bits, 32)     # a unit fills its words exactly
+  nu = -(-100 // cu)
+  assert words.shape == (7, nu * wu) == (7, packed.words_per_row(bits, 100))
+  # brute force, independent of the packer: the row as one little-endian bit string per unit (python ints)
+  for row in (0, 3):
+    for u in range(nu):
+      unit = sum(int(words[row, k * nu + u]) << (32 * k) for k in range(wu))   # word k of unit u at k * nu + u
+      for t in range(cu):
+        j = u * cu + t
+        want = codes[row, j] if j < 100 else 0                              # zero codes pad the last unit
+        assert (unit >> (bits * t)) & (2 ** bits - 1) == want
   np.testing.assert_array_equal(np.asarray(packed.unpack_codes(words, bits, 100)), codes)
+
+
+def test_one_word_units_keep_the_version_1_layout():
+  """2/4/8 bits: code j at bit (j % cpw) * bits of word j // cpw, as in layout version 1 (still readable)."""
+  codes = np.random.default_rng(0).integers(0, 256, (2, 100))
+  for bits in (2, 4, 8):
+    c = codes % 2 ** bits
+    words = np.asarray(packed.pack_codes(c, bits))
+    cpw = 32 // bits
+    assert words.shape == (2, -(-100 // cpw))
+    for j in range(100):
+      assert (int(words[1, j // cpw]) >> ((j % cpw) * bits)) & (2 ** bits - 1) == c[1, j]
+    assert packed.layout_readable(1, "uniform", bits)
+  assert packed.layout_readable(1, "binary_planes", 2)
+  assert not packed.layout_readable(1, "uniform", 3) and not packed.layout_readable(3, "uniform", 2)
+  qw = from_uniform(codes % 8, np.ones((2, 1)), np.zeros((2, 1)), bits=3, group_size=-1, sym=False)
+  with pytest.raises(FormatError, match="layout_version=1"):
+    dataclasses.replace(qw, layout_version=1).validate()
+  q2 = from_uniform(codes % 4, np.ones((2, 1)), np.zeros((2, 1)), bits=2, group_size=-1, sym=False)
+  dataclasses.replace(q2, layout_version=1).validate()
 
 
 def test_binary_dequantize_matches_numpy_formula():
@@ -74,10 +101,10 @@ def test_bits_per_weight_hand_count():
   hand = 4 * 8 * 4 * 4 + 4 * 8 * 2 + 4 * 128 * 2 + 2 * 1 + 4 * 4  # planes, a_r, a_c (fp16), orders, plane_block
   assert qw.nbytes == hand == 1618
   assert qw.bits_per_weight == pytest.approx(1618 * 8 / (8 * 256))
-  # uniform 3-bit, out 4, in 64, g 32: 10 codes per word -> 7 words per row (2 bits of each word unused)
+  # uniform 3-bit, out 4, in 64, g 32: 32 codes in 3 words (no unused bit) -> 2 units = 6 words per row
   qu = from_uniform(np.zeros((4, 64), int), np.ones((4, 2)), np.zeros((4, 2)), bits=3, group_size=32, sym=False)
-  assert qu.nbytes == 4 * 7 * 4 + 4 * 2 * 2 + 4 * 2 * 1 == 136
-  assert qu.bits_per_weight == pytest.approx(136 * 8 / 256)
+  assert qu.nbytes == 4 * 6 * 4 + 4 * 2 * 2 + 4 * 2 * 1 == 120
+  assert qu.bits_per_weight == pytest.approx(120 * 8 / 256)
   qa = from_uniform(np.zeros((4, 64), int), np.ones((4, 2)), None, bits=4, group_size=32, sym=True,
                     g_idx=np.arange(64) // 32)
   assert qa.nbytes == 4 * 8 * 4 + 4 * 2 * 2 + 64 * 4  # no zeros (sym), int32 g_idx
