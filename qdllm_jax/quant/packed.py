@@ -50,11 +50,6 @@ def unpack_signs(words):
   return b.reshape(b.shape[:-2] + (-1,)).astype(bool)
 
 
-def codes_per_word(bits: int) -> int:
-  """floor(32 / bits): codes that fit whole in one uint32 word (3 bits: 10)."""
-  return 32 // bits
-
-
 def unit_shape(bits: int) -> tuple[int, int]:
   """(codes, words) of one packing unit: the shortest run of codes that fills whole words, 32 / gcd(bits, 32)
   codes in bits / gcd(bits, 32) words (2 bits: 16 codes in 1 word; 3 bits: 32 codes in 3 words; 6: 16 in 3)."""
@@ -315,7 +310,7 @@ def from_uniform(codes, scales, zeros, *, bits: int, group_size: int, sym: bool,
 
 
 __all__ = [
-    "LAYOUT_VERSION", "FORMATS", "QuantizedWeight", "pack_signs", "unpack_signs", "codes_per_word", "unit_shape",
+    "LAYOUT_VERSION", "FORMATS", "QuantizedWeight", "pack_signs", "unpack_signs", "unit_shape",
     "words_per_row", "layout_readable", "slot_code", "pack_codes",
     "unpack_codes", "plane_sum", "from_binary_planes", "from_uniform",
 ]
