@@ -59,12 +59,6 @@ def uniform_geometry(qw):
               upg=(nu if ng == 1 else g // cu) if aligned else 0)
 
 
-def unit_words(q: jax.Array, geo: dict) -> list:
-  """The wu word arrays of every unit: q [..., nw] (word-major) -> [q_0, ..., q_{wu-1}], each [..., nu]."""
-  nu = geo["nu"]
-  return [q[..., k * nu:(k + 1) * nu] for k in range(geo["wu"])]
-
-
 def column_groups(qw) -> jax.Array:
   """Group of every input column j: g_idx[j] (act-order) or j // G; int32 [in]."""
   geo = uniform_geometry(qw)

@@ -99,11 +99,12 @@ def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, g_ref, o_ref, *, bits, cu, nu, n
     cols = jnp.minimum(k * kc + jnp.arange(kc), n_in - 1)
     off = (cols % cu) * bits                                                # bit offset in the unit
     word, sh = off // 32, (off % 32).astype(jnp.uint32)
-    lo = q_ref[rows, (word * nu + cols // cu)[None, :]]                     # [to, kc] uint32 (word-major)
-    cross = (off % 32 + bits > 32)[None, :]                                 # code continues in the next word
-    hi = q_ref[rows, (jnp.where(cross[0], word + 1, word) * nu + cols // cu)[None, :]]
-    up = jnp.where(cross, hi << ((jnp.uint32(32) - sh) % jnp.uint32(32))[None, :], jnp.uint32(0))
-    code = (((lo >> sh[None, :]) | up) & mask).astype(jnp.float32)
+    lo = q_ref[rows, (word * nu + cols // cu)[None, :]] >> sh[None, :]      # [to, kc] uint32 (word-major)
+    if 32 % bits:  # some codes continue in the next word (one-word units never do: no second read)
+      cross = (off % 32 + bits > 32)[None, :]
+      hi = q_ref[rows, (jnp.where(cross[0], word + 1, word) * nu + cols // cu)[None, :]]
+      lo = lo | jnp.where(cross, hi << ((jnp.uint32(32) - sh) % jnp.uint32(32))[None, :], jnp.uint32(0))
+    code = (lo & mask).astype(jnp.float32)
     grp = g_ref[cols][None, :]
     s = s_ref[rows, grp].astype(jnp.float32)
     z = jnp.float32(2 ** (bits - 1)) if sym else z_ref[rows, grp].astype(jnp.float32)

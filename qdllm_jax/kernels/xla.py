@@ -148,7 +148,7 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
   assert geo["aligned"], "uniform_gemv needs contiguous groups made of whole units (no act-order)"
   out = qw.shape[0]
   bits, cu, nu, ng, upg = geo["bits"], geo["cu"], geo["nu"], geo["ng"], geo["upg"]
-  qk = common.unit_words(qw.qweight, geo)                                              # wu x [out, nu]
+  qk = packed.unit_words(qw.qweight, bits)                                             # wu x [out, nu]
   s = qw.scales.astype(jnp.float32)
   sz = s * common.zero_points(qw)
 

@@ -71,6 +71,14 @@ def layout_readable(version, fmt: str, bits: int) -> bool:
   return version == 1 and (fmt == "binary_planes" or unit_shape(bits)[1] == 1)
 
 
+def unit_words(words, bits: int) -> list:
+  """The wu word arrays of a word-major packed row: uint32 [..., nu * wu] -> [word 0, ..., word wu-1], each
+  [..., nu] (word k of every unit; a static slice)."""
+  wu = unit_shape(bits)[1]
+  nu = words.shape[-1] // wu
+  return [words[..., k * nu:(k + 1) * nu] for k in range(wu)]
+
+
 def slot_code(words, t: int, bits: int):
   """Code of slot t (0 <= t < codes per unit) of every unit, uint32 [...]: its bits start at offset bits * t of
   the unit's bit string; words[k] holds bits [32 k, 32 k + 32) (a list of wu equally shaped uint32 arrays).
@@ -110,9 +118,8 @@ def pack_codes(codes, bits: int):
 def unpack_codes(words, bits: int, n: int):
   """uint32 [..., words_per_row(bits, n)] -> uint8 codes [..., n] (inverse of `pack_codes`)."""
   cu, wu = unit_shape(bits)
-  w = jnp.asarray(words)
-  nu = w.shape[-1] // wu
-  wk = [w[..., k * nu:(k + 1) * nu] for k in range(wu)]
+  wk = unit_words(jnp.asarray(words), bits)
+  nu = wk[0].shape[-1]
   c = jnp.stack([slot_code(wk, t, bits) for t in range(cu)], axis=-1)
   return c.reshape(c.shape[:-2] + (nu * cu,))[..., :n].astype(jnp.uint8)
 
@@ -311,6 +318,6 @@ def from_uniform(codes, scales, zeros, *, bits: int, group_size: int, sym: bool,
 
 __all__ = [
     "LAYOUT_VERSION", "FORMATS", "QuantizedWeight", "pack_signs", "unpack_signs", "unit_shape",
-    "words_per_row", "layout_readable", "slot_code", "pack_codes",
+    "words_per_row", "layout_readable", "unit_words", "slot_code", "pack_codes",
     "unpack_codes", "plane_sum", "from_binary_planes", "from_uniform",
 ]
