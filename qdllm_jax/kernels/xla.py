@@ -32,8 +32,10 @@ from qdllm_jax.kernels import common
 from qdllm_jax.quant import packed
 
 PLANES_GEMV_MAX_TOKENS = 8   # per-token cost ~ a dense f32 GEMV; beyond, dequantize-and-dot wins
-UNIFORM_GEMV_MAX_TOKENS = 4
+UNIFORM_GEMV_MAX_TOKENS = 8
 CHUNK_ROWS = 64
+GEMV_DIRECT_BYTES = 28 << 20  # uniform_gemv: float32 accumulators (all tokens) built whole up to this size,
+GEMV_CHUNK_BYTES = 8 << 20    # else per token, in row chunks of at most this size
 _SIGN = 0x80000000
 
 
@@ -141,33 +143,47 @@ def planes_dequant_dot(x2: jax.Array, qw) -> jax.Array:
 def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
   """Decode-regime uniform product (no act-order, units inside groups; see module doc). x2 [n, in] -> [n, out].
 
-  Tokens are unrolled (n is small and static), each one fused loop over the [out, nu] units (slot t of every unit
-  by `packed.slot_code`), followed by the group scales and a ones-vector dot over the units.
+  One fused loop over the slots t of the units (slot t by `packed.slot_code`) accumulates float32 [n, rows, nu],
+  followed by the group scales and a ones-vector dot over the units. The accumulators are built for all rows at
+  once (tokens unrolled: n is small and static) when 4 n out nu <= GEMV_DIRECT_BYTES; beyond, a `lax.map` runs
+  over chunks of output rows of at most GEMV_CHUNK_BYTES, all tokens of a chunk in one loop. Reason: XLA:CPU
+  allocates the temporaries with malloc, and a block above glibc's 32 MiB mmap-threshold cap is mapped fresh,
+  page by page, on every call (int4 4096 x 4096 at 4 tokens: ~8,700 minor page faults per call, ~4x slower),
+  while a loop body runs on one thread (1 token: 1.3-2x slower than the whole two-thread loop), so the chunked
+  loop is used only where it avoids the faults (docs/benchmarks.md).
   """
   geo = common.uniform_geometry(qw)
   assert geo["aligned"], "uniform_gemv needs contiguous groups made of whole units (no act-order)"
-  out = qw.shape[0]
+  n, out = x2.shape[0], qw.shape[0]
   bits, cu, nu, ng, upg = geo["bits"], geo["cu"], geo["nu"], geo["ng"], geo["upg"]
-  qk = packed.unit_words(qw.qweight, bits)                                             # wu x [out, nu]
   s = qw.scales.astype(jnp.float32)
   sz = s * common.zero_points(qw)
+  # xp[i][t, u] = x[i, u cu + t], as an (exact) identity dot so that XLA materializes it instead of fusing the
+  # strided transpose into the hot loop below.
+  eye = jnp.eye(cu, dtype=jnp.float32)
+  xf = jnp.pad(_to_f32(x2), ((0, 0), (0, geo["n_pad"] - geo["n_in"])))
+  xp = [lax.dot_general(eye, xf[i].reshape(nu, cu), (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
+        for i in range(n)]                                                              # n x [cu, nu]
+  xg = [_sum_cols(_to_f32(x2[i]).reshape(ng, geo["G"])) for i in range(n)]            # n x [ng]
 
-  def one(xt):                                                                         # xt [in]
-    # xp[t, u] = x[u cu + t], as an (exact) identity dot so that XLA materializes it instead of fusing the
-    # strided transpose into the hot loop below.
-    eye = jnp.eye(cu, dtype=jnp.float32)
-    xf = jnp.pad(_to_f32(xt), (0, geo["n_pad"] - geo["n_in"]))
-    xp = lax.dot_general(eye, xf.reshape(nu, cu), (((1,), (1,)), ((), ())),
-                         precision=lax.Precision.HIGHEST)                              # [cu, nu]
+  def rows_product(xs, xgs, q, sc, szc):
+    """[m, C] for m tokens (xs [m, cu, nu], xgs [m, ng]) and the output rows of the packed words q [C, wu nu],
+    sc / szc [C, ng]; one fused [m, C, nu] loop over the slots."""
+    qk = packed.unit_words(q, bits)                                                    # wu x [C, nu]
     acc = None
     for t in range(cu):
-      term = packed.slot_code(qk, t, bits).astype(jnp.float32) * xp[t][None, :]
-      acc = term if acc is None else acc + term                                        # [out, nu]
-    y1 = _sum_cols((acc.reshape(out, ng, upg) * s[:, :, None]).reshape(out, nu))
-    xg = _sum_cols(_to_f32(xt).reshape(ng, geo["G"]))                                  # [ng]
-    return y1 - _sum_cols(sz * xg[None, :])
+      term = packed.slot_code(qk, t, bits).astype(jnp.float32)[None] * xs[:, t][:, None, :]
+      acc = term if acc is None else acc + term                                        # [m, C, nu]
+    y1 = _sum_cols((acc.reshape(acc.shape[0], -1, ng, upg) * sc[None, :, :, None]).reshape(acc.shape[0], -1, nu))
+    return y1 - _sum_cols(szc[None] * xgs[:, None, :])
 
-  return jnp.stack([one(x2[t]) for t in range(x2.shape[0])])
+  xs, xgs = jnp.stack(xp), jnp.stack(xg)
+  if 4 * n * out * nu <= GEMV_DIRECT_BYTES:
+    return jnp.stack([rows_product(xs[i:i + 1], xgs[i:i + 1], qw.qweight, s, sz)[0] for i in range(n)])
+  rows = common.divisor_at_most(out, max(1, GEMV_CHUNK_BYTES // (4 * n * nu)))
+  y = lax.map(lambda a: rows_product(xs, xgs, *a), (qw.qweight.reshape(out // rows, rows, -1),
+                                                    s.reshape(out // rows, rows, ng), sz.reshape(out // rows, rows, ng)))
+  return y.transpose(1, 0, 2).reshape(n, out)
 
 
 def uniform_dequant_dot(x2: jax.Array, qw) -> jax.Array:

@@ -85,6 +85,20 @@ def test_uniform_both_regimes(uniform, assert_matmul, fn):
   assert_matmul(jax.jit(fn)(x, qw), x, w, bf16=False)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 64), (3, 128), (2, -1)])
+def test_uniform_gemv_row_chunks(uniform, assert_matmul, monkeypatch, bits, group):
+  """The row-chunked loop of uniform_gemv (taken when the accumulators pass GEMV_DIRECT_BYTES; forced here with
+  tiny budgets: 72 rows in chunks of 8 or 9) equals x @ W^T like the whole-matrix loop."""
+  qw, w = uniform(72, 384, bits, group)
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 384)), jnp.float32)
+  whole = np.asarray(xla.uniform_gemv(x, qw))
+  monkeypatch.setattr(xla, "GEMV_DIRECT_BYTES", 0)
+  monkeypatch.setattr(xla, "GEMV_CHUNK_BYTES", 4 * 3 * common.uniform_geometry(qw)["nu"] * 9)
+  y = jax.jit(lambda x, q: xla.uniform_gemv(x, q))(x, qw)                 # a fresh trace under the patched budgets
+  assert_matmul(y, x, w, bf16=False)
+  np.testing.assert_allclose(np.asarray(y), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_larger_shapes(planes, uniform, assert_matmul):
   """A bigger matrix through both regimes (1 token and a 64-token prefill)."""
   qw, w = planes(384, 1024, [2, 2, 1, 2, 3, 2, 2, 2])
