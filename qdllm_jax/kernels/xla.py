@@ -35,7 +35,7 @@ PLANES_GEMV_MAX_TOKENS = 8   # per-token cost ~ a dense f32 GEMV; beyond, dequan
 UNIFORM_GEMV_MAX_TOKENS = 8
 CHUNK_ROWS = 64
 GEMV_DIRECT_BYTES = 28 << 20  # uniform_gemv: float32 accumulators (all tokens) built whole up to this size,
-GEMV_CHUNK_BYTES = 8 << 20    # else per token, in row chunks of at most this size
+GEMV_CHUNK_BYTES = 8 << 20    # else in row chunks of at most this size (all tokens of a chunk together)
 _SIGN = 0x80000000
 
 
@@ -158,13 +158,13 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
   bits, cu, nu, ng, upg = geo["bits"], geo["cu"], geo["nu"], geo["ng"], geo["upg"]
   s = qw.scales.astype(jnp.float32)
   sz = s * common.zero_points(qw)
-  # xp[i][t, u] = x[i, u cu + t], as an (exact) identity dot so that XLA materializes it instead of fusing the
+  # xs[i, t, u] = x[i, u cu + t], as (exact) identity dots so that XLA materializes it instead of fusing the
   # strided transpose into the hot loop below.
   eye = jnp.eye(cu, dtype=jnp.float32)
   xf = jnp.pad(_to_f32(x2), ((0, 0), (0, geo["n_pad"] - geo["n_in"])))
-  xp = [lax.dot_general(eye, xf[i].reshape(nu, cu), (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
-        for i in range(n)]                                                              # n x [cu, nu]
-  xg = [_sum_cols(_to_f32(x2[i]).reshape(ng, geo["G"])) for i in range(n)]            # n x [ng]
+  xs = jnp.stack([lax.dot_general(eye, xf[i].reshape(nu, cu), (((1,), (1,)), ((), ())),
+                                  precision=lax.Precision.HIGHEST) for i in range(n)])  # [n, cu, nu]
+  xgs = _sum_cols(_to_f32(x2).reshape(n, ng, geo["G"]))                                # [n, ng] group sums
 
   def rows_product(xs, xgs, q, sc, szc):
     """[m, C] for m tokens (xs [m, cu, nu], xgs [m, ng]) and the output rows of the packed words q [C, wu nu],
@@ -177,7 +177,6 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
     y1 = _sum_cols((acc.reshape(acc.shape[0], -1, ng, upg) * sc[None, :, :, None]).reshape(acc.shape[0], -1, nu))
     return y1 - _sum_cols(szc[None] * xgs[:, None, :])
 
-  xs, xgs = jnp.stack(xp), jnp.stack(xg)
   if 4 * n * out * nu <= GEMV_DIRECT_BYTES:
     return jnp.stack([rows_product(xs[i:i + 1], xgs[i:i + 1], qw.qweight, s, sz)[0] for i in range(n)])
   rows = common.divisor_at_most(out, max(1, GEMV_CHUNK_BYTES // (4 * n * nu)))

@@ -88,7 +88,7 @@ def test_uniform_both_regimes(uniform, assert_matmul, fn):
 @pytest.mark.parametrize("bits,group", [(4, 64), (3, 128), (2, -1)])
 def test_uniform_gemv_row_chunks(uniform, assert_matmul, monkeypatch, bits, group):
   """The row-chunked loop of uniform_gemv (taken when the accumulators pass GEMV_DIRECT_BYTES; forced here with
-  tiny budgets: 72 rows in chunks of 8 or 9) equals x @ W^T like the whole-matrix loop."""
+  tiny budgets: 72 rows in 8 chunks of 9) equals x @ W^T like the whole-matrix loop."""
   qw, w = uniform(72, 384, bits, group)
   x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 384)), jnp.float32)
   whole = np.asarray(xla.uniform_gemv(x, qw))
