@@ -3,7 +3,8 @@
 The real-model configs (llada8b*, llada15, dream7b*) all run the Quant-dLLM paper settings of their family
 (`paper_config`): C4 (`en/c4-train.00000-of-01024`), 128 windows of 4096 tokens, MCS masking (prefix 0.25,
 seed_x 0 for LLaDA / 100 for Dream), group 128, ABMP ratio 0.05 (LLaDA) / 0.10 (Dream), evaluation protocol
-quant_dllm_llada / quant_dllm_dream (reference quant-dllm.md §0, §5, §7, §8). The C4 shard must be available
+quant_dllm_llada / quant_dllm_dream (Quant-dLLM, arXiv 2510.03274, experimental settings and Table 1).
+The C4 shard must be available
 offline: in the HF datasets cache (source "c4") or as a local file (`--config.calib.source=/data/c4.json.gz`).
 Usage, for any of them:
 

@@ -1,7 +1,8 @@
 """Defaults shared by every run config. Each `configs/<run>.py` starts from `get_base()` and overrides.
 
 Every key that exists here is a valid key; `qdllm_jax.config.validate` refuses any other key and any
-invalid value before heavy work starts (papers' settings as defaults: quant-dllm.md §0, §7).
+invalid value before heavy work starts (papers' settings as defaults:
+Quant-dLLM, arXiv 2510.03274, experimental settings).
 Keys marked (non-semantic) do not change the quantized checkpoint and are left out of the workdir
 fingerprint, so changing them never blocks a resume.
 """

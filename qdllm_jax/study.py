@@ -4,7 +4,8 @@
     python -m qdllm_jax.study --config configs/study_tiny.py --config.eval.limit=50 --config.entries=fp,gptq:w4a16
 
 Each entry is `method:wXaY` (or `fp`): weight-only GPTQ / AWQ / RTN (`aY` = 16) and weight-activation
-SmoothQuant / QuaRot / DuQuant, with the settings of reference ptq-baselines.md §2 taken from the config. All
+SmoothQuant / QuaRot / DuQuant, with the settings of the dLLM PTQ study (arXiv 2508.14896, its methods and
+experimental setup; FelixMessi/QDLM scripts) taken from the config. All
 entries share one calibration set (plain unmasked text, as the study: no [MASK] tokens), one seed and one
 evaluation protocol. A W-A entry is a `Model(params, config, act=ActQuant(...))` with its online transforms in
 the params, so the same suite (`eval.suite.evaluate`, or lm-eval for real-model protocols) scores every entry.
@@ -76,7 +77,8 @@ def parse_entry(text: str) -> Entry:
 
 
 def defaults() -> mlc.ConfigDict:
-  """The study schema with the paper's settings (ptq-baselines.md §2); configs/study_*.py override it."""
+  """The study schema with the paper's settings (arXiv 2508.14896, experimental setup; FelixMessi/QDLM
+  scripts); configs/study_*.py override it."""
   c = mlc.ConfigDict()
   c.model_path = ""
   c.dtype = "float32"

@@ -1,4 +1,5 @@
-"""AWQ (arXiv 2306.00978) weight-only quantization as llm-awq runs it on LLaDA (reference ptq-baselines.md §2).
+"""AWQ (arXiv 2306.00978) weight-only quantization as llm-awq runs it on LLaDA
+(arXiv 2508.14896, experimental setup; FelixMessi/QDLM scripts).
 
 Pseudo-quantizer (llm-awq `pseudo_quantize_tensor`, zero point on), per (row, group of g columns):
     s = max(max w - min w, 1e-5) / (2^b - 1),  z = clamp(-round(min w / s), 0, 2^b - 1)

@@ -1,4 +1,5 @@
-"""QuaRot (arXiv 2404.00456) fake-quant path as the dLLM PTQ study runs it (reference ptq-baselines.md §2).
+"""QuaRot (arXiv 2404.00456) fake-quant path as the dLLM PTQ study runs it
+(arXiv 2508.14896, experimental setup; FelixMessi/QDLM scripts).
 
 1. Fold the RMSNorm scales into the following linears: W <- W diag(g) for q/k/v (attn_norm), gate/up
    (ff_norm) and the head (final_norm); the norm weights become 1.

@@ -1,4 +1,5 @@
-"""SmoothQuant (arXiv 2211.10438) as run by the dLLM PTQ study (reference ptq-baselines.md §2).
+"""SmoothQuant (arXiv 2211.10438) as run by the dLLM PTQ study
+(arXiv 2508.14896, experimental setup; FelixMessi/QDLM scripts).
 
 Per block and per input channel j of the q/k/v group and of the gate/up group:
     s_j = max|X_j|^alpha / max_{W in group, o} |W_{o j}|^(1 - alpha)     (alpha = 0.5; s_j >= 1e-5)

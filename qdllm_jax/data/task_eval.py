@@ -1,6 +1,7 @@
 """Self-contained scoring of the synthetic tasks (used while training and in the model card).
 
-Generation: LLaDA low-confidence remasking at temperature 0 with one block (dllm-models.md §6.1) and
+Generation: LLaDA low-confidence remasking at temperature 0 with one block (LLaDA, arXiv 2502.09992,
+its low-confidence remasking sampler; ML-GSAI/LLaDA generate.py) and
 steps = gen_length = GEN_LEN, i.e. every step commits the single most confident masked position
 (argmax token, confidence softmax(l)[argmax]); exact match of `decode_answer` with the stripped answer.
 Multiple choice: every choice of the shipped families is one token, so the LLaDA conditional

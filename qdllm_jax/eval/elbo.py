@@ -1,6 +1,6 @@
 """Masked-diffusion ELBO of a text: an upper bound on -log p(x) in nats ("ELBO perplexity").
 
-For a sequence x with N scored tokens (LLaDA pretraining objective, dllm-models.md section 4):
+For a sequence x with N scored tokens (LLaDA pretraining objective, arXiv 2502.09992):
 
   -log p(x) <= B(x) = E_{t ~ U(0,1)} E_{M ~ Bernoulli(p_t)^N} [ sum_{i in M} CE_i(x_M) / p_t ],
   p_t = (1 - eps) t + eps,   CE_i(x_M) = -log softmax(model(x with M masked)_i)[x_i].

@@ -1,7 +1,8 @@
 """Monte-Carlo conditional log-likelihoods log p(answer | prompt) of masked-diffusion LMs.
 
 LLaDA (`get_log_likelihood.py` / `eval_llada.py`) and Dream (QDLM `dream_base.py`, `nll_type mc`,
-`log_type ftb`): reference dllm-models.md section 5. Used for multiple-choice tasks (the option
+`log_type ftb`): LLaDA, arXiv 2502.09992 (its lower-variance estimator) and ML-GSAI/LLaDA
+get_log_likelihood.py. Used for multiple-choice tasks (the option
 with the highest estimate wins).
 
 Batching / padding rule (one compile per padded length):

@@ -3,8 +3,8 @@
   get_protocol("tiny")            -> the shipped tiny LLaDA on its shipped tasks (suite.evaluate)
   get_protocol("tiny_smoke")      -> a 16-per-family subset of `tiny` for quick checks
   get_protocol("quant_dllm_llada" | "quant_dllm_dream" | "qdlm_llada" | "qdlm_dream")
-                                  -> the papers' settings (dllm-models.md section 7, quant-dllm.md,
-                                     ptq-baselines.md); run through lm_eval_adapter on local task data
+                                  -> the papers' settings (arXiv 2510.03274 and 2508.14896 experimental setups;
+                                     LLaDA eval_llada.py); run through lm_eval_adapter on local task data
 
 Task names of the real-benchmark protocols are lm-eval (0.4.x) task or group names; templates are those
 of the lm-eval task YAMLs (quoted where short). Settings the papers do not print are marked in `notes`.
@@ -199,7 +199,7 @@ QUANT_DLLM_LLADA = Protocol(
     arch="llada", data="lm_eval", likelihood=_general(8, 128, 5),
     generation=(GenerationTask("bbh_zeroshot", 0, "llada", gen_length=1024, steps=1024, block_length=1024,
                                until=_BBH_UNTIL, template="lm-eval bbh_zeroshot ('Q: {{input}}\\nA:')"),),
-    add_bos_token=True, source="arXiv 2510.03274; ML-GSAI/LLaDA eval_llada.py --model llada_dist (quant-dllm.md)",
+    add_bos_token=True, source="arXiv 2510.03274; ML-GSAI/LLaDA eval_llada.py --model llada_dist",
     notes=("cfg 0, is_check_greedy False; likelihood batch 8, BBH batch 1.",
            "MMLU choices are single tokens, so mc_num 128 equals the exact value.",
            "add_bos_token: LLaDA's tokenizer prepends BOS when eval_llada.py calls tokenizer(text); unconfirmed."))
@@ -209,7 +209,7 @@ QUANT_DLLM_DREAM = Protocol(
     generation=(GenerationTask("bbh_zeroshot", 0, "dream", gen_length=512, steps=512, block_length=None,
                                temperature=0.0, top_p=0.95, alg="origin", remasking=None,
                                until=_BBH_UNTIL, template="lm-eval bbh_zeroshot ('Q: {{input}}\\nA:')"),),
-    add_bos_token=True, source="arXiv 2510.03274; HKUNLP/Dream eval/eval.py --model dream (quant-dllm.md)",
+    add_bos_token=True, source="arXiv 2510.03274; HKUNLP/Dream eval/eval.py --model dream",
     notes=("Dream likelihood: nll_type mc, log_type ftb, sampling_eps 1e-3, batch 32; EOS appended to answers.",
            "alg is not printed; 'origin' is diffusion_generate's default."))
 _LLADA_GEN = (
@@ -224,7 +224,7 @@ _LLADA_GEN = (
 QDLM_LLADA = Protocol(
     name="qdlm_llada", description="QDLM systematic study (Tables 1-4), LLaDA-8B",
     arch="llada", data="lm_eval", likelihood=_general(8, 1, 0), generation=_LLADA_GEN,
-    add_bos_token=True, source="arXiv 2508.14896; FelixMessi/QDLM lm-evaluation-harness llada_dist (ptq-baselines.md)",
+    add_bos_token=True, source="arXiv 2508.14896; FelixMessi/QDLM lm-evaluation-harness llada_dist",
     notes=("temperature 0, cfg 0, low_confidence remasking for every generation task.",
            "likelihood MC batch is not printed; 8 (LLaDA's eval script) is assumed.",
            "code tasks need HF_ALLOW_CODE_EVAL=1 and lm-eval's confirm_run_unsafe_code."))
@@ -234,7 +234,7 @@ QDLM_DREAM = Protocol(
     generation=tuple(GenerationTask(t.name, t.num_fewshot, "dream", gen_length=128, steps=128, block_length=None,
                                     temperature=0.0, cfg_scale=1.0, top_p=0.95, alg="origin", remasking=None,
                                     until=t.until, metric=t.metric, template=t.template) for t in _LLADA_GEN),
-    add_bos_token=True, source="arXiv 2508.14896; FelixMessi/QDLM lm-evaluation-harness dream_base (ptq-baselines.md)",
+    add_bos_token=True, source="arXiv 2508.14896; FelixMessi/QDLM lm-evaluation-harness dream_base",
     notes=("cfg 1.0 is recorded as printed; dream_generate has no CFG, so the adapter refuses cfg_scale > 0 "
            "unless called with ignore_cfg=True (then it runs without guidance and says so).",
            "diffusion steps are not printed: steps = max_new_tokens = 128 assumed; alg not printed ('origin').",

@@ -19,7 +19,7 @@ import numpy as np
 
 from qdllm_jax.quant import packed
 
-MAX_ORDER = 3  # DAQ orders are 1..3 (quant-dllm.md §3.1, §5)
+MAX_ORDER = 3  # DAQ orders are 1..3 (Quant-dLLM, arXiv 2510.03274: the DAQ representation and ABMP)
 
 
 def block_slots(orders: jax.Array, num_planes: int):

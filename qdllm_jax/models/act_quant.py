@@ -10,7 +10,7 @@ with xmin/xmax the per-token min/max times `clip` (not widened to include 0, as 
 `ActQuant` is the static (hashable) setting a `Model` carries; `transformer.block_forward` applies it to the
 input of every block linear (q/k/v, o, gate/up, down) after the block's optional online transforms
 `p["online"][tap]` (orthogonal [C, C] matrices: QuaRot's Hadamard before down, DuQuant's rotation-permutation).
-Embeddings and the LM head stay in full precision (reference ptq-baselines.md §1).
+Embeddings and the LM head stay in full precision (arXiv 2508.14896, experimental setup).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LLaDA configs (LLaDA-8B-Base/Instruct, LLaDA-1.5 share one architecture) as HF config.json dicts.
 
-`llada_hf_config(**overrides)` returns the dict the real checkpoint ships (reference dllm-models.md §1);
+`llada_hf_config(**overrides)` returns the dict the real checkpoint ships (GSAI-ML/LLaDA-8B-Base config.json);
 `llada_config(**overrides)` parses it into a `ModelConfig`.
 """
 from __future__ import annotations

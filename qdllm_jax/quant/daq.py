@@ -2,7 +2,7 @@
 
 One 128-column block W1 [r, c] of order K in {1, 2, 3} is approximated by
     W^ = sum_k (a_r^k a_c^k^T) ⊙ B_k,   B_k in {-1, +1}^{r x c},  a_r^k [r],  a_c^k [c]        (no offset)
-as in the released `binary_arb.py` (reference quant-dllm.md §3):
+as in the released `binary_arb.py` (Quant-dLLM, arXiv 2510.03274, DAQ; ZTA2785/Quant-dLLM):
   DOR  Z = W1^2 / (d^2 + 1e-12);  z = (Z - mean Z) / (std_unbiased Z + 1e-12);  O = {Z : |z| > outlier_z}
        e = salient_weight where Z >= min(O) (if O is non-empty) else 1;   dor=False -> e = 1.
        d = diag(U) ("chol") or sqrt(diag((H + delta I)^-1)) = column norms of U ("inv_diag").

@@ -1,5 +1,5 @@
 """Dream generation (`diffusion_generate` / `_sample` of Dream's `generation_utils.py`, reference
-dllm-models.md section 6.2), as one `lax.scan` over the steps.
+Dream, arXiv 2508.15487; HKUNLP/Dream generation_utils.py), as one `lax.scan` over the steps.
 
 Random numbers: at step i, k_i = fold_in(key, i); k_tok, k_sel = split(k_i);
   u_tok = uniform(k_tok, [B, T, V], float32)  token sampling (temperature > 0), Gumbel-max

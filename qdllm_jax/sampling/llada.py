@@ -1,6 +1,7 @@
 """LLaDA generation: semi-autoregressive blocks with low-confidence (or random) remasking.
 
-A JAX transcription of ML-GSAI/LLaDA `generate.py` (reference: dllm-models.md section 6.1), run as
+A JAX transcription of ML-GSAI/LLaDA `generate.py` (LLaDA, arXiv 2502.09992, semi-autoregressive
+low-confidence remasking), run as
 one `lax.scan` over all `steps`, so a (batch, prompt length, settings) combination compiles once.
 
 Random numbers (the key schedule is part of the contract, so results are reproducible and a

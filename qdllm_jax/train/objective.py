@@ -1,4 +1,5 @@
-"""LLaDA's masked-diffusion training objectives (reference dllm-models.md §4).
+"""LLaDA's masked-diffusion training objectives (LLaDA, arXiv 2502.09992: the pretraining loss and
+its SFT form; ML-GSAI/LLaDA GUIDELINES.md).
 
 Pretraining, per sequence b:  t_b ~ U(0, 1),  p_b = (1 - eps) t_b + eps  (eps = 1e-3),
 each token replaced by the mask id independently with probability p_b, and

@@ -1,6 +1,6 @@
 """Independent NumPy (float64) references for the baseline tests: per-token fake quantization and a full
-LLaDA forward with a hook on every linear input, written from the equations (reference dllm-models.md,
-ptq-baselines.md), not from qdllm_jax."""
+LLaDA forward with a hook on every linear input, written from the equations (LLaDA arXiv 2502.09992 and
+the released modeling code), not from qdllm_jax."""
 import numpy as np
 
 

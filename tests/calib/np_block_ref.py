@@ -1,6 +1,6 @@
 """Independent NumPy (float64) transcription of one LLaDA/Dream block, returning its linear-group inputs.
 
-Written from the equations in reference/dllm-models.md (pre-norm block, half-split RoPE, bidirectional
+Written from the equations of the released modeling code (pre-norm block, half-split RoPE, bidirectional
 GQA attention, SwiGLU), not from qdllm_jax.models, so tests can check the JAX passes against it.
 """
 import numpy as np

@@ -1,5 +1,5 @@
-"""Protocol registry integrity and the papers' settings (values typed from dllm-models.md section 7,
-quant-dllm.md 'Evaluation settings' and ptq-baselines.md, independently of protocols.py)."""
+"""Protocol registry integrity and the papers' settings (values typed from the experimental setups
+of arXiv 2510.03274 and 2508.14896, independently of protocols.py)."""
 import dataclasses
 import json
 

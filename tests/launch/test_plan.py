@@ -2,7 +2,7 @@
 
 References: `QuantizedWeight.nbytes` of real packed weights; the bytes actually placed on a device by
 `jax.device_put` with the logical shardings; the LLaDA-8B parameter count from its published shapes
-(dllm-models.md §1) and the activation size N L D b from the paper's calibration setting.
+(GSAI-ML/LLaDA-8B-Base config.json) and the activation size N L D b from the paper's calibration setting.
 """
 import jax
 import numpy as np

@@ -1,6 +1,6 @@
 """End-to-end runs of configs/tiny.py on a random tiny LLaDA: outputs, sizes, fingerprints, resume.
 
-References: closed-form packed sizes from the reported ABMP orders (quant-dllm.md §3.1, §5: P = sum of orders
+References: closed-form packed sizes from the reported ABMP orders (arXiv 2510.03274, DAQ and ABMP: P = sum of orders
 planes of r x g signs, P (r + g) fp16 scales, one int8 order per block, one int32 plane index per plane), the
 ABMP counts r = min(floor(nb ratio), floor(nb / 2)) per matrix, the parameter count from the model shapes, and
 an uninterrupted run for the resumed ones (bit-identical checkpoints).

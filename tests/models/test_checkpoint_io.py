@@ -1,7 +1,7 @@
 """checkpoint_io: bit-exact save/load round trips, streaming, and every bad input raising a named CheckpointError.
 
 File contents are checked with `safetensors.numpy` directly (an independent reader), names against the
-reference table of dllm-models.md §2 (test_models_equations.reference_tensors on the tiny sizes via hf names).
+checkpoints' tensor names (test_models_equations.reference_tensors on the tiny sizes via hf names).
 """
 import ast
 import json

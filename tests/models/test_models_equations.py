@@ -1,5 +1,5 @@
-"""The JAX forward against a direct NumPy (float64) transcription of dllm-models.md §3, the HF name table of
-§2 and the parameter counts of §1."""
+"""The JAX forward against a direct NumPy (float64) transcription of the released modeling code's equations
+(modeling_llada.py, modeling_dream.py), the checkpoints' tensor names and their parameter counts."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -3,7 +3,7 @@ Qwen2ForCausalLM (Dream: q/k/v biases, GQA), same random weights, causal mask re
 mask (0 for real keys, -1e30 for padding keys), eager attention, float32.
 
 Weights reach torch through the files `save_pretrained` writes: Dream's HF names are Qwen2's own, so the
-safetensors file is loaded into Qwen2 strictly; LLaDA's names are renamed with the table of dllm-models.md §2.
+safetensors file is loaded into Qwen2 strictly; LLaDA's names are renamed with the checkpoint's own tensor names.
 """
 import os
 
@@ -22,7 +22,7 @@ from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-LLADA_TO_LLAMA = {  # dllm-models.md §2 -> transformers Llama
+LLADA_TO_LLAMA = {  # LLaDA checkpoint names -> transformers Llama
     "model.transformer.wte.weight": "model.embed_tokens.weight", "model.transformer.ln_f.weight": "model.norm.weight",
     "model.transformer.ff_out.weight": "lm_head.weight"}
 LLADA_BLOCK_TO_LLAMA = {

@@ -1,6 +1,6 @@
 """Independent float64 NumPy transcriptions of the reference algorithms (GPTQ, RTN, DAQ, compensation).
 
-Written from /work/shared/reference (quant-dllm.md §3-§5, ptq-baselines.md §2.1), deliberately in the
+Written from the papers (arXiv 2510.03274 DAQ/ABMP and its released code, arXiv 2508.14896), deliberately in the
 direct, unoptimised form of the original code: column-by-column GPTQ with full rank-1 updates, DAQ with Wt
 rebuilt for every update and the released (e-weighted) argmin over the stacked [r, c, 2^K] distances.
 """
@@ -134,7 +134,7 @@ def patterns(k):
 
 
 def daq_block(w1, e, order, iters=15):
-  """Released per-block ARB-RC with salience weights (quant-dllm.md §3.3), np.sign (sign(0) = 0)."""
+  """Released per-block ARB-RC with salience weights (arXiv 2510.03274, binary_arb.py), np.sign (sign(0) = 0)."""
   r = w1.copy()
   ar, ac, bs = [], [], []
   for _ in range(order):
