@@ -290,8 +290,8 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
                      n_samples=int(x.shape[0]), shared_with=[m for m in names if m != n])
         entry.update(_info_entry(info))
         report.append(entry)
-        log.info("block %d %-5s %s rel_err=%.4f loss=%s %.2fs", layer, n, rule, entry["rel_err"],
-                 entry["loss"], dt)
+        log.info("block %d %-5s %s w%s g%s rel_err=%.4f loss=%s %.2fs", layer, n, rule.method, rule.bits,
+                 rule.group_size, entry["rel_err"], "-" if entry["loss"] is None else f"{entry['loss']:.4g}", dt)
       done.update(names)
   outputs = capture.block_outputs(work, x, cfg, chunk_size=chunk_size, key_mask=key_mask,
                                   chunk_sharding=chunk_sharding)
