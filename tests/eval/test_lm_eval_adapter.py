@@ -104,7 +104,6 @@ def test_adapter_kwargs_and_errors(small_model, small_tok):
     QdllmLM()
 
 
-@pytest.mark.slow
 def test_simple_evaluate_on_local_tasks(small_model, small_tok, monkeypatch):
   from lm_eval.tasks import TaskManager
   monkeypatch.chdir(corpus.REPO_ROOT)

@@ -93,8 +93,7 @@ def test_rsr_tol_stops_early():
   assert obj(full) < obj(one)
 
 
-@pytest.mark.parametrize("comp,dor,z_diag", [(True, True, "chol"),
-                                             pytest.param(False, False, "inv_diag", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("comp,dor,z_diag", [(True, True, "chol"), (False, False, "inv_diag")])
 def test_compensation_loop_matches_transcription(comp, dor, z_diag):
   w, h = ref.random_layer(16, 512, seed=7)
   u = ref.inverse_upper(h)
