@@ -386,7 +386,11 @@ def load_tokenizer(path: str):
                           "original checkpoint, or save with save_pretrained(..., tokenizer_from=original))")
   import transformers  # heavy import, only when a tokenizer is needed
   try:
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    # config: a blank one, so that AutoTokenizer does not parse config.json as a transformers model config (our
+    # model types, e.g. `llada`, are unknown to transformers and it warns); the tokenizer class comes from
+    # tokenizer_config.json either way
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                                      config=transformers.PretrainedConfig())
   except (ValueError, OSError) as e:
     err = e
   has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
