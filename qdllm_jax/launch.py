@@ -130,22 +130,30 @@ def parse_args(argv):
   ap.add_argument("--kill_after_block", type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument("--log_level", default="INFO")
   args, rest = ap.parse_known_args(argv)
+  return args, split_overrides(rest, "--config.", ap.prog)
+
+
+def split_overrides(rest, prefix: str, prog: str) -> list:
+  """[(key, value)] from the argv left over by argparse: `PREFIXkey=value` or `PREFIXkey value` tokens.
+
+  ConfigError for any other token or a missing value (shared by the launch's --config. and the generate/serve
+  CLIs' --sampler. overrides)."""
   overrides, i = [], 0
   while i < len(rest):
     tok = rest[i]
-    if not tok.startswith("--config."):
-      raise ConfigError(f"unknown argument {tok!r}; expected --config.KEY=VALUE overrides or the flags of "
-                        "`python -m qdllm_jax.launch --help`")
+    if not tok.startswith(prefix):
+      raise ConfigError(f"unknown argument {tok!r}; expected {prefix}KEY=VALUE overrides or the flags of "
+                        f"`{prog} --help`")
     if "=" in tok:
-      k, v = tok[len("--config."):].split("=", 1)
+      k, v = tok[len(prefix):].split("=", 1)
       i += 1
     elif i + 1 < len(rest):
-      k, v = tok[len("--config."):], rest[i + 1]
+      k, v = tok[len(prefix):], rest[i + 1]
       i += 2
     else:
       raise ConfigError(f"{tok} has no value; expected {tok}=VALUE")
     overrides.append((k, v))
-  return args, overrides
+  return overrides
 
 
 def main(argv=None) -> int:
