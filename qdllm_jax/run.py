@@ -70,7 +70,7 @@ def calibration_texts(calib) -> list[str]:
     raise ConfigError(f"config.calib.source={src!r} holds no {config_lib.CALIB_SUFFIXES} files")
   texts = []
   for f in files:
-    if f.endswith((".gz", ".parquet")):
+    if f.endswith(".parquet"):
       texts += windows_lib.load_dataset_texts(f, field=field)
     else:
       texts += windows_lib.read_text_files([f], field=field)
