@@ -20,6 +20,7 @@ from qdllm_jax.data.windows import GEN_LEN
 from qdllm_jax.errors import ConfigError
 
 SAMPLERS = ("llada", "dream")
+ENCODER = "encoder"  # arch of the fidelity protocols (eval/fidelity.py): a quantized encoder against its FP source
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
@@ -34,6 +35,22 @@ class PerplexitySpec:
   n_mc: int = 8
   mc_batch: int = 8
   control_variate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelitySpec:
+  """Encoder fidelity (eval/fidelity.py): `n_sentences` held-out verses (>= min_words words, none occurring in a
+  training chapter of the shipped corpus, which is all calibration reads from it), tokenized with the model's own
+  tokenizer and truncated to max_tokens; hidden-state error on plain inputs and on inputs masked at each of
+  `mask_rates`; sentence-embedding cosine and similarity-structure correlations (jackknife over `jackknife_groups`
+  groups of sentences); `batch` sentences per forward."""
+  corpus_split: str = "heldout"
+  n_sentences: int = 256
+  min_words: int = 8
+  max_tokens: int = 64
+  mask_rates: tuple = (0.15, 0.5, 0.9)
+  jackknife_groups: int = 32
+  batch: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +106,7 @@ class Protocol:
   likelihood: tuple = ()
   generation: tuple = ()
   perplexity: Optional[PerplexitySpec] = None
+  fidelity: Optional[FidelitySpec] = None
   add_bos_token: bool = True
   limit: Optional[int] = None
   source: str = ""
@@ -105,7 +123,17 @@ class Protocol:
 
   def validate(self) -> "Protocol":
     """Raise ConfigError on inconsistent settings; returns self."""
-    _check(self.arch in SAMPLERS, self, f"arch={self.arch!r}, expected one of {SAMPLERS}")
+    _check(self.arch in SAMPLERS + (ENCODER,), self, f"arch={self.arch!r}, expected one of {SAMPLERS + (ENCODER,)}")
+    f = self.fidelity
+    _check((self.arch == ENCODER) == (f is not None), self, "an encoder protocol has a fidelity spec and only it")
+    if f is not None:
+      _check(not (self.likelihood or self.generation or self.perplexity) and self.data == "shipped", self,
+             "an encoder protocol scores fidelity on the shipped corpus only (no tasks, no perplexity)")
+      _check(f.n_sentences >= 2 and f.min_words >= 1 and f.max_tokens >= 4 and f.batch >= 1, self,
+             f"fidelity: n_sentences={f.n_sentences} >= 2, min_words >= 1, max_tokens >= 4, batch >= 1 expected")
+      _check(all(0 < t <= 1 for t in f.mask_rates) and 2 <= f.jackknife_groups <= f.n_sentences, self,
+             f"fidelity: mask_rates {f.mask_rates} in (0, 1] and 2 <= jackknife_groups <= n_sentences expected")
+      _check(f.corpus_split in ("heldout", "train"), self, f"fidelity: corpus_split={f.corpus_split!r}")
     _check(self.data in ("shipped", "lm_eval"), self, f"data={self.data!r}, expected 'shipped' or 'lm_eval'")
     _check(self.limit is None or self.limit >= 1, self, f"limit={self.limit}, expected None or >= 1")
     names = [t.name for t in self.likelihood + self.generation]
@@ -240,8 +268,23 @@ QDLM_DREAM = Protocol(
            "diffusion steps are not printed: steps = max_new_tokens = 128 assumed; alg not printed ('origin').",
            "same likelihood protocol as qdlm_llada (128 MC samples, MMLU 1), with Dream's estimator."))
 
+# ---------------------------------------------------------------- encoders (sentence-transformers all-MiniLM-L6-v2)
+MINILM_FIDELITY = Protocol(
+    name="minilm_fidelity", description="Encoder fidelity to FP on 256 held-out KJV verses: hidden-state error "
+    "(plain and [MASK]-ed at 15/50/90 %), sentence-embedding cosine, similarity-structure correlation",
+    arch=ENCODER, data="shipped", fidelity=FidelitySpec(), add_bos_token=False,
+    source="qdllm_jax/data/corpus.py held-out chapters; the model's tokenizer; eval/fidelity.py",
+    notes=("held out: the verses come from the held-out chapters and none equals a verse of a training chapter, "
+           "so MCS calibration on the training split never sees them.",
+           "masked inputs: round(t n) of each sentence's n non-special tokens -> [MASK] (seeded by the eval seed "
+           "and t), the same positions for FP and quantized; [CLS]/[SEP]/[PAD] are never masked.",
+           "sentence embedding: mean pooling over non-padding tokens + L2 norm (the model's sentence-transformers "
+           "recipe), plain inputs only.",
+           "standard errors: paired per sentence for rel_err / emb_cos; delete-a-group jackknife (32 groups) for "
+           "the similarity correlations."))
+
 PROTOCOLS = {p.name: p.validate() for p in (TINY, TINY_SMOKE, QUANT_DLLM_LLADA, QUANT_DLLM_DREAM,
-                                            QDLM_LLADA, QDLM_DREAM)}
+                                            QDLM_LLADA, QDLM_DREAM, MINILM_FIDELITY)}
 
 
 def get_protocol(protocol) -> Protocol:
