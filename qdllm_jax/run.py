@@ -275,7 +275,8 @@ def run(spec, *, overwrite: bool = False, kill_after_block: int | None = None, c
   rules_plan = config_lib.check_model(spec, cfg)
   tok = checkpoint_io.load_tokenizer(spec.model_path)
   config_lib.check_tokenizer(tok, cfg, spec.model_path)
-  if spec.eval.protocol and spec.eval.protocol not in ("tiny", "tiny_smoke"):  # the lm-eval protocols
+  _check_protocol_fits(spec.eval.protocol, cfg)
+  if spec.eval.protocol and _protocol(spec.eval.protocol).data != "shipped":  # the lm-eval protocols
     import importlib.util
     if importlib.util.find_spec("lm_eval") is None:
       raise ConfigError(f"config.eval.protocol={spec.eval.protocol!r} runs lm-eval tasks but lm-eval is not "
@@ -382,10 +383,12 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
   if spec.eval.protocol:
     from qdllm_jax.eval import protocols
     card = protocols.get_protocol(spec.eval.protocol).card()
-    if spec.eval.fp:
+    if card["arch"] == protocols.ENCODER:
+      results = _encoder_fidelity(spec, mesh, dtype, tok, ckpt_dir, cfg.mask_id)
+    elif spec.eval.fp:
       results["fp"] = _cached_fp_eval(spec, wd, comps["model"], lambda: evaluate(
           _fp_model(spec, mesh, dtype), tok, spec, mesh), primary)
-    if spec.eval.quantized:
+    if spec.eval.quantized and card["arch"] != protocols.ENCODER:
       results["quantized"] = evaluate(ckpt_lib.load_quantized(ckpt_dir, mesh=mesh), tok, spec, mesh)
     for k in [k for k, v in results.items() if v is not None]:
       _step(4, "%s: %s", k, results[k]["metrics"])
@@ -394,7 +397,7 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
   if comparison:
     _step(4, "quantized - FP, paired over the same items: %s", ", ".join(
         f"{k} {v['delta']:+.4g} (t {v['t']:.1f})" for k, v in paired_lib.flatten(comparison)
-        if k.endswith("all") or k == "elbo_nats_per_token"))
+        if k.endswith("all") or "/" not in k or k == "rel_err/plain"))
   timings["evaluate"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - t0
   # 6. report
@@ -415,9 +418,44 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
   return report
 
 
+def _protocol(name: str):
+  from qdllm_jax.eval import protocols
+  return protocols.get_protocol(name)
+
+
+def _check_protocol_fits(name: str, cfg) -> None:
+  """ConfigError unless an encoder protocol meets an encoder (no sampler) and a dLLM protocol a dLLM."""
+  if not name:
+    return
+  from qdllm_jax.eval import protocols
+  encoder_proto, encoder_model = _protocol(name).arch == protocols.ENCODER, cfg.arch not in protocols.SAMPLERS
+  if encoder_proto != encoder_model:
+    want = [n for n, p in protocols.PROTOCOLS.items() if (p.arch == protocols.ENCODER) == encoder_model]
+    raise ConfigError(f"config.eval.protocol={name!r} does not fit a {cfg.arch!r} model; expected one of {want} "
+                      "(or '' for no evaluation)")
+
+
+def _encoder_fidelity(spec, mesh, dtype, tok, ckpt_dir, mask_id) -> dict:
+  """An encoder protocol: the FP and the quantized encoder scored together on the same sentences and masks
+  (eval.fidelity.evaluate_fidelity, inputs seeded by spec.seed); "fp" carries the identity metrics (error 0,
+  cosine and correlations 1), "quantized" the candidate's and the paired comparison."""
+  from qdllm_jax.eval import fidelity
+  proto = _protocol(spec.eval.protocol)
+  with jax.set_mesh(mesh):
+    res = fidelity.evaluate_fidelity(
+        fidelity.model_states_fn(_fp_model(spec, mesh, dtype)),
+        fidelity.model_states_fn(ckpt_lib.load_quantized(ckpt_dir, mesh=mesh)), tok, proto.fidelity,
+        seed=spec.seed, mask_id=mask_id)
+  return {"fp": {"metrics": res["metrics"]["fp"], "result": None},
+          "quantized": {"metrics": res["metrics"]["quantized"], "result": res, "comparison": res["comparison"]}}
+
+
 def _paired_comparison(results: dict):
-  """eval.paired.compare(FP, quantized) when both were scored by eval.suite (same protocol and key), else None."""
+  """The encoder protocols' own comparison; eval.paired.compare(FP, quantized) when both were scored by eval.suite
+  (same protocol and key); else None."""
   fp, q = results.get("fp"), results.get("quantized")
+  if q and q.get("comparison"):
+    return q["comparison"]
   if not (fp and q and fp.get("details") and q.get("details")):
     return None
   return paired_lib.compare(dict(fp["result"], details=fp["details"]), dict(q["result"], details=q["details"]))
