@@ -30,7 +30,8 @@ from qdllm_jax.checkpoint import store, tree
 from qdllm_jax.errors import CheckpointError
 from qdllm_jax.models import transformer
 from qdllm_jax.models.checkpoint_io import _TOKENIZER_CORE, TOKENIZER_FILES
-from qdllm_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from qdllm_jax.models.config import ModelConfig, config_to_hf
+from qdllm_jax.models.families import config_from_hf
 from qdllm_jax.models.model import Model
 
 SIDECAR = "qdllm_checkpoint.json"

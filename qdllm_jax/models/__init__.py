@@ -1,13 +1,25 @@
-"""LLaDA and Dream in JAX. Public contract:
+"""LLaDA, Dream and BERT in JAX. Public contract:
 
     from qdllm_jax.models import load_pretrained
     model = load_pretrained(path)            # a local HF directory (config.json + safetensors)
-    logits = model(input_ids)                # int32 [B, T] -> float32 [B, T, vocab]
+    out = model(input_ids, attention_mask)   # int32 [B, T] -> float32 [B, T, vocab] logits, or, for an
+                                             # encoder without an LM head (BERT/MiniLM), [B, T, d_model]
+                                             # last hidden states (`model.config.has_head` says which)
+
+The family of a checkpoint comes from config.json `model_type` (models/families.py, one module per family).
 """
-from qdllm_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from qdllm_jax.models.checkpoint_io import (
+                                           CheckpointReader,
+                                           load_pretrained,
+                                           load_tokenizer,
+                                           load_top,
+                                           open_checkpoint,
+                                           save_pretrained,
+                                           stream_blocks,
+)
+from qdllm_jax.models.config import ModelConfig, config_to_hf
 from qdllm_jax.models.dream import DREAM_7B, dream_config
+from qdllm_jax.models.families import FAMILIES, config_from_hf, family_for_model_type, get_family
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.transformer import block_forward, forward, init_params, num_params
-from qdllm_jax.models.checkpoint_io import (CheckpointReader, load_pretrained, load_tokenizer, load_top,
-                                           open_checkpoint, save_pretrained, stream_blocks)

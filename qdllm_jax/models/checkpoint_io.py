@@ -26,8 +26,9 @@ from safetensors.numpy import save_file
 
 from qdllm_jax import fileio
 from qdllm_jax.errors import CheckpointError, ConfigError
-from qdllm_jax.models import hf, transformer
-from qdllm_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from qdllm_jax.models import hf
+from qdllm_jax.models.config import ModelConfig, config_to_hf
+from qdllm_jax.models.families import config_from_hf, family_of
 from qdllm_jax.models.model import Model
 
 CONFIG = "config.json"
@@ -178,7 +179,7 @@ class CheckpointReader:
     return self._read(hf.block_names(self.config, i), dtype, numpy)
 
   def top(self, dtype=None, numpy: bool = False) -> dict:
-    """The non-block params {"embed": [V, D], "final_norm": [D], ("head": [V, D])}."""
+    """The non-block params, e.g. {"embed": [V, D], "final_norm": [D], ("head": [V, D])} (family's top_names)."""
     return self._read(hf.top_names(self.config), dtype, numpy)
 
   def lazy_top(self, dtype=None) -> dict:
@@ -197,8 +198,10 @@ def open_checkpoint(path: str) -> CheckpointReader:
 
   Checks, in order: the directory and config.json exist and parse (known model_type); the weights are
   safetensors (pickle refused); every shard the index lists exists; the index agrees with the shard headers;
-  the tensor names are exactly `hf.all_names(cfg)` (none missing, none extra); every shape equals
-  `transformer.param_shapes(cfg)`; every dtype is F32/BF16/F16. Raises CheckpointError naming file and tensor.
+  the tensor names are exactly `hf.all_names(cfg)` (none missing, none extra but the family's ignored
+  non-parameters, e.g. BERT's pooler); every shape equals the family's `param_shapes(cfg)`; every dtype is
+  F32/BF16/F16. The family's `refine` may adapt the config to the tensors (BERT: `bert.` prefix, MLM head).
+  Raises CheckpointError naming file and tensor.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -210,6 +213,8 @@ def open_checkpoint(path: str) -> CheckpointReader:
   cfg = config_from_hf(_read_json(cfg_file, "model config"), cfg_file)
   listing, wmap, shards = _weight_files(path)
   tensors = _headers(path, shards)
+  family = family_of(cfg)
+  cfg = family.refine(cfg, set(tensors), path)
   if wmap is not None:
     for name, shard in wmap.items():
       if name not in tensors or tensors[name][0] != shard:
@@ -219,7 +224,7 @@ def open_checkpoint(path: str) -> CheckpointReader:
     if unlisted:
       raise CheckpointError(f"{os.path.join(path, tensors[unlisted[0]][0])}: tensor {unlisted[0]!r} is not "
                             f"listed in {listing}; fix the index")
-  expected, shapes = hf.all_names(cfg), transformer.param_shapes(cfg)
+  expected, shapes = hf.all_names(cfg), family.param_shapes(cfg)
   for name, cpath in expected.items():
     if name not in tensors:
       raise CheckpointError(
@@ -227,6 +232,8 @@ def open_checkpoint(path: str) -> CheckpointReader:
           f"a {cfg.arch} checkpoint with this config.json has {len(expected)} tensors")
   for name, (shard, shape, dt) in tensors.items():
     file = os.path.join(path, shard)
+    if name not in expected and family.ignored_tensor(name):
+      continue
     if name not in expected:
       raise CheckpointError(f"{file}: unexpected tensor {name!r} (shape {shape}); a {cfg.arch} checkpoint with "
                             f"this config.json has exactly {len(expected)} tensors named as in models/hf.py")
@@ -240,7 +247,8 @@ def open_checkpoint(path: str) -> CheckpointReader:
 
 
 def load_pretrained(path: str, dtype=None) -> Model:
-  """Load a LLaDA/Dream HF directory into a `Model` (params as jax arrays, [out, in] linears).
+  """Load an HF directory of any registered family (config.json `model_type`) into a `Model` (params as jax
+  arrays, [out, in] linears). See models/__init__.py for what the model returns.
 
   dtype: None keeps the stored dtype (bf16 for the released checkpoints); 'float32'/'bfloat16' casts all.
   """
@@ -260,14 +268,15 @@ def stream_blocks(path, dtype=None, numpy: bool = False) -> Iterator[tuple[int, 
 
 
 def load_top(path, dtype=None, numpy: bool = False) -> dict:
-  """The embedding, final norm and LM head only: {"embed": [V, D], "final_norm": [D], ("head": [V, D])}."""
+  """The non-block params only, e.g. {"embed": [V, D], "final_norm": [D], ("head": [V, D])} for LLaDA."""
   reader = path if isinstance(path, CheckpointReader) else open_checkpoint(path)
   return reader.top(dtype, numpy)
 
 
 def _flat_params(params: dict, cfg: ModelConfig) -> list[tuple[str, object]]:
-  """[(HF name, dense array)] in file order (embed, blocks, final_norm, head), validated against cfg."""
-  shapes = transformer.param_shapes(cfg)
+  """[(HF name, dense array)] in file order (embeddings, blocks, the other top params), validated against cfg."""
+  family = family_of(cfg)
+  shapes = family.param_shapes(cfg)
   if not isinstance(params, dict):
     raise CheckpointError(f"params must be a dict pytree (transformer.py layout), found {type(params).__name__}")
   extra, blocks = sorted(set(params) - set(shapes)), params.get("blocks")
@@ -280,9 +289,9 @@ def _flat_params(params: dict, cfg: ModelConfig) -> list[tuple[str, object]]:
       raise CheckpointError(f"params blocks[{i}]: keys {bad} missing or unexpected; expected "
                             f"{sorted(shapes['blocks'][i])}")
   top = hf.top_names(cfg)
-  order = ([(top["embed"], ("embed",))] + [(n, ("blocks", i, k)) for i in range(cfg.n_layers)
-                                           for k, n in hf.block_names(cfg, i).items()]
-           + [(top[k], (k,)) for k in ("final_norm", "head") if k in top])
+  order = ([(top[k], (k,)) for k in family.embed_keys] + [(n, ("blocks", i, k)) for i in range(cfg.n_layers)
+                                                          for k, n in hf.block_names(cfg, i).items()]
+           + [(n, (k,)) for k, n in top.items() if k not in family.embed_keys])
   out = []
   for name, cpath in order:
     leaf = params[cpath[0]] if len(cpath) == 1 else params["blocks"][cpath[1]][cpath[2]]

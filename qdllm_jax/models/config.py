@@ -1,8 +1,11 @@
-"""`ModelConfig`: one frozen description of a LLaDA or Dream network, parsed from HF `config.json`.
+"""`ModelConfig`: one frozen description of a network, parsed from HF `config.json` by its family.
 
-Both architectures are pre-norm Llama-style decoders without a causal mask. What differs is captured by a
-few fields (`arch`, `qkv_bias`, `n_kv_heads`, `rope_full_precision`, `norm_eps`, `rope_theta`); the tensor
-names live in `models/hf.py`. The config is hashable, so it is a static argument of every jitted function.
+`arch` names the model family (models/families.py: "llada", "dream", "bert"); each family module parses
+config.json into this one dataclass with the helpers below (`get_field`, `freeze`, `refuse_value`) and
+declares its tensor names. LLaDA and Dream are pre-norm Llama-style decoders without a causal mask; what
+differs is captured by a few fields (`qkv_bias`, `n_kv_heads`, `rope_full_precision`, `norm_eps`,
+`rope_theta`, `shift_logits`, `positions_skip_padding`). BERT adds `type_vocab_size`, `tensor_prefix` and
+`has_head`. The config is hashable, so it is a static argument of every jitted function.
 """
 from __future__ import annotations
 
@@ -11,29 +14,32 @@ from typing import Any, Mapping
 
 from qdllm_jax.errors import CheckpointError
 
-ARCHS = ("llada", "dream")
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture hyper-parameters.
 
   Attributes:
-    arch: "llada" (logits at i predict token i) or "dream" (logits at i predict token i+1).
+    arch: the family name (models/families.py): "llada", "dream" or "bert".
     vocab_size: rows of the embedding and LM head (LLaDA's `embedding_size`, which may pad `vocab_size`).
     d_model: residual width D.
     n_layers: number of transformer blocks.
     n_heads, n_kv_heads, head_dim: attention heads; n_heads % n_kv_heads == 0 (GQA when unequal).
-    mlp_hidden: SwiGLU hidden width F.
-    rope_theta: RoPE base; half-split (HF Llama) layout.
-    norm_eps: RMSNorm epsilon.
+    mlp_hidden: MLP hidden width F (SwiGLU for LLaDA/Dream, GELU for BERT).
+    rope_theta: RoPE base; half-split (HF Llama) layout (0.0: no RoPE, BERT).
+    norm_eps: RMSNorm / LayerNorm epsilon.
     qkv_bias: q/k/v projections carry biases (Dream; LLaDA with include_qkv_bias).
     tie_embeddings: LM head shares the embedding matrix.
     rope_full_precision: rotate q/k in float32 and cast back (LLaDA); else cos/sin are cast to the
       activation dtype first (Qwen2/Dream).
     mask_id, bos_id, eos_id, pad_id: special token ids (None where the checkpoint has none).
-    max_seq_len: the longest context the checkpoint supports.
+    max_seq_len: the longest context the checkpoint supports (BERT: its absolute position table).
     hf_vocab_size: the `vocab_size` field as written in config.json (LLaDA keeps it beside embedding_size).
+    shift_logits: logits at position i predict token i+1 (Dream); consumers shift them by one.
+    positions_skip_padding: RoPE positions are cumsum(mask) - 1 under padding (Dream), else 0..T-1.
+    type_vocab_size: rows of BERT's token-type embedding (0 elsewhere).
+    tensor_prefix: prefix of the backbone's tensor names in the checkpoint (BERT: "" or "bert.").
+    has_head: the checkpoint has an output head (LM / MLM head); BERT without one returns hidden states.
     raw: the parsed config.json as a tuple of items, written back unchanged by `save_pretrained`.
   """
   arch: str
@@ -55,14 +61,17 @@ class ModelConfig:
   pad_id: int | None = None
   max_seq_len: int = 4096
   hf_vocab_size: int | None = None
+  shift_logits: bool = False
+  positions_skip_padding: bool = False
+  type_vocab_size: int = 0
+  tensor_prefix: str = ""
+  has_head: bool = True
   raw: tuple = ()
 
   def __post_init__(self):
-    if self.arch not in ARCHS:
-      raise CheckpointError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
     if self.n_heads % self.n_kv_heads:
       raise CheckpointError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-    if self.head_dim % 2:
+    if self.rope_theta and self.head_dim % 2:
       raise CheckpointError(f"head_dim={self.head_dim} must be even for RoPE")
 
   @property
@@ -73,16 +82,12 @@ class ModelConfig:
   def kv_dim(self) -> int:
     return self.n_kv_heads * self.head_dim
 
-  @property
-  def shift_logits(self) -> bool:
-    """Dream's logits at position i predict token i+1; consumers shift them by one."""
-    return self.arch == "dream"
-
   def raw_dict(self) -> dict:
     return dict(self.raw)
 
 
-def _get(d: Mapping[str, Any], key: str, path: str, default: Any = dataclasses.MISSING):
+def get_field(d: Mapping[str, Any], key: str, path: str, default: Any = dataclasses.MISSING):
+  """d[key] (not None), else `default`; CheckpointError naming `path` when missing without a default."""
   if key in d and d[key] is not None:
     return d[key]
   if default is dataclasses.MISSING:
@@ -90,11 +95,12 @@ def _get(d: Mapping[str, Any], key: str, path: str, default: Any = dataclasses.M
   return default
 
 
-def _freeze(v):
+def freeze(v):
+  """A JSON value as nested tuples (hashable), for `ModelConfig.raw`."""
   if isinstance(v, dict):
-    return tuple((k, _freeze(x)) for k, x in v.items())
+    return tuple((k, freeze(x)) for k, x in v.items())
   if isinstance(v, list):
-    return tuple(_freeze(x) for x in v)
+    return tuple(freeze(x) for x in v)
   return v
 
 
@@ -108,72 +114,15 @@ def _thaw_raw(raw):
   return {k: thaw(v) for k, v in raw}
 
 
-def _refuse(d, path, key, bad, why):
+def refuse_value(d, path, key, bad, why):
+  """CheckpointError when config.json sets `key` to the unsupported value `bad` (`why` says what it means)."""
   if key in d and d[key] == bad:
     raise CheckpointError(f"{path}: {key}={bad!r} is not supported ({why}); LLaDA/Dream checkpoints use the default")
-
-
-def _llada_config(d: Mapping[str, Any], path: str) -> ModelConfig:
-  _refuse(d, path, "alibi", True, "ALiBi positions")
-  _refuse(d, path, "attention_layer_norm", True, "QK-norm")
-  _refuse(d, path, "scale_logits", True, "logit scaling")
-  _refuse(d, path, "input_emb_norm", True, "embedding norm")
-  if d.get("block_type", "llama") != "llama":
-    raise CheckpointError(f"{path}: block_type={d['block_type']!r} is not supported; expected 'llama'")
-  if d.get("activation_type", "silu") not in ("silu", "swiglu"):
-    raise CheckpointError(f"{path}: activation_type={d['activation_type']!r}; expected 'silu'")
-  if d.get("layer_norm_type", "rms") != "rms":
-    raise CheckpointError(f"{path}: layer_norm_type={d['layer_norm_type']!r}; expected 'rms'")
-  if d.get("include_bias", False):
-    raise CheckpointError(f"{path}: include_bias=true (biases on every linear) is not supported")
-  d_model = int(_get(d, "d_model", path))
-  n_heads = int(_get(d, "n_heads", path))
-  n_kv = d.get("n_kv_heads") or (1 if d.get("multi_query_attention") else n_heads)
-  mlp = d.get("mlp_hidden_size") or int(_get(d, "mlp_ratio", path) * d_model)
-  vocab = int(_get(d, "vocab_size", path))
-  return ModelConfig(
-      arch="llada", vocab_size=int(d.get("embedding_size") or vocab), hf_vocab_size=vocab,
-      d_model=d_model, n_layers=int(_get(d, "n_layers", path)), n_heads=n_heads, n_kv_heads=int(n_kv),
-      head_dim=d_model // n_heads, mlp_hidden=int(mlp), rope_theta=float(d.get("rope_theta", 10000.0)),
-      norm_eps=float(d.get("rms_norm_eps", 1e-5)), qkv_bias=bool(d.get("include_qkv_bias", False)),
-      tie_embeddings=bool(d.get("weight_tying", False)), rope_full_precision=bool(d.get("rope_full_precision", True)),
-      mask_id=d.get("mask_token_id", 126336), bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"),
-      pad_id=d.get("pad_token_id"), max_seq_len=int(d.get("max_sequence_length", 4096)), raw=_freeze(dict(d)))
-
-
-def _dream_config(d: Mapping[str, Any], path: str) -> ModelConfig:
-  if d.get("use_sliding_window", False):
-    raise CheckpointError(f"{path}: use_sliding_window=true is not supported (Dream uses full attention)")
-  if d.get("rope_scaling"):
-    raise CheckpointError(f"{path}: rope_scaling={d['rope_scaling']!r} is not supported; expected null")
-  if d.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"{path}: hidden_act={d['hidden_act']!r}; expected 'silu'")
-  hidden = int(_get(d, "hidden_size", path))
-  n_heads = int(_get(d, "num_attention_heads", path))
-  return ModelConfig(
-      arch="dream", vocab_size=int(_get(d, "vocab_size", path)), hf_vocab_size=int(d["vocab_size"]),
-      d_model=hidden, n_layers=int(_get(d, "num_hidden_layers", path)), n_heads=n_heads,
-      n_kv_heads=int(d.get("num_key_value_heads") or n_heads), head_dim=int(d.get("head_dim") or hidden // n_heads),
-      mlp_hidden=int(_get(d, "intermediate_size", path)), rope_theta=float(d.get("rope_theta", 10000.0)),
-      norm_eps=float(d.get("rms_norm_eps", 1e-6)), qkv_bias=True,
-      tie_embeddings=bool(d.get("tie_word_embeddings", False)), rope_full_precision=False,
-      mask_id=d.get("mask_token_id", 151666), bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"),
-      pad_id=d.get("pad_token_id"), max_seq_len=int(d.get("max_position_embeddings", 2048)), raw=_freeze(dict(d)))
-
-
-def config_from_hf(d: Mapping[str, Any], path: str = "config.json") -> ModelConfig:
-  """Parse a Hugging Face `config.json` dict of a LLaDA (`model_type` "llada") or Dream ("Dream") model."""
-  mt = d.get("model_type")
-  if mt == "llada":
-    return _llada_config(d, path)
-  if mt in ("Dream", "dream"):
-    return _dream_config(d, path)
-  raise CheckpointError(
-      f"{path}: unknown model_type {mt!r}; expected 'llada' (LLaDA-8B, LLaDA-1.5) or 'Dream' (Dream-v0-7B)")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
   """The config.json dict to write next to the weights: the original fields, unchanged."""
   if cfg.raw:
     return _thaw_raw(cfg.raw)
-  raise CheckpointError("this ModelConfig was not parsed from a config.json; build it with llada_config/dream_config")
+  raise CheckpointError("this ModelConfig was not parsed from a config.json; build it with "
+                        "models.families.config_from_hf (or llada_config / dream_config)")

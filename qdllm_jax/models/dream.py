@@ -1,7 +1,12 @@
-"""Dream configs (Dream-v0-Base-7B / -Instruct-7B, Qwen2 layout) as HF config.json dicts."""
+"""The Dream family (Dream-v0-Base-7B / -Instruct-7B, Qwen2 layout): config.json parsing and tensor names on the
+shared pre-norm decoder of models/transformer.py (q/k/v biases, GQA, logits shifted by one)."""
 from __future__ import annotations
 
-from qdllm_jax.models.config import ModelConfig, config_from_hf
+from typing import Any, Mapping
+
+from qdllm_jax.errors import CheckpointError
+from qdllm_jax.models.config import ModelConfig, freeze, get_field
+from qdllm_jax.models.llada import decoder_family
 
 DREAM_7B = {
     "model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": 3584, "intermediate_size": 18944,
@@ -16,9 +21,44 @@ DREAM_TINY_TEST = dict(DREAM_7B, hidden_size=32, intermediate_size=64, num_hidde
                        pad_token_id=121, eos_token_id=121, bos_token_id=122, max_position_embeddings=256)
 
 
+BLOCK_NAMES = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight",
+               "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
+               "ff_norm": "post_attention_layernorm.weight", "gate": "mlp.gate_proj.weight",
+               "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight", "q_bias": "self_attn.q_proj.bias",
+               "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias"}
+TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "head": "lm_head.weight"}
+BLOCK_PREFIX = "model.layers.{}."
+
+
+def _dream_config(d: Mapping[str, Any], path: str) -> ModelConfig:
+  if d.get("use_sliding_window", False):
+    raise CheckpointError(f"{path}: use_sliding_window=true is not supported (Dream uses full attention)")
+  if d.get("rope_scaling"):
+    raise CheckpointError(f"{path}: rope_scaling={d['rope_scaling']!r} is not supported; expected null")
+  if d.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{path}: hidden_act={d['hidden_act']!r}; expected 'silu'")
+  hidden = int(get_field(d, "hidden_size", path))
+  n_heads = int(get_field(d, "num_attention_heads", path))
+  return ModelConfig(
+      arch="dream", vocab_size=int(get_field(d, "vocab_size", path)), hf_vocab_size=int(d["vocab_size"]),
+      d_model=hidden, n_layers=int(get_field(d, "num_hidden_layers", path)), n_heads=n_heads,
+      n_kv_heads=int(d.get("num_key_value_heads") or n_heads), head_dim=int(d.get("head_dim") or hidden // n_heads),
+      mlp_hidden=int(get_field(d, "intermediate_size", path)), rope_theta=float(d.get("rope_theta", 10000.0)),
+      norm_eps=float(d.get("rms_norm_eps", 1e-6)), qkv_bias=True,
+      tie_embeddings=bool(d.get("tie_word_embeddings", False)), rope_full_precision=False,
+      mask_id=d.get("mask_token_id", 151666), bos_id=d.get("bos_token_id"), eos_id=d.get("eos_token_id"),
+      pad_id=d.get("pad_token_id"), max_seq_len=int(d.get("max_position_embeddings", 2048)), shift_logits=True,
+      positions_skip_padding=True, raw=freeze(dict(d)))
+
+
+# seed_x 100: the released Dream calibration script's default
+FAMILY = decoder_family("dream", ("Dream", "dream"), _dream_config, TOP_NAMES, BLOCK_NAMES, BLOCK_PREFIX,
+                        calib_seed=100)
+
+
 def dream_hf_config(base: dict = DREAM_7B, **overrides) -> dict:
   return dict(base, **overrides)
 
 
 def dream_config(base: dict = DREAM_7B, **overrides) -> ModelConfig:
-  return config_from_hf(dream_hf_config(base, **overrides))
+  return _dream_config(dream_hf_config(base, **overrides), "config.json")

@@ -1,41 +1,23 @@
-"""Hugging Face tensor names <-> the canonical params pytree (the one place names are mapped).
+"""Hugging Face tensor names <-> the canonical params pytree, through the model's family (models/families.py).
 
 Orientation: the project keeps every linear weight in the HF/PyTorch orientation `[out, in]`
 (no transpose anywhere; `layers.linear` computes x @ W^T). So loading and saving are pure renames,
-and a round trip is bit-exact.
+and a round trip is bit-exact. The name tables live in the family modules (llada.py, dream.py, bert.py).
 """
 from __future__ import annotations
 
 from qdllm_jax.models.config import ModelConfig
-
-_LLADA_BLOCK = {"attn_norm": "attn_norm.weight", "q": "q_proj.weight", "k": "k_proj.weight",
-                "v": "v_proj.weight", "o": "attn_out.weight", "ff_norm": "ff_norm.weight",
-                "gate": "ff_proj.weight", "up": "up_proj.weight", "down": "ff_out.weight",
-                "q_bias": "q_proj.bias", "k_bias": "k_proj.bias", "v_bias": "v_proj.bias"}
-_DREAM_BLOCK = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight",
-                "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
-                "ff_norm": "post_attention_layernorm.weight", "gate": "mlp.gate_proj.weight",
-                "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight", "q_bias": "self_attn.q_proj.bias",
-                "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias"}
-_TOP = {"llada": {"embed": "model.transformer.wte.weight", "final_norm": "model.transformer.ln_f.weight",
-                  "head": "model.transformer.ff_out.weight"},
-        "dream": {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "head": "lm_head.weight"}}
-_BLOCK_PREFIX = {"llada": "model.transformer.blocks.{}.", "dream": "model.layers.{}."}
+from qdllm_jax.models.families import family_of
 
 
 def block_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
   """{canonical name: HF tensor name} for the params of block `layer` present in this config."""
-  table = _LLADA_BLOCK if cfg.arch == "llada" else _DREAM_BLOCK
-  prefix = _BLOCK_PREFIX[cfg.arch].format(layer)
-  return {k: prefix + v for k, v in table.items() if cfg.qkv_bias or not k.endswith("_bias")}
+  return family_of(cfg).block_names(cfg, layer)
 
 
 def top_names(cfg: ModelConfig) -> dict[str, str]:
-  """{canonical name: HF tensor name} for the non-block params (embedding, final norm, head)."""
-  names = dict(_TOP[cfg.arch])
-  if cfg.tie_embeddings:
-    names.pop("head")
-  return names
+  """{canonical name: HF tensor name} for the non-block params (embeddings, final norm, head)."""
+  return family_of(cfg).top_names(cfg)
 
 
 def module_path(cfg: ModelConfig, layer: int, name: str) -> str:

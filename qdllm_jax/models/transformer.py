@@ -1,4 +1,4 @@
-"""The shared LLaDA/Dream forward pass as pure functions over a params pytree.
+"""The shared LLaDA/Dream (pre-norm decoder) forward pass as pure functions over a params pytree.
 
 Params pytree (canonical names; HF names are mapped in models/hf.py). All linears are `[out, in]`:
   {"embed": [V, D],
@@ -29,21 +29,38 @@ from qdllm_jax.models.config import ModelConfig
 LINEAR_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 LINEARS = tuple(n for g in LINEAR_GROUPS.values() for n in g)
 TAP_OF = {n: g for g, names in LINEAR_GROUPS.items() for n in names}
+# Linears whose quantization changes each tap's activations (within one block).
+UPSTREAM = {"qkv": (), "o": ("q", "k", "v"), "gate_up": ("q", "k", "v", "o"),
+            "down": ("q", "k", "v", "o", "gate", "up")}
 
 
 def positions_and_mask(cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None):
   """RoPE positions [B, T] and key mask [B, T] (bool or None).
 
-  LLaDA always uses 0..T-1. Dream uses cumsum(mask) - 1 (1 at padding) when a mask is given.
+  LLaDA always uses 0..T-1. Dream (`cfg.positions_skip_padding`) uses cumsum(mask) - 1 (1 at padding) when a
+  mask is given.
   """
   b, t = input_ids.shape
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if attention_mask is None:
     return pos, None
   m = attention_mask.astype(bool)
-  if cfg.arch == "dream":
+  if cfg.positions_skip_padding:
     pos = jnp.where(m, jnp.cumsum(m.astype(jnp.int32), axis=-1) - 1, 1)
   return pos, m
+
+
+def block_context(cfg: ModelConfig, batch: int, seqlen: int, attention_mask: jax.Array | None = None):
+  """What every block reads besides x: (cos, sin float32 [B, T, head_dim], key mask bool [B, T] or None)."""
+  pos, key_mask = positions_and_mask(cfg, jnp.zeros((batch, seqlen), jnp.int32), attention_mask)
+  cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+  return cos, sin, key_mask
+
+
+def block_forward_ctx(p: dict, x: jax.Array, cfg: ModelConfig, ctx: tuple, return_taps: bool = False, act=None):
+  """`block_forward` with the (cos, sin, key_mask) of `block_context` (the family block interface)."""
+  cos, sin, key_mask = ctx
+  return block_forward(p, x, cfg, cos, sin, key_mask, return_taps=return_taps, act=act)
 
 
 def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array,
@@ -88,8 +105,8 @@ def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: 
   return x
 
 
-def embed(params: dict, input_ids: jax.Array) -> jax.Array:
-  """x = Embed[ids]: [B, T] int32 -> [B, T, D]."""
+def embed(params: dict, input_ids: jax.Array, cfg: ModelConfig | None = None) -> jax.Array:
+  """x = Embed[ids]: [B, T] int32 -> [B, T, D]. (cfg is unused: the family embed interface.)"""
   return jnp.take(params["embed"], input_ids, axis=0)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qdllm_jax.models import transformer
-from qdllm_jax.models.config import config_from_hf
+from qdllm_jax.models.families import config_from_hf
 from qdllm_jax.models.llada import LLADA_TINY_TEST
 
 

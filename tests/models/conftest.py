@@ -39,3 +39,6 @@ def tiny_cfg(arch):
 @pytest.fixture(scope="session")
 def make_params():
   return random_params
+
+
+from bert_fixtures import minilm2_dir, minilm_dir  # noqa: E402,F401  (the real BERT fixtures)
