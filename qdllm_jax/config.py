@@ -15,24 +15,19 @@ import sys
 import ml_collections as mlc
 
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.quant import methods
+from qdllm_jax.quant.methods import SCALE_DTYPES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_PRESETS = ("", "llada_8b", "dream_7b", "tiny_llada")
 DTYPES = ("auto", "float32", "bfloat16")
 CALIB_NAMED = ("corpus", "c4", "wikitext2")
 CALIB_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz", ".parquet")
-METHODS = ("quant_dllm", "gptq", "rtn")
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
 MESH_AXES = ("data", "model")
 # Keys that do not change the quantized checkpoint (left out of the workdir fingerprint).
 NON_SEMANTIC = ("model_path", "model_preset", "workdir", "eval", "distributed", "save", "report", "plan")
-# Keys each method reads (the others are ignored by it).
-METHOD_KEYS = {
-    "quant_dllm": ("abmp_ratio", "abmp_scope", "target_bpw", "dor", "outlier_z", "salient_weight", "rsr_iters",
-                   "compensation", "comp_mode", "z_diag", "percdamp", "scale_dtype"),
-    "gptq": ("sym", "act_order", "percdamp", "scale_dtype"),
-    "rtn": ("sym", "scale_dtype"),
-}
+# Keys each method reads (the others are ignored by it): declared by the method (quant/method_<name>.py).
+METHOD_KEYS = {name: m.config_keys for name, m in methods.REGISTRY.items()}
 
 
 def _schema() -> mlc.ConfigDict:
@@ -218,21 +213,11 @@ def _check_calib(d, dry_run):
 def _check_quant(d):
   from qdllm_jax.quant import rules as rules_lib
   m, bits, g = d["method"], d["bits"], d["group_size"]
-  if m not in METHODS:
-    _err("quant.method", m, f"one of {METHODS}", "or use a preset: --config configs/<model>.py:gptq_w2")
-  if m == "quant_dllm":
-    if bits not in (1, 2, 3):
-      _err("quant.bits", bits, "1, 2 or 3 for quant_dllm (binary planes per weight)",
-           "for 4+ bits use a uniform method: --config.quant.method=gptq")
-    if g <= 0 or g % 32:
-      _err("quant.group_size", g, "a positive multiple of 32 for quant_dllm (the DAQ column block; 128 in the paper)")
-  else:
-    if not 2 <= bits <= 8:
-      _err("quant.bits", bits, f"an integer in 2..8 for {m}")
-    if not (g == -1 or g > 0):
-      _err("quant.group_size", g, "a positive group size or -1 (one group per row)")
-    if m == "gptq" and g != -1 and not (128 % g == 0 or g % 128 == 0):
-      _err("quant.group_size", g, "for gptq a divisor of 128, a multiple of 128, or -1")
+  if m not in methods.REGISTRY:
+    _err("quant.method", m, f"one of {tuple(methods.REGISTRY)}", "or use a preset: --config configs/<model>.py:gptq_w2")
+  bad = methods.get_method(m).check_shape(bits, g, None)  # the widths are checked against the model later
+  if bad is not None:
+    _err(f"quant.{bad[0]}", bits if bad[0] == "bits" else g, bad[1])
   if not 0.0 <= d["abmp_ratio"] <= 1.0:
     _err("quant.abmp_ratio", d["abmp_ratio"], "a fraction in [0, 1] (0.05 LLaDA, 0.10 Dream, 0 = uniform)")
   if d["abmp_scope"] not in ("matrix", "global"):

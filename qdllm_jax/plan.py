@@ -27,7 +27,7 @@ import time
 from qdllm_jax import sharding
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
-from qdllm_jax.quant import packed
+from qdllm_jax.quant import methods
 
 GiB = 2 ** 30
 
@@ -124,21 +124,11 @@ def param_bytes_per_device(cfg, itemsize: int, axes: dict) -> int:
 
 def linear_bytes(rows: int, cols: int, method: str, bits: int, group_size: int, scale_dtype: str = "float16",
                  sym: bool = False, act_order: bool = False) -> int:
-  """Exact packed bytes of one [rows, cols] weight (packed.QuantizedWeight.nbytes) at uniform order/bits.
-
-  binary_planes: P = bits * nb planes: P rows (g / 32) x 4 + P (rows + g) x sb + nb + 4 P.
-  uniform: rows packed.words_per_row(bits, cols) x 4 + rows G sb (+ rows G zeros) (+ 4 cols g_idx), G = cols / g.
-  ABMP keeps the mean order at `bits` in every matrix, so its size equals the uniform one.
-  """
-  sb = {"float16": 2, "bfloat16": 2, "float32": 4}[scale_dtype]
-  if method == "quant_dllm":
-    nb = cols // group_size
-    p = bits * nb
-    return p * rows * (group_size // 32) * 4 + p * (rows + group_size) * sb + nb + 4 * p
-  groups = 1 if group_size == -1 else cols // group_size
-  out = rows * packed.words_per_row(bits, cols) * 4 + rows * groups * sb
-  out += 0 if sym else rows * groups
-  return out + (4 * cols if act_order else 0)
+  """Exact packed bytes of one [rows, cols] weight (packed.QuantizedWeight.nbytes) at uniform order/bits, as
+  the method declares it (quant/method_<name>.py over the byte layout of quant/packed.py). ABMP keeps the mean
+  order at `bits` in every matrix, so its size equals the uniform one."""
+  opts = {"scale_dtype": scale_dtype, "sym": sym, "act_order": act_order}
+  return methods.get_method(method).packed_bytes(rows, cols, bits, group_size, opts)
 
 
 def summarize_rules(plan) -> list[str]:

@@ -4,16 +4,12 @@
     qw, info = quantize_weight(w, H, method="gptq", bits=2, return_info=True)
 
 w is float32 [out, in] (PyTorch layout), H [in, in] in the GPTQ convention H = (2/n) sum_s X_s^T X_s.
-Methods:
-  "rtn"        uniform min/max round-to-nearest (H ignored, may be None); bits 2..8.
-  "gptq"       GPTQ, asymmetric min/max by default, damp 0.01, optional act-order; bits 2..8.
-  "quant_dllm" DAQ + cross-block compensation; bits = planes per weight in {1, 2, 3}; with bits == 2 and
-               abmp_ratio > 0 the blocks get ABMP orders 1/2/3 (mean 2); group_size is the column block.
+Methods: the registry of quant/methods.py (`quant_dllm`, `gptq`, `rtn`; each declared in quant/method_<name>.py
+with its options, validation, packed size and solver).
 Every input error is raised as QuantizationError before any heavy work.
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -21,24 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import QuantizationError
-from qdllm_jax.quant import abmp, packed, row_sharded
-from qdllm_jax.quant.daq import daq_quantize
-from qdllm_jax.quant.gptq import gptq_quantize
-from qdllm_jax.quant.hessian import layer_errors, prepare_hessian
-from qdllm_jax.quant.rtn import find_params, rtn_quantize
+from qdllm_jax.quant import row_sharded
+from qdllm_jax.quant.hessian import layer_errors
+from qdllm_jax.quant.method_spec import SCALE_DTYPES
+from qdllm_jax.quant.methods import METHODS, REGISTRY, get_method
 
-METHODS = ("rtn", "gptq", "quant_dllm")
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
-_COMMON = {"scale_dtype"}
-OPTIONS = {
-    "rtn": _COMMON | {"sym"},
-    "gptq": _COMMON | {"sym", "act_order", "percdamp", "max_percdamp", "row_sharding"},
-    "quant_dllm": _COMMON | {"row_sharding", "outlier_z", "salient_weight", "dor", "compensation", "comp_mode", "rsr_iters", "rsr_tol",
-                             "z_diag", "orders", "percdamp", "max_percdamp"},
-}
-DEFAULTS = dict(sym=False, act_order=False, percdamp=0.01, max_percdamp=10.0, scale_dtype="float16",
-                outlier_z=2.0, salient_weight=3.0, dor=True, compensation=True, comp_mode="diag", rsr_iters=15, rsr_tol=None,
-                z_diag="chol", orders=None, row_sharding=None)
+OPTIONS = {name: frozenset(m.options) for name, m in REGISTRY.items()}  # accepted options per method
 
 
 def _err(msg):
@@ -75,12 +59,11 @@ def _check_matrix(w, name="w"):
 
 def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
   """Resolve options and check every input; returns (float32 weights, float32 H or None, resolved options)."""
-  if method not in METHODS:
-    _err(f"method={method!r} is unknown; expected one of {METHODS}.")
-  unknown = sorted(set(options) - OPTIONS[method])
+  spec = get_method(method)
+  unknown = spec.unknown_options(options)
   if unknown:
-    _err(f"unknown option(s) {unknown} for method {method!r}; allowed: {sorted(OPTIONS[method])}.")
-  opt = {k: options.get(k, DEFAULTS[k]) for k in OPTIONS[method]}
+    _err(f"unknown option(s) {unknown} for method {method!r}; allowed: {sorted(spec.options)}.")
+  opt = spec.resolve_options(options)
   if opt["scale_dtype"] not in SCALE_DTYPES:
     _err(f"scale_dtype={opt['scale_dtype']!r} is not supported; expected one of {SCALE_DTYPES}.")
   rs = opt.get("row_sharding")
@@ -99,23 +82,32 @@ def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
            f"or 'bfloat16'.")
   h = None
   if hessian is None:
-    if method != "rtn":
+    if spec.needs_hessian:
       _err(f"method {method!r} needs the layer Hessian [in, in] = [{n}, {n}]; got None.")
   else:
     h, _ = _check_matrix(hessian, "hessian")
     if h.shape != (n, n):
       _err(f"hessian has shape {h.shape}; expected [in, in] = [{n}, {n}] for w of shape {ws[0].shape}.")
-  if method in ("rtn", "gptq"):
-    if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
-      _err(f"bits={bits!r} is not supported by {method}; expected an integer in 2..8.")
+  bad = spec.check_shape(bits, group_size, n)
+  if bad is not None:
+    field, want = bad
+    value = bits if field == "bits" else group_size
+    _err(f"{field}={value!r} is not supported by {method}; expected {want}.")
+  if not 0.0 <= float(abmp_ratio) <= 1.0:
+    _err(f"abmp_ratio={abmp_ratio} must lie in [0, 1] (0.05 LLaDA, 0.10 Dream, 0 = uniform).")
+  why = spec.check_options(opt)
+  if why:
+    _err(why)
+  if opt.get("orders") is not None:
+    o = np.asarray(opt["orders"])
     g = group_size
-    if not isinstance(g, (int, np.integer)) or not (g == -1 or (0 < g and n % g == 0)):
-      _err(f"group_size={g!r} does not divide in_features={n}; expected a divisor of {n} or -1 (per channel).")
-    if method == "gptq" and g != -1 and not (128 % g == 0 or g % 128 == 0):
-      _err(f"group_size={g} for gptq must divide 128 or be a multiple of 128 (lazy block size 128), or be -1.")
-    if method == "gptq" and not 0 < opt["percdamp"] <= opt["max_percdamp"]:
-      _err(f"percdamp={opt['percdamp']} must lie in (0, max_percdamp={opt['max_percdamp']}].")
-    return ws, h, opt
+    nb = n // g
+    want = (nb,) if o.ndim < 2 or len(ws) == 1 else (len(ws), nb)
+    if o.shape != want or not np.issubdtype(o.dtype, np.integer) or o.min() < 1 or o.max() > 3:
+      _err(f"orders must be {nb} integers in 1..3 (one per {g}-column block"
+           + ("; or one such row per matrix" if len(ws) > 1 else "") + f"); got shape {o.shape}, dtype {o.dtype}"
+           + (f", range {o.min()}..{o.max()}." if o.size and np.issubdtype(o.dtype, np.number) else "."))
+  return ws, h, opt
   if bits not in (1, 2, 3) or isinstance(bits, bool):
     _err(f"bits={bits!r} is not supported by quant_dllm; expected the mean number of binary planes 1, 2 or 3.")
   g = group_size
@@ -144,16 +136,6 @@ def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
   return ws, h, opt
 
 
-def _orders_for(i, w, u, bits, group_size, abmp_ratio, opt):
-  nb = w.shape[1] // group_size
-  if opt["orders"] is not None:
-    o = np.asarray(opt["orders"], np.int8)
-    return o[i] if o.ndim == 2 else o
-  if bits == 2 and abmp_ratio > 0:
-    return abmp.allocate_orders(abmp.block_salience(w, u, group_size), abmp_ratio)
-  return np.full(nb, bits, np.int8)
-
-
 def _info(w, w_hat, h, extra):
   info = dict(extra)
   if h is not None:
@@ -162,89 +144,11 @@ def _info(w, w_hat, h, extra):
   return info
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype", "per_channel"))
-def _gptq_batch(w, u, cs, cz, *, bits, group_size, sym, scale_dtype, per_channel):
-  """vmap of gptq_quantize over a stack of same-shape matrices sharing U."""
-  f = lambda w, cs, cz: gptq_quantize(w, u, cs if per_channel else None, cz if per_channel else None,
-                                      bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
-  return jax.vmap(f)(w, cs, cz)
-
-
 def _run(ws, h, method, bits, group_size, abmp_ratio, opt, return_info):
-  """Quantize matrices that share one Hessian. Returns a list of QuantizedWeight (or (qw, info) pairs)."""
+  """Quantize matrices that share one Hessian with the method's solver. Returns a list of QuantizedWeight (or
+  (qw, info) pairs)."""
   t0 = time.perf_counter()
-  sd = opt["scale_dtype"]
-  results = []
-  if method == "rtn":
-    for w in ws:
-      codes, sc, zr, w_hat = rtn_quantize(w, bits=bits, group_size=group_size, sym=opt["sym"], scale_dtype=sd)
-      qw = packed.from_uniform(codes, sc, zr, bits=bits, group_size=group_size, sym=opt["sym"],
-                               scale_dtype=sd, method="rtn")
-      results.append((qw, w_hat, dict(method="rtn")))
-  elif method == "gptq":
-    n = ws[0].shape[1]
-    perm = inv = None
-    hj = h
-    if opt["act_order"]:
-      dg = np.asarray(jnp.diagonal(h), np.float64)
-      perm = np.argsort(-np.where(dg == 0, 1.0, dg), kind="stable")
-      inv = np.argsort(perm)
-      hj = h[perm][:, perm]
-    ph = prepare_hessian(ws[0] if perm is None else ws[0][:, perm], hj, opt["percdamp"], opt["max_percdamp"])
-    per_channel = group_size == -1
-    prep = lambda w: jnp.where(ph.dead[None, :], 0.0, w if perm is None else w[:, perm])
-    by_out = {}
-    for i, w in enumerate(ws):
-      by_out.setdefault(w.shape[0], []).append(i)
-    outs = [None] * len(ws)
-    rs = opt["row_sharding"]
-    for _, idx in by_out.items():
-      if rs is not None and row_sharded.can_shard(ws[idx[0]].shape[0], *rs):  # solve each over the row shards
-        for i in idx:
-          cs, cz = find_params(ws[i], bits, opt["sym"], sd) if per_channel else (None, None)
-          outs[i] = row_sharded.gptq_rows(prep(ws[i]), ph.u, cs, cz, mesh=rs[0], axis=rs[1], bits=bits,
-                                          group_size=group_size, sym=opt["sym"], scale_dtype=sd)
-        continue
-      if len(idx) == 1:  # no vmap for a single matrix
-        w = ws[idx[0]]
-        cs, cz = find_params(w, bits, opt["sym"], sd) if per_channel else (None, None)  # from the unfixed w
-        outs[idx[0]] = gptq_quantize(prep(w), ph.u, cs, cz, bits=bits, group_size=group_size, sym=opt["sym"],
-                                     scale_dtype=sd)
-        continue
-      wo = jnp.stack([ws[i] for i in idx])
-      cs, cz = find_params(wo, bits, opt["sym"], sd)
-      r = _gptq_batch(jax.vmap(prep)(wo), ph.u, cs, cz, bits=bits, group_size=group_size, sym=opt["sym"],
-                      scale_dtype=sd, per_channel=per_channel)
-      for j, i in enumerate(idx):
-        outs[i] = jax.tree.map(lambda x: x[j], r)
-    for w, r in zip(ws, outs):
-      codes, w_hat, g_idx = r["codes"], r["w_hat"], None
-      if perm is not None:
-        codes, w_hat = codes[:, inv], w_hat[:, inv]
-        g_idx = inv // (n if group_size == -1 else group_size)
-      qw = packed.from_uniform(codes, r["scales"], r["zeros"], bits=bits, group_size=group_size, sym=opt["sym"],
-                               g_idx=g_idx, scale_dtype=sd, method="gptq")
-      results.append((qw, w_hat, dict(method="gptq", percdamp=ph.percdamp, delta=ph.delta,
-                                      dead_columns=int(jnp.sum(ph.dead)), solver_loss=float(r["loss"]))))
-  else:
-    ph = prepare_hessian(ws[0], h, opt["percdamp"], opt["max_percdamp"])
-    for i, w in enumerate(ws):
-      wf = jnp.where(ph.dead[None, :], 0.0, w)
-      orders = _orders_for(i, wf, ph.u, bits, group_size, abmp_ratio, opt)
-      kw = dict(block=group_size, iters=int(opt["rsr_iters"]), outlier_z=float(opt["outlier_z"]),
-                salient_weight=float(opt["salient_weight"]), dor=bool(opt["dor"]), z_diag=opt["z_diag"],
-                compensation=bool(opt["compensation"]), comp_mode=opt["comp_mode"], scale_dtype=sd,
-                rsr_tol=None if opt["rsr_tol"] is None else float(opt["rsr_tol"]))
-      rs = opt["row_sharding"]
-      if rs is not None and row_sharded.can_shard(w.shape[0], *rs):
-        r = row_sharded.daq_rows(wf, ph.u, jnp.asarray(orders, jnp.int32), mesh=rs[0], axis=rs[1], **kw)
-      else:
-        r = daq_quantize(wf, ph.u, orders, **kw)
-      qw = packed.from_binary_planes(r["bits"], r["a_r"], r["a_c"], orders, shape=w.shape, scale_dtype=sd,
-                                     nominal_bits=bits)
-      results.append((qw, r["w_hat"], dict(method="quant_dllm", percdamp=ph.percdamp, delta=ph.delta,
-                                           dead_columns=int(jnp.sum(ph.dead)), solver_loss=float(r["loss"]),
-                                           orders=np.asarray(orders))))
+  results = get_method(method).solve(ws, h, bits, group_size, abmp_ratio, opt)
   if not return_info:
     return [qw for qw, _, _ in results]
   elapsed = time.perf_counter() - t0

@@ -63,6 +63,26 @@ def words_per_row(bits: int, n: int) -> int:
   return -(-n // cu) * wu
 
 
+def uniform_nbytes(rows: int, cols: int, bits: int, group_size: int, scale_dtype: str = "float16",
+                   sym: bool = False, act_order: bool = False) -> int:
+  """Bytes of a uniform weight's arrays (`QuantizedWeight.nbytes`) from its shape alone: qweight
+  rows x words_per_row x 4, scales rows x G (scale_dtype), zeros rows x G uint8 unless sym, g_idx 4 cols with
+  act-order; G = cols / group_size (1 for -1)."""
+  groups = 1 if group_size == -1 else cols // group_size
+  sb = np.dtype(jnp.dtype(scale_dtype)).itemsize
+  out = rows * words_per_row(bits, cols) * 4 + rows * groups * sb + (0 if sym else rows * groups)
+  return out + (4 * cols if act_order else 0)
+
+
+def binary_planes_nbytes(rows: int, cols: int, num_planes: int, block: int, scale_dtype: str = "float16") -> int:
+  """Bytes of a binary_planes weight's arrays (`QuantizedWeight.nbytes`) from its shape and plane count P:
+  planes P x rows x block/32 x 4, a_r P x rows and a_c P x block (scale_dtype), orders nb int8, plane_block
+  4 P; nb = cols / block."""
+  sb = np.dtype(jnp.dtype(scale_dtype)).itemsize
+  p = num_planes
+  return p * rows * (block // 32) * 4 + p * (rows + block) * sb + cols // block + 4 * p
+
+
 def layout_readable(version, fmt: str, bits: int) -> bool:
   """True iff a weight stored with layout `version` is read correctly by this build: version 2, or version 1
   where the two agree (binary planes; uniform with bits dividing 32, i.e. one-word units: 2, 4, 8 bits)."""
@@ -318,6 +338,7 @@ def from_uniform(codes, scales, zeros, *, bits: int, group_size: int, sym: bool,
 
 __all__ = [
     "LAYOUT_VERSION", "FORMATS", "QuantizedWeight", "pack_signs", "unpack_signs", "unit_shape",
-    "words_per_row", "layout_readable", "unit_words", "slot_code", "pack_codes",
+    "words_per_row", "uniform_nbytes", "binary_planes_nbytes", "layout_readable", "unit_words", "slot_code",
+    "pack_codes",
     "unpack_codes", "plane_sum", "from_binary_planes", "from_uniform",
 ]

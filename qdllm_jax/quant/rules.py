@@ -25,8 +25,8 @@ from typing import Any, Sequence
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import hf, transformer
 from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.quant import methods
 
-METHODS = ("quant_dllm", "gptq", "rtn")
 SKIP = "skip"
 _RULE_KEYS = ("method", "bits", "group_size", "options")
 
@@ -36,7 +36,7 @@ class Rule:
   """How to quantize one linear: `quantize_weight(w, H, method, bits, group_size, **options)`.
 
   Attributes:
-    method: "quant_dllm" (DAQ + ABMP), "gptq" or "rtn".
+    method: a registered method name (quant/methods.py: "quant_dllm", "gptq", "rtn").
     bits: bits per weight (quant_dllm: binary planes / base order).
     group_size: input columns per quantization group / DAQ block (128 in the papers).
     options: extra keyword options for the quantizer, as a sorted tuple of (key, value) (JSON values).
@@ -47,8 +47,8 @@ class Rule:
   options: tuple = ()
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ConfigError(f"rule method {self.method!r} is unknown; expected one of {METHODS}")
+    if self.method not in methods.REGISTRY:
+      raise ConfigError(f"rule method {self.method!r} is unknown; expected one of {tuple(methods.REGISTRY)}")
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
       raise ConfigError(f"rule bits={self.bits!r}; expected an int in 1..8")
     if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
