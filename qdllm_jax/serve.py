@@ -1,0 +1,185 @@
+"""An OpenAI-style HTTP endpoint for a quantized checkpoint (packed weights) or an FP HF directory.
+
+  python -m qdllm_jax.serve --model runs/tiny/checkpoint --port 8000 --sampler.gen_length=64 \
+      --sampler.block_length=64 --sampler.steps=64
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
+      -d '{"prompt": "In the beginning", "max_tokens": 32, "n": 2}'
+
+Routes: POST /v1/completions, POST /v1/chat/completions (non-streaming; fields in serve_api.py: prompt or
+messages, max_tokens, temperature, n, seed, model, user), GET /health, GET /v1/models. Requests are decoded by one
+worker that merges compatible requests into batches of up to --batch_size rows (batcher.py). A bad request gets
+a 4xx JSON error {"error": {"message", "type", "param", "code"}} and the server keeps serving.
+Flags: those of `python -m qdllm_jax.generate` (--model, --chat_template, --batch_size, --dequantize,
+--sampler.KEY=VALUE) plus --host (default 127.0.0.1: loopback only), --port (default 8000; 0 = a free one),
+--max_n (default 8), --batch_wait_ms (default 20), --model_name (default the directory's name).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from qdllm_jax import batcher as batcher_lib
+from qdllm_jax import engine as engine_lib
+from qdllm_jax import serve_api
+from qdllm_jax.errors import ConfigError, QdllmError
+from qdllm_jax.generate import build_parser, prepare
+from qdllm_jax.launch import split_overrides
+
+PROG = "python -m qdllm_jax.serve"
+MAX_BODY = 1 << 20
+DECODE_TIMEOUT_S = 3600
+log = logging.getLogger("qdllm_jax.serve")
+
+
+class Handler(BaseHTTPRequestHandler):
+  """One request; the server object carries engine, settings, batcher, model_name, max_n."""
+  protocol_version = "HTTP/1.1"
+  server_version = "qdllm-jax"
+
+  def log_message(self, fmt, *args):  # route the access log through logging (quiet by default)
+    log.info("%s %s", self.address_string(), fmt % args)
+
+  def _send(self, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  def _error(self, err: serve_api.BadRequest) -> None:
+    self._send(err.status, err.body())
+
+  def do_GET(self):  # noqa: N802 (http.server's naming)
+    srv = self.server
+    if self.path == "/health":
+      self._send(200, {"status": "ok", "model": srv.model_name, "family": srv.engine.config.arch,
+                       "kernel_path": srv.engine.kernel_path, "max_batch": srv.batcher.max_batch,
+                       "batches_run": srv.batcher.batches_run, "rows_run": srv.batcher.rows_run})
+    elif self.path == "/v1/models":
+      self._send(200, {"object": "list", "data": [{"id": srv.model_name, "object": "model", "owned_by": "local"}]})
+    elif self.path in serve_api.FIELDS:
+      self._error(serve_api.BadRequest(405, f"{self.path} takes POST, not GET", None, "method_not_allowed"))
+    else:
+      self._error(_not_found(self.path))
+
+  def do_POST(self):  # noqa: N802
+    try:
+      self._send(200, self._complete())
+    except serve_api.BadRequest as e:
+      self._error(e)
+    except Exception as e:  # noqa: BLE001 (never let one request take the server down)
+      log.exception("request failed")
+      self._send(500, {"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
+                                 "param": None, "code": "internal_error"}})
+
+  def _complete(self) -> dict:
+    srv, route = self.server, self.path
+    if route not in serve_api.FIELDS:
+      self._drain()
+      raise _not_found(route)
+    body = self._read_json()
+    rows, settings, seed, facts = serve_api.parse(route, body, srv.engine, srv.settings, max_n=srv.max_n,
+                                                  model_name=srv.model_name)
+    job = srv.batcher.submit(batcher_lib.Job(rows=rows, settings=settings, seed=seed))
+    try:
+      outs = job.wait(DECODE_TIMEOUT_S)
+    except QdllmError as e:
+      raise serve_api.BadRequest(400, str(e), None, "invalid_value") from None
+    return serve_api.response(route, srv.engine, outs, facts, srv.model_name)
+
+  def _drain(self) -> None:
+    n = self.headers.get("Content-Length")
+    if n and n.isdigit() and int(n) <= MAX_BODY:
+      self.rfile.read(int(n))
+
+  def _read_json(self):
+    ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    n = self.headers.get("Content-Length")
+    if n is None or not n.isdigit():
+      self.close_connection = True
+      raise serve_api.BadRequest(411, "a Content-Length header is required (chunked bodies are not accepted)",
+                                 None, "length_required")
+    if int(n) > MAX_BODY:
+      self.close_connection = True
+      raise serve_api.BadRequest(413, f"the body has {n} bytes; at most {MAX_BODY} are accepted", None,
+                                 "body_too_large")
+    raw = self.rfile.read(int(n))
+    if ctype != "application/json":
+      raise serve_api.BadRequest(415, f"Content-Type {ctype or 'missing'!r}; send 'application/json'", None,
+                                 "unsupported_media_type")
+    try:
+      return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise serve_api.BadRequest(400, f"the body is not valid JSON ({e}); send one JSON object", None,
+                                 "invalid_json") from None
+
+
+def _not_found(path: str) -> serve_api.BadRequest:
+  return serve_api.BadRequest(404, f"no route {path!r:.80}; routes: POST /v1/completions, POST "
+                              "/v1/chat/completions, GET /health, GET /v1/models", None, "not_found")
+
+
+def make_server(engine, settings, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+                max_n: int = 8, batch_wait_s: float = 0.02, model_name: str | None = None) -> ThreadingHTTPServer:
+  """A ThreadingHTTPServer (not yet serving: call serve_forever) for `engine` with default sampler `settings`.
+
+  port 0 binds a free port (server.server_address[1]). Close with server.shutdown(); server.batcher.close()."""
+  if max_batch < 1 or max_n < 1:
+    raise ConfigError(f"batch_size={max_batch}, max_n={max_n}: both must be >= 1")
+  srv = ThreadingHTTPServer((host, port), Handler)
+  srv.daemon_threads = True
+  srv.engine, srv.settings, srv.max_n = engine, settings, max_n
+  srv.model_name = model_name or os.path.basename(os.path.normpath(engine.path))
+  srv.batcher = batcher_lib.Batcher(engine, max_batch, batch_wait_s)
+  return srv
+
+
+def _is_loopback(host: str) -> bool:
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return host == "localhost"
+
+
+def main(argv=None) -> int:
+  """Run the server until interrupted; returns the exit status (2 on a user error)."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+  ap = build_parser(PROG, __doc__.split("\n")[0])
+  ap.add_argument("--host", default="127.0.0.1")
+  ap.add_argument("--port", type=int, default=8000)
+  ap.add_argument("--max_n", type=int, default=8)
+  ap.add_argument("--batch_wait_ms", type=float, default=20.0)
+  ap.add_argument("--model_name", default=None)
+  try:
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    overrides = split_overrides(rest, "--sampler.", PROG)
+    _, _, tok, settings = prepare(args, overrides)
+    if not _is_loopback(args.host):
+      log.warning("binding %s: the endpoint is reachable from other machines and has no authentication", args.host)
+    eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok)
+    srv = make_server(eng, settings, host=args.host, port=args.port, max_batch=args.batch_size, max_n=args.max_n,
+                      batch_wait_s=args.batch_wait_ms / 1000, model_name=args.model_name)
+  except QdllmError as e:
+    print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: cannot bind {args.host}:{args.port} ({e.strerror}); choose another --port", file=sys.stderr)
+    return 2
+  log.info("serving %s on http://%s:%d (%s)", srv.model_name, *srv.server_address[:2], eng.kernel_path)
+  try:
+    srv.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    srv.batcher.close()
+    srv.server_close()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
