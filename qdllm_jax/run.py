@@ -34,7 +34,7 @@ from qdllm_jax import (checkpoint as ckpt_lib, config as config_lib, plan as pla
 from qdllm_jax.calib import mcs, windows as windows_lib
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import paired as paired_lib
-from qdllm_jax.models import checkpoint_io, hf, transformer
+from qdllm_jax.models import checkpoint_io, families, hf
 from qdllm_jax.quant import pipeline
 
 log = logging.getLogger("qdllm_jax.run")
@@ -157,7 +157,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
   """Quantize blocks state.next_block.. in order; `state = on_block(state)` after each (it saves the state and
   may hand back one whose finished blocks are spilled to disk). Returns the final state."""
   cfg, q = src.config, spec.quant
-  groups = pipeline.module_groups(q.module_order)
+  groups = pipeline.module_groups(q.module_order, families.family_of(cfg))
   chunk = spec.calib.chunk_size
   place = sharding.host_array if offload else (lambda x: shard_rows(x, mesh))  # noqa: E731
   if state is None:
@@ -170,7 +170,7 @@ def quantize_blocks(src, ids, rules_plan, spec, mesh, offload, state, on_block):
     state = pipeline.PipelineState(next_block=0, x=x, blocks=[], report=[], orders=orders, global_bits=bits)
   else:
     state = dataclasses.replace(state, x=place(state.x))
-  per_block = sum(rules_plan.rule_for(0, n) is not None for n in transformer.LINEARS)
+  per_block = sum(rules_plan.rule_for(0, n) is not None for n in families.family_of(cfg).linears)
   # The solvers split each matrix's output rows over the mesh's model axis (quant/row_sharded.py) when it has
   # more than one device; the data axis already splits the calibration activations.
   rows = (mesh, "model") if dict(mesh.shape).get("model", 1) > 1 else None
@@ -406,7 +406,7 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": spec.to_dict(),
       "model": {"path": os.path.abspath(spec.model_path), "arch": cfg.arch, "n_layers": cfg.n_layers,
                 "d_model": cfg.d_model, "mlp_hidden": cfg.mlp_hidden, "vocab_size": cfg.vocab_size,
-                "num_params": transformer.num_params(cfg), "stored_dtype": stored},
+                "num_params": families.num_params(cfg), "stored_dtype": stored},
       "plan": rp.to_dict(), "mesh": rp.mesh, "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
       "calibration": calib_info, "rules": json.loads(rules_plan.to_json()), "layers": layers, "sizes": sizes,
       "timings_s": timings, "metrics": metrics, "protocol": card, "comparison": comparison,

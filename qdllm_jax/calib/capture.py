@@ -1,8 +1,8 @@
 """Functional calibration passes over one transformer block.
 
-`capture_block` runs calibration activations [N, L, D] through `transformer.block_forward` in chunks of
-`chunk_size` sequences and accumulates, per linear group ("qkv", "o", "gate_up", "down"), the input
-Hessian of GPTQ:
+`capture_block` runs calibration activations [N, L, D] through the model family's `block_forward`
+(models/families.py) in chunks of `chunk_size` sequences and accumulates, per linear group (LLaDA/Dream: "qkv",
+"o", "gate_up", "down"; BERT: "qkv", "o", "up", "down"), the input Hessian of GPTQ:
     H_g = (2 / n) sum_s X_{g,s}^T X_{g,s}     float32 [c_g, c_g],  X_{g,s}: [L, c_g], n = number of sequences,
 which equals the running update H <- H n/(n+1); n <- n+1; H <- H + (2/n) X^T X. q/k/v share one H (their
 common input), gate/up share one. It optionally also returns the block's outputs (the next block's
@@ -29,11 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import layers, transformer
+from qdllm_jax.models import transformer
 from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.families import family_of
 from qdllm_jax.sharding import host_array
 
-TAPS = tuple(transformer.LINEAR_GROUPS)
+TAPS = tuple(transformer.LINEAR_GROUPS)  # the LLaDA/Dream decoder's; a model's own: family_of(cfg).linear_groups
 
 
 @dataclasses.dataclass
@@ -54,9 +55,9 @@ class Capture:
 def _chunk_step(p, x, weight, key_mask, cfg, taps, with_outputs):
   """One chunk: (block outputs [B, L, D] or None, {tap: sum_b weight_b X_b^T X_b float32 [c, c]})."""
   b, t, _ = x.shape
-  pos, km = transformer.positions_and_mask(cfg, jnp.zeros((b, t), jnp.int32), key_mask)
-  cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-  out, tp = transformer.block_forward(p, x, cfg, cos, sin, km, return_taps=True)
+  family = family_of(cfg)
+  ctx = family.block_context(cfg, b, t, key_mask)
+  out, tp = family.block_forward(p, x, cfg, ctx, return_taps=True)
   xtx = {}
   for g in taps:
     a = tp[g].astype(jnp.float32)
@@ -115,7 +116,7 @@ def chunk_starts(n: int, chunk_size: int) -> list[tuple[int, int]]:
   return out
 
 
-def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int = 8, key_mask=None,
+def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=None, chunk_size: int = 8, key_mask=None,
                   with_outputs: bool = True, host_buffer: bool | None = None, chunk_sharding=None) -> Capture:
   """Run one block over the calibration activations; accumulate per-tap Hessians and the outputs.
 
@@ -123,7 +124,7 @@ def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int =
     p: the block's params (dense [out, in] linears; quantized ones already dequantized in place).
     xs: [N, L, D] block inputs (jax or NumPy array, the model dtype).
     cfg: model config (static).
-    taps: which linear-group inputs to accumulate H for (subset of "qkv", "o", "gate_up", "down").
+    taps: which linear-group inputs to accumulate H for (a subset of the family's linear groups; None: all).
     chunk_size: sequences per jitted step.
     key_mask: optional bool [N, L] (Dream padding; None for full calibration windows).
     with_outputs: also return the block outputs [N, L, D].
@@ -135,10 +136,11 @@ def capture_block(p: dict, xs, cfg: ModelConfig, *, taps=TAPS, chunk_size: int =
   Returns:
     Capture(hessians={tap: float32 [c, c]}, n=N, outputs=[N, L, D] or None).
   """
-  taps = tuple(taps)
-  bad = [t for t in taps if t not in TAPS]
+  known = tuple(family_of(cfg).linear_groups)
+  taps = known if taps is None else tuple(taps)
+  bad = [t for t in taps if t not in known]
   if bad:
-    raise ConfigError(f"capture_block: unknown taps {bad}; expected a subset of {TAPS}")
+    raise ConfigError(f"capture_block: unknown taps {bad}; expected a subset of {known}")
   if chunk_size < 1:
     raise ConfigError(f"capture_block: chunk_size={chunk_size}; expected >= 1")
   n = int(xs.shape[0])

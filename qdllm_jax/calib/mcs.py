@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from qdllm_jax.calib.windows import as_key
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.families import family_of
 
 MODES = ("mcs", "plain")
-DEFAULT_SEED_X = {"llada": 0, "dream": 100}  # run.sh
 
 
 def mcs_timesteps(n_windows: int, timesteps_per_sample: int = 1) -> jax.Array:
@@ -91,7 +91,8 @@ def calibration_inputs(ids, cfg: ModelConfig, *, mode: str = "mcs", seed_x: int 
 
   Args:
     ids: int32 [N, L] windows.
-    cfg: the model config (gives `mask_id` and, by arch, the released seed_x: LLaDA 0, Dream 100).
+    cfg: the model config (gives `mask_id`, e.g. BERT's tokenizer [MASK] 103, and through its family the
+      default seed_x: LLaDA 0 and Dream 100 as the released calibration scripts, BERT 0).
   Returns:
     int32 [N T, L].
   Raises:
@@ -100,7 +101,7 @@ def calibration_inputs(ids, cfg: ModelConfig, *, mode: str = "mcs", seed_x: int 
   if mode == "mcs" and cfg.mask_id is None:
     raise ConfigError(f"MCS calibration needs the model's [MASK] id, but this {cfg.arch} config has none; "
                       "set mask_token_id in config.json or calibrate with mode='plain'")
-  seed = DEFAULT_SEED_X[cfg.arch] if seed_x is None else seed_x
+  seed = family_of(cfg).calib_seed if seed_x is None else seed_x
   out, _, _ = mcs_mask(ids, seed, cfg.mask_id if cfg.mask_id is not None else -1, mode=mode,
                        prefix_ratio=prefix_ratio, timesteps_per_sample=timesteps_per_sample)
   return out

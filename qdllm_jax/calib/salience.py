@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from qdllm_jax.calib import capture
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import transformer
+from qdllm_jax.models.families import family_of
 
 log = logging.getLogger(__name__)
 SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
@@ -58,6 +58,7 @@ def global_orders(source, x0, plan, *, ratio: float | None = 0.05, target_bits: 
   """
   from qdllm_jax.quant import abmp, hessian  # the quantizer package (written alongside)
   cfg = source.config
+  family = family_of(cfg)
   parts = participants(plan, cfg)
   group_size, scale_dtype = next(iter({(r.group_size, dict(r.options).get("scale_dtype", "float16"))
                                        for r in parts.values()}))
@@ -67,13 +68,13 @@ def global_orders(source, x0, plan, *, ratio: float | None = 0.05, target_bits: 
   x = x0
   for b in range(cfg.n_layers):
     p = {k: jnp.asarray(v) for k, v in source.block(b).items()}
-    names = [n for n in transformer.LINEARS if (b, n) in parts]
-    taps = tuple(dict.fromkeys(transformer.TAP_OF[n] for n in names))
+    names = [n for n in family.linears if (b, n) in parts]
+    taps = tuple(dict.fromkeys(family.tap_of[n] for n in names))
     cap = capture.capture_block(p, x, cfg, taps=taps, chunk_size=chunk_size, key_mask=key_mask,
                                 with_outputs=b + 1 < cfg.n_layers)
     for n in names:
       percdamp = dict(parts[(b, n)].options).get("percdamp", 0.01)
-      ph = hessian.prepare_hessian(jnp.asarray(p[n], jnp.float32), cap.hessians[transformer.TAP_OF[n]], percdamp)
+      ph = hessian.prepare_hessian(jnp.asarray(p[n], jnp.float32), cap.hessians[family.tap_of[n]], percdamp)
       key = plan.path_of(b, n)
       sal[key] = abmp.block_salience(ph.w, ph.u, group_size)
       rows[key] = int(p[n].shape[0])

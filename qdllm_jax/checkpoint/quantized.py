@@ -28,10 +28,9 @@ import jax.numpy as jnp
 from qdllm_jax import sharding as sharding_lib
 from qdllm_jax.checkpoint import store, tree
 from qdllm_jax.errors import CheckpointError
-from qdllm_jax.models import transformer
 from qdllm_jax.models.checkpoint_io import _TOKENIZER_CORE, TOKENIZER_FILES
 from qdllm_jax.models.config import ModelConfig, config_to_hf
-from qdllm_jax.models.families import config_from_hf
+from qdllm_jax.models.families import config_from_hf, param_shapes
 from qdllm_jax.models.model import Model
 
 SIDECAR = "qdllm_checkpoint.json"
@@ -56,7 +55,7 @@ def tokenizer_files(directory: str | None, what: str) -> list[str]:
 def check_structure(spec: dict, cfg: ModelConfig, where: str) -> None:
   """CheckpointError unless the tree has exactly the params of `cfg` with its shapes (packed weights by
   their logical [out, in] shape)."""
-  shapes = transformer.param_shapes(cfg)
+  shapes = param_shapes(cfg)
   want = {(k,): tuple(v) for k, v in shapes.items() if k != "blocks"}
   want.update({("blocks", str(i), k): tuple(v) for i, b in enumerate(shapes["blocks"]) for k, v in b.items()})
   have = {path: tuple(s["meta"]["shape"] if s["kind"] == "quantized" else s["shape"])

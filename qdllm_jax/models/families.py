@@ -6,6 +6,7 @@ quantization pipeline, rules, baselines) asks `get_family(cfg.arch)`.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -59,3 +60,9 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, attention_mask
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "act"))
+
+
+def num_params(cfg: ModelConfig) -> int:
+  """Parameter count of `cfg`'s family from its shapes alone (no allocation)."""
+  leaves = jax.tree_util.tree_leaves(param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
+  return int(sum(math.prod(s) for s in leaves))

@@ -42,6 +42,8 @@ from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import hf, transformer
 from qdllm_jax.models.checkpoint_io import CheckpointReader
 from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.families import family_of
+from qdllm_jax.models.family import Family
 from qdllm_jax.quant import rules as rules_lib
 from qdllm_jax.sharding import host_tree
 
@@ -50,9 +52,6 @@ log = logging.getLogger(__name__)
 STANDARD_ORDER = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 LLADA_RUNNER_ORDER = (("o",), ("down",), ("q",), ("k",), ("v",), ("gate",), ("up",))
 MODULE_ORDERS = {"standard": STANDARD_ORDER, "llada_runner": LLADA_RUNNER_ORDER}
-# Linears whose quantization changes each tap's activations (within one block).
-UPSTREAM = {"qkv": (), "o": ("q", "k", "v"), "gate_up": ("q", "k", "v", "o"),
-            "down": ("q", "k", "v", "o", "gate", "up")}
 
 
 @dataclasses.dataclass
@@ -145,20 +144,24 @@ def as_source(source):
                     "(models.checkpoint_io.open_checkpoint), a Model, or (params, ModelConfig)")
 
 
-def module_groups(module_order) -> tuple:
-  """Groups of canonical linear names in processing order, from "standard", "llada_runner" or a list of
-  lists. Every linear must appear exactly once and a group's linears must read the same input (shared H)."""
+def module_groups(module_order, family: Family | None = None) -> tuple:
+  """Groups of canonical linear names in processing order, from "standard" (the family's block order),
+  "llada_runner" or a list of lists. Every linear must appear exactly once and a group's linears must read the
+  same input (shared H). family: the model's (models/families.py); None: the LLaDA/Dream decoder's linears."""
+  linears, tap_of = (transformer.LINEARS, transformer.TAP_OF) if family is None else (family.linears, family.tap_of)
+  if module_order == "standard" and family is not None:
+    module_order = family.standard_order
   groups = MODULE_ORDERS.get(module_order) if isinstance(module_order, str) else module_order
   if groups is None:
     raise ConfigError(f"module_order={module_order!r}; expected one of {sorted(MODULE_ORDERS)} or a list of groups")
   groups = tuple(tuple(g) for g in groups)
   flat = [n for g in groups for n in g]
-  if sorted(flat) != sorted(transformer.LINEARS):
-    raise ConfigError(f"module_order {groups} must list each of {transformer.LINEARS} exactly once")
+  if sorted(flat) != sorted(linears):
+    raise ConfigError(f"module_order {groups} must list each of {linears} exactly once")
   for g in groups:
-    if len({transformer.TAP_OF[n] for n in g}) != 1:
+    if len({tap_of[n] for n in g}) != 1:
       raise ConfigError(f"module_order group {g} mixes linears with different inputs; a group shares one H, "
-                        f"so it may only hold linears of one of {dict(transformer.LINEAR_GROUPS)}")
+                        f"so it may only hold linears of one tap ({tap_of})")
   return groups
 
 
@@ -219,7 +222,7 @@ def check_plan(plan: rules_lib.Plan, cfg: ModelConfig) -> None:
   (quant_dllm: also a multiple of 32; gptq: dividing 128 or a multiple of it), bits out of range.
   """
   from qdllm_jax.quant import api
-  shapes = transformer.param_shapes(cfg)["blocks"][0]
+  shapes = family_of(cfg).param_shapes(cfg)["blocks"][0]
   for path, rule in plan.modules.items():
     if rule is None:
       continue
@@ -242,7 +245,7 @@ def check_plan(plan: rules_lib.Plan, cfg: ModelConfig) -> None:
       raise ConfigError(f"rule for {path} ({rule}): {why}; fix the rules table")
 
 
-def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Plan, *, groups=STANDARD_ORDER,
+def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Plan, *, groups=None,
                    chunk_size: int = 8, key_mask=None, orders: dict | None = None, row_sharding=None,
                    chunk_sharding=None):
   """Quantize one block group by group; return (quantized params, outputs [N, L, D], report entries).
@@ -251,7 +254,7 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
     p: block `layer`'s params (dense arrays, model dtype).
     x: its calibration inputs [N, L, D].
     plan: resolved rules (None rules leave a linear in full precision).
-    groups: linear groups in order (see `module_groups`).
+    groups: linear groups in order (see `module_groups`; None: the family's standard order).
     orders: {(layer, name): orders} fixed by global ABMP, or None.
     row_sharding: None, or (mesh, axis): GPTQ / DAQ solve the output rows split over that mesh axis.
     chunk_sharding: NamedSharding for the calibration chunks of host activations (capture.capture_block).
@@ -260,12 +263,13 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
      in place (dequantized, model dtype), [report dict per quantized matrix]).
   """
   work, qparams, done, cache, report = dict(p), dict(p), set(), {}, []
-  for group in groups:
+  family = family_of(cfg)
+  for group in (family.standard_order if groups is None else groups):
     todo = [n for n in group if plan.rule_for(layer, n) is not None]
     if not todo:
       continue
-    tap = transformer.TAP_OF[group[0]]
-    ckey = (tap, frozenset(done & set(UPSTREAM[tap])))
+    tap = family.tap_of[group[0]]
+    ckey = (tap, frozenset(done & set(family.upstream[tap])))
     if ckey not in cache:
       cache[ckey] = capture.capture_block(work, x, cfg, taps=(tap,), chunk_size=chunk_size, key_mask=key_mask,
                                           chunk_sharding=chunk_sharding,
@@ -299,7 +303,8 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
 
 
 def embed_inputs(source, calib_ids, *, offload_activations: bool = False):
-  """x_0 = Embed[calib_ids]: int32 [N, L] -> [N, L, D] (model dtype); host NumPy when offloading."""
+  """x_0 = the family's embedding of calib_ids (LLaDA/Dream: Embed[ids]; BERT: LN(word + position + type)):
+  int32 [N, L] -> [N, L, D] (model dtype); host NumPy when offloading."""
   src = as_source(source)
   ids = np.asarray(calib_ids)
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
@@ -308,11 +313,17 @@ def embed_inputs(source, calib_ids, *, offload_activations: bool = False):
   if ids.size and (ids.min() < 0 or ids.max() >= v):
     raise ConfigError(f"calib_ids hold ids in [{ids.min()}, {ids.max()}], outside the vocabulary [0, {v}); "
                       "tokenize with this model's tokenizer and mask with its mask id")
-  emb = src.embedding() if hasattr(src, "embedding") else src.top()["embed"]
-  if isinstance(emb, np.ndarray):  # a host table: gather the rows on the host, never copy the whole table
-    x = np.take(emb, ids.astype(np.int64), axis=0)
-    return x if offload_activations else jnp.asarray(x)
-  x = transformer.embed({"embed": emb}, jnp.asarray(ids, jnp.int32))
+  family = family_of(src.config)
+  if family.embed_keys == ("embed",):
+    emb = src.embedding() if hasattr(src, "embedding") else src.top()["embed"]
+    if isinstance(emb, np.ndarray):  # a host table: gather the rows on the host, never copy the whole table
+      x = np.take(emb, ids.astype(np.int64), axis=0)
+      return x if offload_activations else jnp.asarray(x)
+    emb = {"embed": emb}
+  else:
+    top = src.top()
+    emb = {k: jnp.asarray(top[k]) for k in family.embed_keys}
+  x = family.embed(emb, jnp.asarray(ids, jnp.int32), src.config)
   return np.asarray(x) if offload_activations else x
 
 
@@ -350,7 +361,7 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
   cfg = src.config
   plan = rules_lib.resolve_rules(plan, cfg)
   check_plan(plan, cfg)
-  groups = module_groups(module_order)
+  groups = module_groups(module_order, family_of(cfg))
   if chunk_size < 1:
     raise ConfigError(f"chunk_size={chunk_size}; expected >= 1")
   n, seqlen = np.shape(calib_ids)[:2] if np.ndim(calib_ids) == 2 else (None, None)

@@ -1,12 +1,12 @@
 """Quantization rules: which method, bits and group size each block linear gets.
 
 A rules table is an ordered list of `(regex, rule)` pairs. The regex is matched with `re.search` against
-the HF module path of every block linear (`hf.module_path`, e.g. "model.transformer.blocks.3.q_proj" or
-"model.layers.3.mlp.down_proj"); the first matching entry wins. A rule is a `Rule` (or the dict
-`{"method", "bits", "group_size", "options"}`) or the string "skip" (keep full precision). Linears no
-entry matches are also kept in full precision (shown as "skip (no rule)"). `resolve_rules` turns a
-table into a `Plan` {module path: Rule | None} once, up front; a table entry that matches no module is
-an error (a typo would otherwise silently leave layers unquantized).
+the HF module path of every block linear (`hf.module_path`, e.g. "model.transformer.blocks.3.q_proj",
+"model.layers.3.mlp.down_proj" or BERT's "encoder.layer.3.attention.self.query"); the first matching entry
+wins. A rule is a `Rule` (or the dict `{"method", "bits", "group_size", "options"}`) or the string "skip"
+(keep full precision). Linears no entry matches are also kept in full precision (shown as "skip (no rule)").
+`resolve_rules` turns a table into a `Plan` {module path: Rule | None} once, up front; a table entry that
+matches no module is an error (a typo would otherwise silently leave layers unquantized).
 
 Embeddings and LM head: kept in full precision, as in Quant-dLLM and the PTQ study (arXiv 2508.14896).
 They are never candidates of a table; `resolve_rules(..., quantize_embeddings=True)` or
@@ -23,8 +23,9 @@ import re
 from typing import Any, Sequence
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import hf, transformer
+from qdllm_jax.models import hf
 from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.families import family_of
 from qdllm_jax.quant import methods
 
 SKIP = "skip"
@@ -110,7 +111,8 @@ def default_rules(method: str = "quant_dllm", bits: int = 2, group_size: int = 1
 
 def module_table(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
   """{HF module path: (layer, canonical name)} of every block linear, in block order then q,k,v,o,gate,up,down."""
-  return {hf.module_path(cfg, i, n): (i, n) for i in range(cfg.n_layers) for n in transformer.LINEARS}
+  linears = family_of(cfg).linears
+  return {hf.module_path(cfg, i, n): (i, n) for i in range(cfg.n_layers) for n in linears}
 
 
 @dataclasses.dataclass
