@@ -6,15 +6,14 @@ LLaDA-8B-Instruct's tokenizer_config.json), so it acts as an instruct model's to
 FP Hugging Face directory. `q_dir`: the same model packed and stored as the launch stores it (`save_quantized`):
 the attention linears as binary planes with ABMP-style orders 1..3 per 32-column block (greedy residual
 binarization, numpy; the DAQ solver's compile would cost ~15 s here and the decode path does not depend on which
-solver made the planes), the MLP with RTN int2 / int3 / int4, so both packed formats run through the kernels.
-Sampler compilations dominate these tests, so they share one prompt length and few (batch, temperature) pairs.
+solver made the planes), the MLP with min-max RTN int2 / int3 / int4 (numpy), so both packed formats run through
+the kernels. Sampler compilations dominate these tests, so they share one prompt length and few (batch,
+temperature) pairs.
 """
 import json
 import os
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from serving_common import SHIPPED
@@ -22,7 +21,7 @@ from serving_common import SHIPPED
 from qdllm_jax.checkpoint import save_quantized
 from qdllm_jax.models import save_pretrained, transformer
 from qdllm_jax.models.llada import LLADA_8B, llada_config
-from qdllm_jax.quant import packed, quantize_weight
+from qdllm_jax.quant import packed
 
 TEMPLATE = ("{% for m in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
             "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
@@ -50,8 +49,9 @@ def binary_planes(w, rng):
       a_r[b, k] = np.abs(r).mean(axis=1)
       r -= a_r[b, k][:, None] * np.where(signs[b, k], 1.0, -1.0)
   orders = rng.integers(1, 4, nb)
-  return packed.from_binary_planes(packed.pack_signs(jnp.asarray(signs)), a_r, np.ones((nb, 3, BS), np.float32),
-                                   orders, shape=(out, n_in))
+  bits = (signs.reshape(nb, 3, out, BS // 32, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(-1)
+  return packed.from_binary_planes(bits.astype(np.uint32), a_r, np.ones((nb, 3, BS), np.float32), orders,
+                                   shape=(out, n_in))
 
 
 @pytest.fixture(scope="session")
@@ -64,19 +64,40 @@ def tok_dir(tmp_path_factory):
   return str(d)
 
 
+def rtn(w, bits):
+  """Asymmetric min-max round-to-nearest codes per 32-column group -> a uniform QuantizedWeight."""
+  w = np.asarray(w, np.float32)
+  g = w.reshape(w.shape[0], -1, BS)
+  lo, hi = g.min(-1), g.max(-1)
+  scale = np.maximum(hi - lo, 1e-6) / (2 ** bits - 1)
+  zero = np.clip(np.round(-lo / scale), 0, 2 ** bits - 1)
+  codes = np.clip(np.round(g / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1).reshape(w.shape)
+  return packed.from_uniform(codes.astype(np.uint8), scale, zero, bits=bits, group_size=BS, sym=False)
+
+
+def random_params(cfg, rng, std=0.3):
+  """N(0, std^2) matrices and unit norms in float32, built in numpy (no compilation)."""
+  def leaf(name, shape):
+    return np.ones(shape, np.float32) if "norm" in name else (rng.standard_normal(shape) * std).astype(np.float32)
+  shapes = transformer.param_shapes(cfg)
+  out = {k: leaf(k, v) for k, v in shapes.items() if k != "blocks"}
+  out["blocks"] = [{k: leaf(k, v) for k, v in b.items()} for b in shapes["blocks"]]
+  return out
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, tok_dir):
   cfg = llada_config(LLADA_8B, **ARCH)
-  params = transformer.init_params(cfg, jax.random.key(0), std=0.3)
+  rng = np.random.default_rng(0)
+  params = random_params(cfg, rng)
   root = tmp_path_factory.mktemp("models")
   fp = save_pretrained(params, cfg, str(root / "fp"), tokenizer_from=tok_dir)
-  rng = np.random.default_rng(0)
   qparams = dict(params, blocks=[dict(b) for b in params["blocks"]])
   for blk in qparams["blocks"]:
     for name in ("q", "k", "v", "o"):
       blk[name] = binary_planes(blk[name], rng)
     for name, bits in RTN_BITS.items():
-      blk[name] = quantize_weight(blk[name], jnp.eye(blk[name].shape[1]), method="rtn", bits=bits, group_size=BS)
+      blk[name] = rtn(blk[name], bits)
   q = save_quantized(str(root / "run" / "checkpoint"), qparams, cfg, tokenizer_from=tok_dir)
   return fp, q
 
