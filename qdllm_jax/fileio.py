@@ -3,17 +3,23 @@
 `atomic_dir(target)` yields a temporary sibling directory and renames it to `target` only when the block
 succeeds; an old `target` is moved aside first and deleted only after the swap, so a crash (even kill -9)
 leaves either the old directory or the new one, never a half-written one.
+
+The temporary names record their writer, `.<name>.tmp-p<pid>@<host>-<random>` (and `.old-` for a moved-aside
+target), so that `clean_stale` removes those whose writer is gone (killed) and leaves a live writer's alone.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 from qdllm_jax.errors import CheckpointError, QdllmError
 
+_STALE = re.compile(r"^\.(?P<base>.+)\.(?P<kind>tmp|old)-(?:p(?P<pid>\d+)@(?P<host>.+)-)?[A-Za-z0-9_]+$")
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT) if hasattr(errno, "EDQUOT") else (errno.ENOSPC,)
 
 
@@ -45,7 +51,7 @@ def atomic_dir(target: str, *, overwrite: bool = False, what: str = "checkpoint"
   """
   parent, base = os.path.split(target)
   try:
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{_owner()}-", dir=parent)
   except OSError as e:
     raise CheckpointError(f"{what}: cannot write in {parent} ({e.strerror}); choose a writable location") from e
   old = None
@@ -54,7 +60,7 @@ def atomic_dir(target: str, *, overwrite: bool = False, what: str = "checkpoint"
     yield tmp
     fsync_dir(tmp)
     if os.path.lexists(target):  # overwrite: move the old one aside, swap the new one in, delete the old
-      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+      old = tempfile.mkdtemp(prefix=f".{base}.old-{_owner()}-", dir=parent)
       os.rename(target, os.path.join(old, base))
     try:
       os.rename(tmp, target)
@@ -75,3 +81,45 @@ def atomic_dir(target: str, *, overwrite: bool = False, what: str = "checkpoint"
   finally:
     if old is not None and os.path.isdir(target):  # never delete the only copy if the restore failed too
       shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner() -> str:
+  return f"p{os.getpid()}@{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def clean_stale(parent: str, *, force: bool = False) -> list[str]:
+  """Remove the temporary directories `atomic_dir` left in `parent` when its writer was killed; returns them.
+
+  A `.<name>.tmp-*` / `.<name>.old-*` directory is stale when its recorded writer process is gone (same host,
+  pid not running); one of another host, of this process or of a live process is kept, as is one without a
+  recorded writer (an older qdllm-jax), unless force=True (--overwrite). An `.old-` directory is removed only
+  when `<name>` itself exists (otherwise it may hold the only copy).
+  """
+  removed = []
+  if not os.path.isdir(parent):
+    return removed
+  host = _owner().split("@", 1)[1]
+  for n in sorted(os.listdir(parent)):
+    m = _STALE.match(n)
+    path = os.path.join(parent, n)
+    if not m or not os.path.isdir(path):
+      continue
+    pid = int(m["pid"]) if m["pid"] else None
+    gone = pid is not None and m["host"] == host and pid != os.getpid() and not _alive(pid)
+    if not (force or gone):
+      continue
+    if m["kind"] == "old" and not os.path.isdir(os.path.join(parent, m["base"])):
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
+  return removed

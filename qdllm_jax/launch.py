@@ -10,9 +10,9 @@ Flags:
   --config.KEY=VALUE         override any key of configs/base.py, typed like its default (also "--config.KEY VALUE")
   --workdir DIR              output directory (replaces config.workdir)
   --dry_run                  plan only: memory per device and host, mesh, rules, duration; reads no weights
-  --overwrite                start over in a workdir that holds a different run (fingerprint mismatch)
+  --overwrite                start over: remove this package's outputs in the workdir (whatever run made them)
   --kill_after_block N       testing crash recovery: SIGKILL this process right after block N's state is saved
-  --log_level LEVEL          INFO (default), DEBUG, WARNING
+  --log_level LEVEL          INFO (default), DEBUG, WARNING, ERROR
 Exit status: 0 on success, 2 on a user error (QdllmError: the message says what to fix), 3 when the dry run
 finds that the plan does not fit.
 """
@@ -29,6 +29,7 @@ import sys
 import ml_collections as mlc
 
 from qdllm_jax.errors import ConfigError, QdllmError
+
 
 def load_config(spec: str, overrides=()) -> mlc.ConfigDict:
   """`path/to/config.py[:arg]` -> get_config(arg), then `overrides` applied in order.
@@ -120,15 +121,46 @@ def _known(node) -> list:
   return sorted(node.keys()) if isinstance(node, mlc.ConfigDict) else []
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+HELP_DESCRIPTION = """Quantize a diffusion LLM end to end (load, calibrate, quantize, save, evaluate, report), or plan
+it.
+
+  python -m qdllm_jax.launch --config CONFIG[:PRESETS] [--workdir DIR] [--config.KEY=VALUE ...]
+  python -m qdllm_jax.launch --config CONFIG[:PRESETS] --dry_run [--config.KEY=VALUE ...]
+
+Examples:
+  python -m qdllm_jax.launch --config configs/tiny.py --workdir runs/tiny
+  python -m qdllm_jax.launch --config configs/llada8b.py:gptq_w2 --config.model_path=/ckpt/LLaDA-8B-Base \\
+      --config.calib.source=/data/c4.json.gz --config.quant.group_size=128 --workdir runs/llada8b
+  python -m qdllm_jax.launch --config configs/llada8b.py --dry_run --config.plan.hardware=tpu_v5e_8"""
+HELP_EPILOG = """config overrides:
+  --config.SECTION.KEY=VALUE (or --config.SECTION.KEY VALUE) sets any key of configs/base.py, parsed to the type
+  of its default: --config.calib.nsamples=64, --config.quant.abmp_ratio=0.1, --config.eval.fp=false,
+  --config.mesh.shape='(2,4)'. Every key is listed and explained in docs/launch.md ("Configs and overrides");
+  an unknown key is an error that lists the keys of its section. Method presets after the config path, comma
+  separated: configs/llada8b.py:gptq_w3, configs/dream7b.py:no_mcs,no_dor (configs/presets.py).
+
+exit status: 0 success, 2 a user error (the message names what to fix), 3 a dry run whose plan does not fit.
+A killed run resumes from its last finished block when the same command is run again."""
+
+
 def parse_args(argv):
   """(argparse namespace, [(key, value)] config overrides) from argv (without the program name)."""
-  ap = argparse.ArgumentParser(prog="python -m qdllm_jax.launch", description=__doc__.split("\n")[0])
-  ap.add_argument("--config", required=True, help="config file[:method presets], e.g. configs/tiny.py:gptq_w3")
-  ap.add_argument("--workdir", default=None)
-  ap.add_argument("--dry_run", action="store_true")
-  ap.add_argument("--overwrite", action="store_true")
-  ap.add_argument("--kill_after_block", type=int, default=None, help=argparse.SUPPRESS)
-  ap.add_argument("--log_level", default="INFO")
+  ap = argparse.ArgumentParser(prog="python -m qdllm_jax.launch", description=HELP_DESCRIPTION, epilog=HELP_EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", required=True, metavar="CONFIG[:PRESETS]",
+                  help="config file with get_config(), optionally followed by method presets, e.g. "
+                       "configs/tiny.py or configs/llada8b.py:gptq_w3")
+  ap.add_argument("--workdir", default=None, metavar="DIR",
+                  help="output directory (replaces config.workdir); rerunning the same command there resumes")
+  ap.add_argument("--dry_run", action="store_true",
+                  help="print the plan only (memory per device and host, mesh, rules, duration); reads no weights")
+  ap.add_argument("--overwrite", action="store_true",
+                  help="start over: remove this package's outputs in the workdir (e.g. of a run with other "
+                       "settings, or one made from weights that changed since) and stale temporary directories")
+  ap.add_argument("--kill_after_block", type=int, default=None, help=argparse.SUPPRESS)  # crash-recovery tests
+  ap.add_argument("--log_level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                  help="verbosity of the qdllm_jax log (default INFO); libraries stay at WARNING")
   args, rest = ap.parse_known_args(argv)
   return args, split_overrides(rest, "--config.", ap.prog)
 
@@ -164,7 +196,9 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     logging.getLogger("qdllm_jax").setLevel(args.log_level.upper())  # libraries (Orbax, absl) stay at WARNING
     c = load_config(args.config, overrides)
-    from qdllm_jax import config as config_lib, plan as plan_lib, run as run_lib
+    from qdllm_jax import config as config_lib
+    from qdllm_jax import plan as plan_lib
+    from qdllm_jax import run as run_lib
     spec = config_lib.validate(c, workdir=args.workdir, dry_run=args.dry_run)
     if args.dry_run:
       text, plan = plan_lib.dry_run(spec)

@@ -8,8 +8,10 @@ report.json keys:
   layers          one entry per quantized matrix (quant.pipeline report: layer, name, module, method, bits,
                   group_size, rel_err = ||(W - W^) X|| / ||W X||, loss, layer_loss, orders, bits_per_weight, time_s)
   sizes           checkpoint.size_summary + checkpoint_nbytes, disk_bytes, fp_model_bytes, checkpoint_sha256
-  timings_s       seconds per step                                     metrics {"fp", "quantized"}: flat {name: value}
+  timings_s       seconds per step, over every attempt in the workdir  metrics {"fp", "quantized"}: flat {name: value}
   protocol        the protocol card (every evaluation setting)         evaluation  {"fp", "quantized"}: full results
+  timings_this_run_s  this attempt's steps                             resume  workdir.Progress.summary(): resumed?,
+                  from which block, attempts (each with its step timings), block_s (wall seconds per block)
 """
 from __future__ import annotations
 
@@ -58,22 +60,28 @@ def orders_matrix(layers: list, n_layers: int):
   return m, [f"L{i}.{n}" for i in range(n_layers) for n in names]
 
 
+def _legend_outside(ax, ncol: int = 1) -> None:
+  """The legend to the right of the axes, never over the data."""
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=ncol, frameon=False)
+
+
 def plot_layer_errors(layers: list, path: str) -> None:
-  """Relative output error per layer, one line per linear (log scale)."""
+  """Relative output error per block (integer ticks), one line per linear (log scale), legend outside."""
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
+  from matplotlib.ticker import MaxNLocator
+  fig, ax = plt.subplots(figsize=(7.5, 4))
   for name in transformer.LINEARS:
     pts = sorted((e["layer"], e["rel_err"]) for e in layers if e["name"] == name)
     if pts:
       ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("block")
   ax.set_ylabel("||(W - W^) X|| / ||W X||")
   ax.set_yscale("log")
   ax.set_title("relative output error on the calibration data")
-  ax.legend(ncol=4, fontsize=8)
+  _legend_outside(ax)
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -99,28 +107,55 @@ def plot_orders(layers: list, n_layers: int, path: str) -> bool:
   return True
 
 
-def plot_metrics(metrics: dict, path: str) -> bool:
-  """Grouped bars FP vs quantized: accuracies in one panel, perplexity-like metrics in another."""
+def _families(names) -> dict[str, list[str]]:
+  """{metric family (the name before '/'): [names]}: one panel per family, so that every panel has one scale."""
+  out: dict[str, list[str]] = {}
+  for n in names:
+    out.setdefault(n.split("/")[0], []).append(n)
+  return out
+
+
+def plot_metrics(metrics: dict, path: str, comparison: dict | None = None) -> bool:
+  """One panel per metric family. With the paired comparison (eval/paired.py): quantized - FP per metric with
+  its 95 % interval (1.96 standard errors) and a line at 0; without it: FP and quantized bars, legend outside."""
   import matplotlib.pyplot as plt
+  if comparison:
+    rows = dict(paired_lib.flatten(comparison))
+    fams = _families(rows)
+    fig, axes = plt.subplots(len(fams), 1, figsize=(7, 1.1 + 0.35 * len(rows) + 0.5 * len(fams)), squeeze=False,
+                             gridspec_kw={"height_ratios": [len(v) for v in fams.values()]})
+    for ax, (fam, names) in zip(axes[:, 0], fams.items()):
+      y = np.arange(len(names))
+      d = [rows[n]["delta"] for n in names]
+      se = [1.96 * rows[n]["se"] if np.isfinite(rows[n]["se"]) else 0.0 for n in names]
+      ax.barh(y, d, xerr=se, color=["#d73027" if v > 0 else "#4575b4" for v in d], alpha=0.8, capsize=3)
+      ax.axvline(0, color="k", lw=0.8)
+      ax.set_yticks(y)
+      ax.set_yticklabels([n.split("/", 1)[-1] for n in names], fontsize=8)
+      ax.invert_yaxis()
+      ax.set_title(f"{fam}: quantized - FP (95 % interval)", fontsize=9, loc="left")
+      ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
   fp, q = metrics.get("fp") or {}, metrics.get("quantized") or {}
-  names = sorted(set(fp) | set(q))
-  if not names:
+  fams = _families(sorted(set(fp) | set(q)))
+  if not fams:
     return False
-  big = [n for n in names if "ppl" in n or "nats" in n or "nll" in n]
-  small = [n for n in names if n not in big]
-  panels = [p for p in (small, big) if p]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4 + 0.6 * len(names), 4), squeeze=False)
-  for ax, group in zip(axes[0], panels):
+  fig, axes = plt.subplots(1, len(fams), figsize=(2.0 + 1.6 * len(fams) + 0.3 * sum(map(len, fams.values())), 3.6),
+                           squeeze=False, gridspec_kw={"width_ratios": [len(v) for v in fams.values()]})
+  for ax, (fam, group) in zip(axes[0], fams.items()):
     x = np.arange(len(group))
     for off, (label, vals) in zip((-0.2, 0.2), (("FP", fp), ("quantized", q))):
       ax.bar(x + off, [vals.get(n, np.nan) for n in group], width=0.4, label=label)
     ax.set_xticks(x)
-    ax.set_xticklabels(group, rotation=45, ha="right", fontsize=8)
+    ax.set_xticklabels([n.split("/", 1)[-1] for n in group], rotation=45, ha="right", fontsize=8)
+    ax.set_title(fam, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle("FP vs quantized")
+  _legend_outside(axes[0, -1])
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return True
 
@@ -136,7 +171,7 @@ def write_plots(workdir: str, report: dict) -> list[str]:
     out.append(PLOTS["layer_errors"])
     if plot_orders(report["layers"], report["model"]["n_layers"], os.path.join(workdir, PLOTS["abmp_orders"])):
       out.append(PLOTS["abmp_orders"])
-  if plot_metrics(report.get("metrics", {}), os.path.join(workdir, PLOTS["metrics"])):
+  if plot_metrics(report.get("metrics", {}), os.path.join(workdir, PLOTS["metrics"]), report.get("comparison")):
     out.append(PLOTS["metrics"])
   return out
 
@@ -171,7 +206,8 @@ def markdown(report: dict) -> str:
            f"- calibration: {report['calibration']['n_sequences']} sequences x {report['calibration']['seqlen']} "
            f"tokens from `{report['calibration']['source']}`, MCS {report['calibration']['mcs']}, masked fraction "
            f"{report['calibration']['mask_fraction']:.3f}",
-           f"- mesh {report.get('mesh')}", "", "## Sizes", "", "| quantity | value |", "|---|---|"]
+           f"- mesh {report.get('mesh')}", _resume_line(report.get("resume")), "", "## Sizes", "",
+           "| quantity | value |", "|---|---|"]
   for k in ("true_bits_per_weight", "model_bits_per_weight", "quantized_params", "quantized_bytes", "dense_bytes",
             "total_bytes", "checkpoint_nbytes", "disk_bytes", "fp_model_bytes", "checkpoint_sha256"):
     if k in s:
@@ -200,11 +236,32 @@ def markdown(report: dict) -> str:
       oc = "/".join(str(o.count(k)) for k in (1, 2, 3)) if o else ""
       lines.append(f"| {e['layer']} | {e['name']} | {e['method']} w{e['bits']} g{e['group_size']} | "
                    f"{e['rel_err']:.4g} | {_fmt(e.get('loss'))} | {oc} | {_fmt(e.get('bits_per_weight'))} |")
-  lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
+  lines += ["", "## Timings (s)", "", "every step over all the attempts in this workdir (quantize: the sum of the "
+            "block times)", "", "| step | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.1f} |" for k, v in report.get("timings_s", {}).items()]
+  runs = (report.get("resume") or {}).get("runs") or []
+  if len(runs) > 1:
+    steps = list(report.get("timings_s", {}))
+    lines += ["", "| attempt | started | resumed from block | " + " | ".join(steps) + " |",
+              "|---" * (3 + len(steps)) + "|"]
+    lines += [f"| {i + 1} | {r['started']} | "
+              f"{'reused checkpoint' if r.get('skipped_quantization') else _fmt(r.get('resumed_from_block') or '')} | "
+              + " | ".join(f"{r['timings_s'][k]:.1f}" if k in r["timings_s"] else "" for k in steps) + " |"
+              for i, r in enumerate(runs)]
   if report.get("plots"):
     lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({p})" for p in report["plots"]]
   return "\n".join(lines) + "\n"
+
+
+def _resume_line(resume) -> str:
+  if not resume:
+    return "- resumed: unknown (no progress record)"
+  if resume.get("reused_checkpoint"):
+    return f"- resumed: no; this attempt ({resume['attempts']} in this workdir) reused the finished checkpoint"
+  if resume.get("resumed"):
+    return (f"- resumed: yes, from block {resume['resumed_from_block']} (attempt {resume['attempts']} in this "
+            "workdir; timings below include the earlier attempts)")
+  return f"- resumed: no (attempt {resume['attempts']} in this workdir)"
 
 
 def write_report(workdir: str, report: dict, *, plots: bool = True) -> dict:

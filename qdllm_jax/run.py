@@ -304,6 +304,7 @@ def run(spec, *, overwrite: bool = False, kill_after_block: int | None = None, c
   wd = spec.workdir
   if primary:
     workdir_lib.prepare(wd, fp, comps, overwrite)
+    workdir_lib.clean_stale(wd)  # temporary directories of killed saves (their owner process is gone)
   _sync("workdir")
   _step(1, "fingerprint %s; masked fraction %.3f; workdir %s", fp, calib_info["mask_fraction"], wd)
   timings["calibrate"] = time.perf_counter() - t
@@ -330,8 +331,11 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
   ckpt_dir, state_dir = os.path.join(wd, "checkpoint"), os.path.join(wd, "state")
   qrep_path = os.path.join(wd, "quant_report.json")
   done = os.path.isdir(ckpt_dir) and ckpt_lib.read_sidecar(ckpt_dir)[0]["metadata"].get("fingerprint") == fp
+  digests, progress = workdir_lib.SourceDigests(wd, reader), workdir_lib.Progress(wd)
   if done and os.path.isfile(qrep_path):
     _step(2, "checkpoint %s of this run is complete; skipping quantization", ckpt_dir)
+    _step(2, "source check: %s", digests.recheck())  # a changed model is refused, naming the tensor
+    progress.start(None, True, timings)
     with open(qrep_path, encoding="utf-8") as f:
       layers = json.load(f)["layers"]
   else:
@@ -339,8 +343,15 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
     _same_on_every_host(0 if state is None else state.next_block, state_dir)
     if state is not None:
       _step(2, "resuming after block %d of %d (state in %s)", state.next_block, cfg.n_layers, state_dir)
+      _step(2, "source check: %s", digests.recheck())
+    progress.start(None if state is None else state.next_block, False, timings)
+    t_block = [time.perf_counter()]
 
     def on_block(s):  # the finished blocks wait on disk, not in host memory (checkpoint/state.py)
+      if primary:  # the digests of the tensors read so far first: a resume from this state checks against them
+        digests.save()
+        progress.block(s.next_block - 1, time.perf_counter() - t_block[0])
+      t_block[0] = time.perf_counter()
       multi = jax.process_count() > 1
       x = sharding.host_array(s.x) if multi else s.x  # a collective on multi-host runs: every process calls it
       if primary:
@@ -352,19 +363,20 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
         return dataclasses.replace(s, blocks=[None] * len(s.blocks))
       return ckpt_lib.spill(state_dir, s, fingerprint=fp)
 
-    src = pipeline.ReaderSource(reader, dtype)
+    src = workdir_lib.checked_source(reader, dtype, digests)  # every tensor read is digested and checked
     state = quantize_blocks(src, ids, rules_plan, spec, mesh, rp.offload, state, on_block)
     layers = state.report
     timings["quantize"] = time.perf_counter() - t
     # 4. save
     t = time.perf_counter()
     # streamed: save_quantized reads each top tensor and spilled block only while it writes that part
-    params = dict(reader.lazy_top(dtype), blocks=list(state.blocks))
+    params = dict(src.lazy_top(), blocks=list(state.blocks))
     meta = {"fingerprint": fp, "config": spec.semantic_dict(), "rules": json.loads(rules_plan.to_json()),
             "qdllm_jax_version": qdllm_jax.__version__, "calibration": {k: v for k, v in calib_info.items()
                                                                        if k != "timesteps"}}
     if primary:
       ckpt_lib.save_quantized(ckpt_dir, params, cfg, metadata=meta, tokenizer_from=spec.model_path, overwrite=True)
+      digests.save()
       report_lib.write_json(qrep_path, {"fingerprint": fp, "layers": layers})
       shutil.rmtree(state_dir, ignore_errors=True)
       if spec.save.export_hf:
@@ -372,6 +384,8 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
     _sync("checkpoint")
     _step(3, "saved %s", ckpt_dir)
     timings["save"] = time.perf_counter() - t
+  if primary:
+    progress.save()
   sizes = dict(workdir_lib.checkpoint_sizes(ckpt_dir), fp_model_bytes=sum(
       os.path.getsize(os.path.join(reader.path, f)) for f in {f for f, _, _ in reader.tensors.values()}))
   _step(3, "%.3f bits/weight in the quantized linears, %.3f overall; %.2f MiB (FP %.2f MiB)",
@@ -400,16 +414,21 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
         if k.endswith("all") or "/" not in k or k == "rel_err/plain"))
   timings["evaluate"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - t0
+  if primary:
+    progress.save()
+  history = progress.summary()  # every attempt in this workdir: a resumed report keeps the earlier steps' times
   # 6. report
   report = {
       "qdllm_jax_version": qdllm_jax.__version__, "command": command, "fingerprint": fp,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": spec.to_dict(),
       "model": {"path": os.path.abspath(spec.model_path), "arch": cfg.arch, "n_layers": cfg.n_layers,
                 "d_model": cfg.d_model, "mlp_hidden": cfg.mlp_hidden, "vocab_size": cfg.vocab_size,
-                "num_params": families.num_params(cfg), "stored_dtype": stored},
+                "num_params": families.num_params(cfg), "stored_dtype": stored,
+                "source_sha256": digests.summary(), "source_tensors_digested": len(digests.tensors)},
       "plan": rp.to_dict(), "mesh": rp.mesh, "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
       "calibration": calib_info, "rules": json.loads(rules_plan.to_json()), "layers": layers, "sizes": sizes,
-      "timings_s": timings, "metrics": metrics, "protocol": card, "comparison": comparison,
+      "timings_s": history.pop("timings_s"), "timings_this_run_s": timings, "resume": history, "metrics": metrics,
+      "protocol": card, "comparison": comparison,
       "evaluation": {k: (None if v is None else v["result"]) for k, v in results.items()}}
   if primary:
     report = report_lib.write_report(wd, report, plots=spec.report.plots)

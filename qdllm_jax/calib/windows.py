@@ -129,19 +129,86 @@ def windows_from_texts(texts: Sequence[str], tokenizer, n: int, seqlen: int, key
   return np.stack(out).astype(np.int32)
 
 
+def _fix_hint(field: str) -> str:
+  return (f"use a JSON-lines file with one object per line holding the text under {field!r} "
+          "(--config.calib.text_field names another field), or a plain .txt file")
+
+
+def _json_lines(path: str, data: bytes, field: str) -> list[str]:
+  """Documents of JSON-lines bytes (one object per line, text under `field`); a .json file may instead hold one
+  JSON array of such objects. ConfigError naming the file and line of the first bad line."""
+  text = _utf8(path, data)
+  if path.endswith(".json") and text.lstrip().startswith("["):
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"calibration file {path}, line {e.lineno}: not valid JSON ({e.msg}); "
+                        f"{_fix_hint(field)}") from e
+    lines = [(i + 1, r) for i, r in enumerate(rows)]
+    unit = "item"
+  else:
+    lines, unit = [], "line"
+    for i, line in enumerate(text.split("\n"), 1):
+      if not line.strip():
+        continue
+      try:
+        lines.append((i, json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"calibration file {path}, line {i}: not valid JSON ({e.msg} at column {e.colno}); "
+                          f"{_fix_hint(field)}") from e
+  texts = []
+  for i, row in lines:
+    if not isinstance(row, dict) or field not in row:
+      found = f"keys {sorted(row)[:6]}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+      raise ConfigError(f"calibration file {path}, {unit} {i}: no field {field!r} (found {found}); "
+                        f"{_fix_hint(field)}")
+    if not isinstance(row[field], str):
+      raise ConfigError(f"calibration file {path}, {unit} {i}: field {field!r} is a {type(row[field]).__name__}, "
+                        f"expected a string; {_fix_hint(field)}")
+    texts.append(row[field])
+  return texts
+
+
+def _utf8(path: str, data: bytes) -> str:
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ConfigError(f"calibration file {path}, line {line} (byte {e.start}): not UTF-8 ({e.reason}); convert "
+                      f"it, e.g. `iconv -f latin1 -t utf-8 {os.path.basename(path)}`, or pass another file") from e
+
+
+def _read_bytes(path: str) -> bytes:
+  """The file's bytes, gunzipped for a .gz file; ConfigError naming the file when it cannot be read."""
+  import gzip
+  import zlib
+  try:
+    if path.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        return f.read()
+    with open(path, "rb") as f:
+      return f.read()
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    what = "a readable gzip file" if path.endswith(".gz") else "a readable file"
+    raise ConfigError(f"calibration file {path}: not {what} ({type(e).__name__}: {e}); check the file (e.g. "
+                      f"`{'zcat' if path.endswith('.gz') else 'head'} {os.path.basename(path)} | head`) or "
+                      "download it again") from e
+
+
 def read_text_files(paths: Sequence[str], field: str = "text") -> list[str]:
-  """Documents from local files: a `.jsonl`/`.json` file gives one document per line (its `field`), any
-  other file is one document. Raises ConfigError naming a missing file."""
+  """Documents from local files: a `.jsonl`/`.json` file (optionally gzipped: `.jsonl.gz`, `.json.gz`) gives one
+  document per line (its `field`; a `.json` may also be one JSON array of objects), any other file is one
+  UTF-8 document. Raises ConfigError naming the file (and line) that is missing, unreadable, not UTF-8, not JSON
+  or without `field`."""
   texts = []
   for p in paths:
     if not os.path.isfile(p):
       raise ConfigError(f"calibration text file {p!r} does not exist")
-    if p.endswith((".jsonl", ".json")):
-      with open(p, encoding="utf-8") as f:
-        texts += [json.loads(line)[field] for line in f if line.strip()]
+    data = _read_bytes(p)
+    if p.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+      texts += _json_lines(p, data, field)
     else:
-      with open(p, encoding="utf-8") as f:
-        texts.append(f.read())
+      texts.append(_utf8(p, data))
   return texts
 
 
@@ -155,19 +222,23 @@ def load_dataset_texts(path: str, split: str = "train", field: str = "text", dat
   """
   import datasets  # optional heavy import
 
-  builder, files = path, data_files
-  if os.path.isfile(path):
+  builder, files, local = path, data_files, os.path.isfile(path)
+  if local:
     ext = path.split(".")[-1] if not path.endswith(".gz") else path.split(".")[-2]
     builder = {"jsonl": "json", "json": "json", "txt": "text", "parquet": "parquet"}.get(ext, "text")
     files = path
   try:
     ds = datasets.load_dataset(builder, name, data_files=files, split=split, cache_dir=cache_dir)
   except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
+    if local:
+      raise ConfigError(f"calibration file {path}: cannot be read as {builder} ({type(e).__name__}: {e}); check "
+                        "that the file is complete and of the type its name says, or pass another file") from e
     raise ConfigError(f"could not load calibration dataset {path!r} (split {split!r}, data_files {data_files!r}) "
                       f"offline: {type(e).__name__}: {e}. Download it into the HF cache first, or pass a local "
                       "file") from e
   if field not in ds.column_names:
-    raise ConfigError(f"dataset {path!r} has columns {ds.column_names}, not {field!r}; pass field=")
+    raise ConfigError(f"calibration {'file' if local else 'dataset'} {path}: columns {ds.column_names}, no "
+                      f"{field!r}; name the text column with --config.calib.text_field")
   n = len(ds) if limit is None else min(limit, len(ds))
   return list(ds.select(range(n))[field])
 

@@ -8,7 +8,9 @@ Directory layout (`save_quantized`, version 2):
                         Writing and reading part by part bounds host memory by the largest part (Orbax keeps a
                         serialized copy of what it writes), and a block may be read from its spill only then.
   qdllm_checkpoint.json {"format", "version", "layout_version", "tree": structure spec (checkpoint/tree.py),
-                         "metadata": the caller's run metadata, "tokenizer": {"files", "source"}}
+                         "metadata": the caller's run metadata, "tokenizer": {"files", "source"},
+                         "digests": {part: {dotted array path: sha256}} (checkpoint/integrity.py)}
+  checksums.json        size and sha256 of every other file (written last; `verify`, `load_quantized` check it)
   config.json           the model's HF config (`config_to_hf`)
   tokenizer files       copied from `tokenizer_from`, so the directory serves on its own
 
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qdllm_jax import sharding as sharding_lib
-from qdllm_jax.checkpoint import store, tree
+from qdllm_jax.checkpoint import integrity, store, tree
 from qdllm_jax.errors import CheckpointError
 from qdllm_jax.models.checkpoint_io import _TOKENIZER_CORE, TOKENIZER_FILES
 from qdllm_jax.models.config import ModelConfig, config_to_hf
@@ -130,28 +132,34 @@ def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: di
   spec = _full_spec(parts)
   check_structure(spec, config, where)
   tok = tokenizer_files(tokenizer_from, where)
-  sidecar = store.to_json({"format": FORMAT, "version": VERSION, "layout_version": tree.packed.LAYOUT_VERSION,
-                           "tree": spec, "parts": [p[0] for p in parts], "metadata": metadata or {},
-                           "tokenizer": {"files": tok, "source": None if tokenizer_from is None
-                                         else os.path.abspath(tokenizer_from)}}, f"{where} metadata")
+  side = {"format": FORMAT, "version": VERSION, "layout_version": tree.packed.LAYOUT_VERSION, "tree": spec,
+          "parts": [p[0] for p in parts], "metadata": metadata or {},
+          "tokenizer": {"files": tok, "source": None if tokenizer_from is None else os.path.abspath(tokenizer_from)}}
+  sidecar = store.to_json(side, f"{where} metadata")  # checked before any write; the digests are added below
   cfg_json = store.to_json(config_to_hf(config), CONFIG)
-  need = sum(tree.leaf_nbytes(s) for _, s in tree.iter_specs(spec)) + len(sidecar) + sum(
+  n_arrays = len(tree.stored_arrays(spec))
+  need = sum(tree.leaf_nbytes(s) for _, s in tree.iter_specs(spec)) + len(sidecar) + 200 * n_arrays + sum(
       os.path.getsize(os.path.join(tokenizer_from, f)) for f in tok)
   target = store.preflight(path, need, overwrite=overwrite, what=where)
   if tokenizer_from is not None and os.path.realpath(tokenizer_from) == os.path.realpath(target):
     raise CheckpointError(f"{where}: target {target} is the tokenizer_from directory; choose another target")
+  digests = {}
   with store.atomic_dir(target, overwrite=overwrite, what=where) as tmp:
     for name, prefix, value, want in parts:
       arrays, got = tree.encode(value.load() if _is_lazy(value) else value, f"{where}.{name}")
       if got != want:
         raise CheckpointError(f"{where}: {name} read back with structure {got}, announced {want}; its source "
                               "changed during the save")
-      store.save_tree(os.path.join(tmp, store.ARRAYS_DIR, name), _under(prefix, arrays))
-      del arrays, value
+      nested = _under(prefix, arrays)
+      digests[name] = integrity.tree_digests(nested)  # while the part is in memory: no second pass
+      store.save_tree(os.path.join(tmp, store.ARRAYS_DIR, name), nested)
+      del arrays, value, nested
     store.write_text(os.path.join(tmp, CONFIG), cfg_json)
     for f in tok:
       shutil.copy2(os.path.join(tokenizer_from, f), os.path.join(tmp, f))
-    store.write_text(os.path.join(tmp, SIDECAR), sidecar)
+    store.write_text(os.path.join(tmp, SIDECAR), store.to_json(dict(side, digests=digests), f"{where} metadata"))
+    store.write_text(os.path.join(tmp, integrity.MANIFEST), store.to_json(integrity.manifest_json(tmp),
+                                                                          integrity.MANIFEST))
   return target
 
 
@@ -180,10 +188,26 @@ def _part_prefix(name: str) -> tuple:
   return tuple(name.split(".")) if name.startswith("blocks.") else (name,)
 
 
-def iter_parts(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES):
+def _recorded_digests(side: dict, path: str) -> dict:
+  digests = side.get("digests")
+  if not isinstance(digests, dict) or sorted(digests) != sorted(side["parts"]):
+    raise CheckpointError(f"{path}: {SIDECAR} records no array checksums for every part (saved by an older "
+                          f"qdllm-jax); re-save it with this version; {integrity.SKIP_HINT}")
+  return digests
+
+
+def iter_parts(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, verify: bool = False):
   """Yield (part name, its stored arrays nested under their full path) one part at a time: host numpy arrays,
-  or sharded jax.Arrays on `mesh` (`tree.shardings`)."""
+  or sharded jax.Arrays on `mesh` (`tree.shardings`).
+
+  verify=True first checks every file against checksums.json, then every array of a part against its sidecar
+  digest while the part is in memory (arrays this process does not hold whole are covered by the file check).
+  """
   side, _ = read_sidecar(path)
+  digests = None
+  if verify:
+    integrity.check_files(os.fspath(path), store.read_json)
+    digests = _recorded_digests(side, path)
   stored = tree.stored_arrays(side["tree"])
   shard = None if mesh is None else tree.shardings(side["tree"], mesh, rules)
   for name in side["parts"]:
@@ -195,7 +219,13 @@ def iter_parts(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES):
       for k in prefix:
         sub = sub[k]
       sub = _under(prefix, sub)
-    yield name, store.restore_tree(os.path.join(path, store.ARRAYS_DIR, name), specs, sub)
+    arrays = store.restore_tree(os.path.join(path, store.ARRAYS_DIR, name), specs, sub)
+    if digests is not None:
+      flat = integrity.flat_arrays(arrays)
+      whole = {k: a for k, a in flat.items() if getattr(a, "is_fully_addressable", True)}
+      want = {k: v for k, v in digests[name].items() if k in whole or k not in flat}
+      integrity.check_digests({k: integrity.array_digest(a) for k, a in whole.items()}, want, path, name)
+    yield name, arrays
 
 
 def _merge(into: dict, new: dict) -> dict:
@@ -207,18 +237,19 @@ def _merge(into: dict, new: dict) -> dict:
   return into
 
 
-def read_params(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, host: bool = False):
-  """(params, ModelConfig, sidecar) of a checkpoint directory; host=True gives numpy arrays (no device)."""
+def read_params(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, host: bool = False, verify: bool = True):
+  """(params, ModelConfig, sidecar) of a checkpoint directory; host=True gives numpy arrays (no device);
+  verify: check the checksums (`iter_parts`)."""
   side, cfg = read_sidecar(path)
   arrays = {}
-  for _, part in iter_parts(path, mesh=mesh, rules=rules):
+  for _, part in iter_parts(path, mesh=mesh, rules=rules, verify=verify):
     if mesh is None and not host:
       part = jax.tree.map(jnp.asarray, part)
     _merge(arrays, part)
   return tree.decode(side["tree"], arrays, os.fspath(path)), cfg, side
 
 
-def load_quantized(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES) -> Model:
+def load_quantized(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, verify: bool = True) -> Model:
   """Restore a `save_quantized` directory as a Model whose packed linears are QuantizedWeight leaves.
 
   Args:
@@ -227,12 +258,30 @@ def load_quantized(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES) ->
       `sharding.PARAM_AXES`, packed fields along their output-row axis (logical "rows") where it divides,
       others replicated (`tree.shardings`); Orbax reads each array straight into its shards.
     rules: logical-axis rules (sharding.LOGICAL_RULES).
+    verify: check every file against checksums.json and every array against its sidecar sha256 (one extra read
+      of the files); a mismatch is a CheckpointError naming the file or array. False skips it (faster).
   Returns:
     Model(params, config); every packed weight has passed `validate()` (unknown layout -> FormatError,
     raised from the sidecar before any array is read).
   """
-  params, cfg, _ = read_params(path, mesh=mesh, rules=rules)
+  params, cfg, _ = read_params(path, mesh=mesh, rules=rules, verify=verify)
   return Model(params=params, config=cfg)
+
+
+def verify(path: str) -> dict:
+  """Check a checkpoint without building a model: the sidecar and config, every file against checksums.json
+  and every array (read part by part as host NumPy) against its sha256 in the sidecar.
+
+  Returns {"files": n, "arrays": n, "bytes": n, "digests": {part: {array: sha256}}} (the digests verified);
+  raises CheckpointError / FormatError naming what does not match.
+  """
+  side, _ = read_sidecar(path)
+  n = 0
+  for _, part in iter_parts(path, verify=True):  # checks the files first, then the arrays part by part
+    n += len(integrity.flat_arrays(part))
+  man = store.read_json(os.path.join(os.fspath(path), integrity.MANIFEST), "checksum manifest")
+  return {"files": len(man["files"]), "arrays": n, "bytes": sum(r["size"] for r in man["files"].values()),
+          "digests": side["digests"]}
 
 
 def checkpoint_nbytes(path: str) -> int:
@@ -272,6 +321,7 @@ def size_summary(source) -> dict:
     s[f"{kind}_bytes"] += tree.leaf_nbytes(leaf)
   s["total_params"] = s["quantized_params"] + s["dense_params"]
   s["total_bytes"] = s["quantized_bytes"] + s["dense_bytes"]
-  s["true_bits_per_weight"] = 8 * s["quantized_bytes"] / s["quantized_params"] if s["quantized_params"] else float("nan")
+  q = s["quantized_params"]
+  s["true_bits_per_weight"] = 8 * s["quantized_bytes"] / q if q else float("nan")
   s["model_bits_per_weight"] = 8 * s["total_bytes"] / max(s["total_params"], 1)
   return s

@@ -7,6 +7,7 @@ mid-write leaves only a hidden `.<name>.tmp-*` sibling, never a half-written `ta
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.fileio import atomic_dir  # noqa: F401  (re-exported: savers call store.atomic_dir)
 from qdllm_jax.errors import CheckpointError, ConfigError
+from qdllm_jax.fileio import atomic_dir  # noqa: F401  (re-exported: savers call store.atomic_dir)
 
 ARRAYS_DIR = "arrays"
 
@@ -85,15 +86,23 @@ def _prune(tree):
   return np.asarray(tree) if isinstance(tree, np.generic) else tree
 
 
+@contextlib.contextmanager
 def _checkpointer(local: bool = False):
-  """(orbax module, PyTree checkpointer). local=True: a checkpointer of this process alone (no cross-process
-  barriers): on multi-host runs one process writes host arrays while the others wait at our own barrier."""
+  """Yield (orbax module, PyTree checkpointer), closed on exit, also when the read or write fails (an unclosed
+  checkpointer leaves its asyncio loop to be torn down later, which floods stderr with "Event loop is closed"
+  on the next use of Orbax). local=True: a checkpointer of this process alone (no cross-process barriers): on
+  multi-host runs one process writes host arrays while the others wait at our own barrier."""
   import orbax.checkpoint as ocp  # heavy import, only when arrays are written or read
   if local and jax.process_count() > 1:
     me = jax.process_index()
     mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    return ocp, ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
-  return ocp, ocp.PyTreeCheckpointer()
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
+  else:
+    ckptr = ocp.PyTreeCheckpointer()
+  try:
+    yield ocp, ckptr
+  finally:
+    ckptr.close()
 
 
 def save_tree(path: str, arrays: dict) -> None:
@@ -101,8 +110,8 @@ def save_tree(path: str, arrays: dict) -> None:
   checkpoint at `path` (synchronously: the files are complete when this returns), by this process alone.
   Orbax holds a serialized copy of every array while it writes, so callers bound memory by writing large trees
   in parts."""
-  ocp, ckptr = _checkpointer(local=True)
-  ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_prune(arrays)))
+  with _checkpointer(local=True) as (ocp, ckptr):
+    ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_prune(arrays)))
 
 
 def save_arrays(directory: str, arrays: dict) -> None:
@@ -117,12 +126,15 @@ def restore_tree(path: str, specs: dict, shardings: dict | None = None) -> dict:
   (arrays come back as sharded jax.Arrays, each host reading its shards: on multi-host runs every process
   calls it) or None (host numpy arrays, read by this process alone).
   """
-  ocp, ckptr = _checkpointer(local=shardings is None)  # host reads are this process's own
   path = os.path.abspath(path)  # Orbax requires absolute paths
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: missing Orbax arrays; the checkpoint is incomplete")
+  with _checkpointer(local=shardings is None) as (ocp, ckptr):  # host reads are this process's own
+    return _restore(ocp, ckptr, path, _prune(specs), shardings)
+
+
+def _restore(ocp, ckptr, path: str, specs: dict, shardings: dict | None) -> dict:
   is_spec = lambda s: isinstance(s, dict) and "dtype" in s and "shape" in s  # noqa: E731
-  specs = _prune(specs)
   if shardings is None:
     rargs = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), specs, is_leaf=is_spec)
   else:
@@ -144,8 +156,8 @@ def restore_arrays(directory: str, specs: dict, shardings: dict | None = None) -
 def tree_metadata(path: str) -> dict:
   """{dotted name: (shape, dtype)} of the arrays of the Orbax tree at `path` as Orbax recorded them (no array
   data is read)."""
-  _, ckptr = _checkpointer(local=True)
-  md = ckptr.metadata(os.path.abspath(path))
+  with _checkpointer(local=True) as (_, ckptr):
+    md = ckptr.metadata(os.path.abspath(path))
   md = getattr(md, "item_metadata", md)
   md = getattr(md, "tree", md)
   out = {}

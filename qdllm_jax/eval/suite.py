@@ -294,6 +294,9 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
     raise ConfigError(f"protocol {proto.name!r} is for {proto.arch} models; the model is {arch!r}.")
   mask_id, seed = _mask_id(model, tokenizer, mask_id), (None if key is not None else int(seed))
   key = jax.random.key(seed) if key is None else key
+  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+    raise ConfigError(f"limit={limit!r}; expected None (the protocol's own limit, {proto.limit}) or a positive "
+                      "integer number of examples per family")
   limit = proto.limit if limit is None else int(limit)
   card = dict(proto.card(), limit=limit, mask_id=mask_id, pad_id=tokenizer.eos_token_id)
   raw = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
@@ -380,6 +383,7 @@ def main(argv=None):
   continued by 64 tokens)."""
   import argparse
   import json
+
   from qdllm_jax.models import load_pretrained, load_tokenizer
   ap = argparse.ArgumentParser(description="Evaluate a qdllm-jax model under a shipped-data protocol.")
   for flag, kw in (("--model", dict(required=True)), ("--protocol", dict(default="tiny")), ("--out", {}),

@@ -10,6 +10,7 @@ Every input error is raised as QuantizationError before any heavy work.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -21,6 +22,8 @@ from qdllm_jax.quant import row_sharded
 from qdllm_jax.quant.hessian import layer_errors
 from qdllm_jax.quant.method_spec import SCALE_DTYPES
 from qdllm_jax.quant.methods import METHODS, REGISTRY, get_method
+
+log = logging.getLogger(__name__)
 
 OPTIONS = {name: frozenset(m.options) for name, m in REGISTRY.items()}  # accepted options per method
 
@@ -57,6 +60,32 @@ def _check_matrix(w, name="w"):
   return a, amax
 
 
+SYMMETRY_TOL = 1e-4  # max |H - H^T| / max |H| accepted (float32 X^T X is symmetric to ~1e-7)
+
+
+@jax.jit
+def _hessian_stats(h):
+  """(max |H|, max |H - H^T|, number of zero diagonal entries) of a float32 [n, n] matrix."""
+  return jnp.max(jnp.abs(h)), jnp.max(jnp.abs(h - h.T)), jnp.sum(jnp.diagonal(h) == 0)
+
+
+def _check_hessian(h) -> None:
+  """QuantizationError for an all-zero or non-symmetric H [n, n]; a logged warning with the dead-column count
+  (zero diagonal: those inputs were always 0, their weights are set to 0) when only some columns are dead."""
+  n = h.shape[0]
+  scale, asym, dead = (float(x) for x in _hessian_stats(h))
+  if scale == 0:
+    _err(f"hessian is all zero ({n} of {n} columns dead): the layer saw only zero inputs, and every weight would "
+         "be quantized to 0. Check the calibration data that reaches this layer (e.g. its masking).")
+  if asym > SYMMETRY_TOL * scale:
+    _err(f"hessian is not symmetric: max |H - H^T| = {asym:.3g}, {asym / scale:.2g} of max |H| (tolerance "
+         f"{SYMMETRY_TOL:g}); expected H = (2/n) sum X^T X. Pass the layer's Gram matrix (or (H + H.T) / 2 if the "
+         "asymmetry is a rounding artifact).")
+  if dead:
+    log.warning("hessian has %d of %d dead columns (zero diagonal: those inputs were always 0); their weights "
+                "are quantized as 0", int(dead), n)
+
+
 def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
   """Resolve options and check every input; returns (float32 weights, float32 H or None, resolved options)."""
   spec = get_method(method)
@@ -88,6 +117,8 @@ def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
     h, _ = _check_matrix(hessian, "hessian")
     if h.shape != (n, n):
       _err(f"hessian has shape {h.shape}; expected [in, in] = [{n}, {n}] for w of shape {ws[0].shape}.")
+    if spec.needs_hessian:
+      _check_hessian(h)
   bad = spec.check_shape(bits, group_size, n)
   if bad is not None:
     field, want = bad

@@ -11,11 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ckpt_common import CFG
 from safetensors import safe_open
 
-from ckpt_common import CFG
-from qdllm_jax.checkpoint import (checkpoint_nbytes, export_hf, export_packed_safetensors, load_packed_safetensors,
-                                  load_quantized, save_quantized, size_summary)
+from qdllm_jax.checkpoint import (
+  checkpoint_nbytes,
+  export_hf,
+  export_packed_safetensors,
+  load_packed_safetensors,
+  load_quantized,
+  save_quantized,
+  size_summary,
+)
 from qdllm_jax.errors import CheckpointError, FormatError
 from qdllm_jax.models import hf, load_pretrained
 from qdllm_jax.models.model import Model
@@ -56,7 +63,7 @@ def saved(qparams, tmp_path_factory):
 def test_layout_and_sidecar(saved, qparams):
   path, meta = saved
   assert set(os.listdir(path)) == {"arrays", "config.json", "qdllm_checkpoint.json", "tokenizer.json",
-                                   "special_tokens_map.json"}
+                                   "special_tokens_map.json", "checksums.json"}
   assert not [n for n in os.listdir(os.path.dirname(path)) if ".tmp-" in n]
   side = json.load(open(os.path.join(path, "qdllm_checkpoint.json")))
   assert side["metadata"] == meta and side["tokenizer"]["files"] == ["tokenizer.json", "special_tokens_map.json"]
@@ -190,7 +197,7 @@ def test_exports_refuse_the_source(saved):
     with pytest.raises(CheckpointError, match="never modified"):
       fn(saved[0], os.path.join(saved[0], "sub"))
   assert sorted(os.listdir(saved[0])) == sorted(["arrays", "config.json", "qdllm_checkpoint.json", "tokenizer.json",
-                                                 "special_tokens_map.json"])
+                                                 "special_tokens_map.json", "checksums.json"])
 
 
 def test_sizes_match_the_arrays(saved, qparams):

@@ -112,3 +112,10 @@ def test_refuses_lm_eval_protocols_and_wrong_arch(small_model, small_tok):
       **dict(vars(small_model.config), arch="dream")))
   with pytest.raises(ConfigError, match="llada"):
     evaluate(dream_like, small_tok, "tiny_smoke")
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 2.5, True])
+def test_limit_must_be_a_positive_integer(small_model, small_tok, limit):
+  """limit=-1 used to slice off each family's last example ([:-1]); any limit < 1 is refused up front."""
+  with pytest.raises(ConfigError, match=f"limit={limit!r}; expected None"):
+    evaluate(small_model, small_tok, "tiny_smoke", limit=limit)

@@ -1,0 +1,115 @@
+"""Checksums of quantized checkpoints (checkpoint/integrity.py): what is recorded, and that a checkpoint whose
+bytes changed after the save is refused by `load_quantized` and `python -m qdllm_jax.checkpoint verify`.
+
+References: sha256 recomputed here with hashlib over the in-memory arrays and the files on disk; corruption is
+made by flipping bytes of one Orbax data file (size unchanged), as a bad disk or copy would.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ckpt_common import CFG
+
+from qdllm_jax.checkpoint import integrity, load_quantized, save_quantized, verify
+from qdllm_jax.checkpoint.__main__ import main as ckpt_main
+from qdllm_jax.errors import CheckpointError
+from qdllm_jax.quant.packed import QuantizedWeight
+
+
+@pytest.fixture(scope="module")
+def saved(qparams, tmp_path_factory):
+  return save_quantized(tmp_path_factory.mktemp("integrity") / "q", qparams, CFG)
+
+
+def _sha(a) -> str:
+  a = np.ascontiguousarray(np.asarray(a))
+  return hashlib.sha256(f"{a.dtype.name}|{a.shape}|".encode() + a.tobytes()).hexdigest()
+
+
+def _flip_data_file(path: str, part: str = "blocks.0", n: int = 64) -> str:
+  """Invert n bytes in the middle of the largest file of one part (size unchanged); returns the file."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "arrays", part)) for f in fs]
+  big = max(files, key=os.path.getsize)
+  b = bytearray(open(big, "rb").read())
+  mid = len(b) // 2
+  b[mid:mid + n] = bytes(x ^ 0xFF for x in b[mid:mid + n])
+  open(big, "wb").write(b)
+  return big
+
+
+def test_sidecar_digests_are_the_sha256_of_the_arrays_and_files(saved, qparams):
+  side = json.load(open(os.path.join(saved, "qdllm_checkpoint.json")))
+  blk = qparams["blocks"][1]
+  d = side["digests"]["blocks.1"]
+  assert d["blocks.1.down"] == _sha(blk["down"])  # a dense leaf
+  qw = blk["q"]
+  assert isinstance(qw, QuantizedWeight)
+  for f in ("planes", "a_r", "a_c", "orders", "plane_block"):
+    assert d[f"blocks.1.q.{f}"] == _sha(getattr(qw, f))
+  assert side["digests"]["embed"] == {"embed": _sha(qparams["embed"])}
+  man = json.load(open(os.path.join(saved, "checksums.json")))
+  on_disk = sorted(os.path.relpath(os.path.join(r, f), saved) for r, _, fs in os.walk(saved) for f in fs)
+  assert sorted(man["files"]) == [p for p in on_disk if p != "checksums.json"]
+  for rel in ("qdllm_checkpoint.json", "config.json"):
+    data = open(os.path.join(saved, rel), "rb").read()
+    assert man["files"][rel] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  r = verify(saved)
+  assert r["files"] == len(man["files"]) and r["arrays"] == sum(len(v) for v in side["digests"].values())
+
+
+def test_flipped_bytes_in_one_data_file_are_refused(saved, tmp_path, capsys):
+  bad = str(tmp_path / "bad")
+  shutil.copytree(saved, bad)
+  f = _flip_data_file(bad)
+  with pytest.raises(CheckpointError) as e:
+    load_quantized(bad)
+  msg = str(e.value)
+  assert os.path.relpath(f, bad) in msg and "(part blocks.0)" in msg and "verify=False" in msg
+  assert ckpt_main(["verify", bad]) == 2 and os.path.relpath(f, bad) in capsys.readouterr().err
+  assert ckpt_main(["verify", saved]) == 0 and "ok" in capsys.readouterr().out
+
+
+def test_an_array_that_disagrees_with_its_recorded_digest_is_named(saved, tmp_path):
+  """The second layer: files consistent with checksums.json, but one array's sidecar digest differs."""
+  bad = str(tmp_path / "bad")
+  shutil.copytree(saved, bad)
+  side_path = os.path.join(bad, "qdllm_checkpoint.json")
+  side = json.load(open(side_path))
+  side["digests"]["blocks.0"]["blocks.0.v.scales"] = "0" * 64
+  open(side_path, "w").write(json.dumps(side))
+  open(os.path.join(bad, "checksums.json"), "w").write(json.dumps(integrity.manifest_json(bad)))
+  with pytest.raises(CheckpointError, match=r"blocks\.0\.v\.scales does not match its checksum"):
+    load_quantized(bad)
+
+
+def test_missing_manifest_names_the_fix_and_verify_false_skips(saved, tmp_path):
+  bad = str(tmp_path / "old")
+  shutil.copytree(saved, bad)
+  os.remove(os.path.join(bad, "checksums.json"))
+  with pytest.raises(CheckpointError, match="no checksums.json.*verify=False"):
+    load_quantized(bad)
+  m = load_quantized(bad, verify=False)
+  assert m.params["blocks"][0]["q"].planes.shape == load_quantized(saved).params["blocks"][0]["q"].planes.shape
+
+
+def test_failed_loads_leave_no_event_loop_noise(saved, tmp_path):
+  """Loads that fail inside Orbax (a damaged OCDBT manifest, a missing part) close their checkpointer: the next
+  load in the same process writes nothing to stderr."""
+  bad1, bad2 = tmp_path / "b1", tmp_path / "b2"
+  shutil.copytree(saved, bad1)
+  shutil.copytree(saved, bad2)
+  open(bad1 / "arrays" / "blocks.0" / "manifest.ocdbt", "wb").write(b"\0" * 64)
+  shutil.rmtree(bad2 / "arrays" / "blocks.1")
+  code = (f"from qdllm_jax.checkpoint import load_quantized\nfrom qdllm_jax.errors import CheckpointError\n"
+          f"for p in [{str(bad1)!r}, {str(bad2)!r}]:\n  try:\n    load_quantized(p, verify=False)\n"
+          f"  except CheckpointError:\n    pass\n  else:\n    raise SystemExit('loaded ' + p)\n"
+          f"load_quantized({saved!r})\nload_quantized({saved!r})\nprint('ok')")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+  assert "Event loop is closed" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
