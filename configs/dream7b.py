@@ -1,9 +1,5 @@
-"""Dream-v0-Base-7B (Dream-org/Dream-v0-Base-7B). Paper settings: configs/_common.py."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs._common import paper_config  # noqa: E402
+"""Dream-v0-Base-7B (Dream-org/Dream-v0-Base-7B). Paper settings: qdllm_jax/run_configs.py."""
+from qdllm_jax.run_configs import paper_config
 
 
 def get_config(arg=None):

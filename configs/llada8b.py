@@ -1,9 +1,5 @@
-"""LLaDA-8B-Base (GSAI-ML/LLaDA-8B-Base): the Quant-dLLM Table 1 run. Paper settings: configs/_common.py."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs._common import paper_config  # noqa: E402
+"""LLaDA-8B-Base (GSAI-ML/LLaDA-8B-Base): the Quant-dLLM Table 1 run. Paper settings: qdllm_jax/run_configs.py."""
+from qdllm_jax.run_configs import paper_config
 
 
 def get_config(arg=None):

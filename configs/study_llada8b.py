@@ -6,15 +6,9 @@ block 128 / rotation step 256 / clip 0.9-0.8, QuaRot with GPTQ weights; lm-eval 
   python -m qdllm_jax.study --config configs/study_llada8b.py --config.model_path=/ckpt/LLaDA-8B-Base \\
       --workdir /runs/study_llada8b
 """
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-from configs._common import study_config  # noqa: E402
+from qdllm_jax import study
 
 
 def get_config():
-  return study_config(**{"dtype": "bfloat16", "calib.source": "wikitext2", "calib.nsamples": 128,
+  return study.study_config(**{"dtype": "bfloat16", "calib.source": "wikitext2", "calib.nsamples": 128,
                          "calib.seqlen": 2048, "eval.protocol": "qdlm_llada"})

@@ -8,18 +8,12 @@ Calibration as the study (plain unmasked text, no [MASK] tokens): 32 windows of 
 training chapters. Group 128 (the tiny matrices have 256 and 1024 input columns) and DuQuant's block 128
 are the paper's settings unchanged.
 """
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-from configs._common import REPO_ROOT, study_config  # noqa: E402
+from qdllm_jax import study
+from qdllm_jax.data.shipped import TINY_MODEL_DIR
 
 
 def get_config():
-  from qdllm_jax import study
-  return study_config(**{
+  return study.study_config(**{
       "entries": tuple(study.defaults().entries) + ("gptq:w2a16", "awq:w2a16"),
-      "model_path": os.path.join(REPO_ROOT, "assets", "tiny-llada"), "dtype": "float32",
+      "model_path": TINY_MODEL_DIR, "dtype": "float32",
       "calib.source": "corpus", "calib.nsamples": 32, "calib.seqlen": 128, "eval.protocol": "tiny"})

@@ -1,4 +1,5 @@
-"""The shipped tiny LLaDA (assets/tiny-llada): the end-to-end main job on any laptop, <= 3 minutes on 2 cores.
+"""The shipped tiny LLaDA (package data, qdllm_jax/shipped/tiny-llada): the end-to-end main job on any laptop,
+<= 3 minutes on 2 cores.
 
   python -m qdllm_jax.launch --config configs/tiny.py --workdir runs/tiny
   python -m qdllm_jax.launch --config configs/tiny.py:gptq_w3 --workdir runs/tiny-gptq3
@@ -10,19 +11,14 @@ matrices, 4 / 8 / 4 of 16 in `ff_out`. Calibration: 32 MCS-masked windows of 128
 KJV training chapters; evaluation: the `tiny` protocol (held-out ELBO perplexity, 3 MC and 2 generation
 families), FP and quantized.
 """
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-from configs._common import REPO_ROOT, model_config  # noqa: E402
+from qdllm_jax.data.shipped import TINY_MODEL_DIR
+from qdllm_jax.run_configs import model_config
 
 
 def get_config(arg=None):
   """The tiny run config; `arg` names method presets (default quant_dllm_w2)."""
   return model_config(arg, **{
-      "model_path": os.path.join(REPO_ROOT, "assets", "tiny-llada"), "model_preset": "tiny_llada",
+      "model_path": TINY_MODEL_DIR, "model_preset": "tiny_llada",
       "dtype": "auto",
       "calib.source": "corpus", "calib.nsamples": 32, "calib.seqlen": 128, "calib.seed_x": 0,
       "calib.chunk_size": 8,

@@ -1,7 +1,7 @@
 """Run configs: validate a ConfigDict (from `configs/<run>.py`, see launch.py) and freeze it.
 
 The only module below the CLI that reads `ConfigDict`s. `validate` checks every key against the schema of
-`configs/base.py` (unknown keys, types, values) and returns a `RunSpec` of frozen dataclasses that the
+`config_schema.py` (unknown keys, types, values) and returns a `RunSpec` of frozen dataclasses that the
 layers below take; `check_model` / `check_tokenizer` add the checks that need the checkpoint's config.json
 or tokenizer (group sizes dividing the widths, mask id, vocabulary), all before any weights are read.
 Every failure is a ConfigError naming the key, the value found, what was expected and how to fix it.
@@ -10,135 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import ml_collections as mlc
 
+from qdllm_jax.config_schema import RunSpec, build, defaults, non_semantic_keys
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.quant import methods
 from qdllm_jax.quant.methods import SCALE_DTYPES
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_PRESETS = ("", "llada_8b", "dream_7b", "tiny_llada")
 DTYPES = ("auto", "float32", "bfloat16")
 CALIB_NAMED = ("corpus", "c4", "wikitext2")
 CALIB_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz", ".parquet")
 MESH_AXES = ("data", "model")
 # Keys that do not change the quantized checkpoint (left out of the workdir fingerprint).
-NON_SEMANTIC = ("model_path", "model_preset", "workdir", "eval", "distributed", "save", "report", "plan")
+NON_SEMANTIC = non_semantic_keys(RunSpec)
 # Keys each method reads (the others are ignored by it): declared by the method (quant/method_<name>.py).
 METHOD_KEYS = {name: m.config_keys for name, m in methods.REGISTRY.items()}
 
 
 def _schema() -> mlc.ConfigDict:
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-  from configs import base  # the schema lives next to the run configs
-  return base.get_base()
-
-
-# ------------------------------------------------------------------------------------------ the frozen spec
-@dataclasses.dataclass(frozen=True)
-class CalibSpec:
-  source: str
-  text_field: str
-  nsamples: int
-  seqlen: int
-  mcs: bool
-  prefix_ratio: float
-  timesteps_per_sample: int
-  seed_x: int
-  chunk_size: int
-  offload: str
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-  method: str
-  bits: int
-  group_size: int
-  abmp_ratio: float
-  abmp_scope: str
-  target_bpw: float
-  dor: bool
-  outlier_z: float
-  salient_weight: float
-  rsr_iters: int
-  compensation: bool
-  comp_mode: str
-  z_diag: str
-  percdamp: float
-  scale_dtype: str
-  sym: bool
-  act_order: bool
-  module_order: str
-  rules: tuple
-  embeddings: str
-  head: str
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-  protocol: str
-  fp: bool
-  quantized: bool
-  limit: int
-  ignore_cfg: bool
-  include_path: str
-  task_map: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSpec:
-  shape: tuple
-  axes: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class SaveSpec:
-  export_hf: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportSpec:
-  plots: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanSpec:
-  hardware: str
-  device_memory_gib: float
-  host_memory_gib: float
-  check: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """A validated run config (see configs/base.py for the meaning of every field)."""
-  model_path: str
-  model_preset: str
-  dtype: str
-  workdir: str
-  seed: int
-  calib: CalibSpec
-  quant: QuantSpec
-  eval: EvalSpec
-  mesh: MeshSpec
-  distributed: bool
-  save: SaveSpec
-  report: ReportSpec
-  plan: PlanSpec
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  def semantic_dict(self) -> dict:
-    """The fields that determine the quantized checkpoint (fingerprint input)."""
-    return {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC}
-
-
-_SECTIONS = {"calib": CalibSpec, "quant": QuantSpec, "eval": EvalSpec, "mesh": MeshSpec, "save": SaveSpec,
-             "report": ReportSpec, "plan": PlanSpec}
+  return defaults(RunSpec)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -146,20 +38,21 @@ def _err(key, value, expected, fix=""):
   raise ConfigError(f"config.{key}={value!r}: expected {expected}" + (f"; {fix}" if fix else ""))
 
 
-def _check_types(c, schema, prefix="") -> dict:
+def check_types(c, schema, prefix="") -> dict:
   """Plain nested dict of `c`, checked key by key against the schema's keys and value types."""
   if not isinstance(c, (mlc.ConfigDict, dict)):
     raise ConfigError(f"config{'.' + prefix[:-1] if prefix else ''} is a {type(c).__name__}; expected a section")
   unknown = sorted(set(c.keys()) - set(schema.keys()))
   if unknown:
     raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; known keys"
-                      f"{' of ' + prefix[:-1] if prefix else ''}: {sorted(schema.keys())} (see configs/base.py)")
+                      f"{' of ' + prefix[:-1] if prefix else ''}: {sorted(schema.keys())} "
+                      "(every key: python -m qdllm_jax.launch --help_keys)")
   out = {}
   for k in schema.keys():
     ref, key = schema[k], prefix + k
     v = c[k] if k in c else ref
     if isinstance(ref, mlc.ConfigDict):
-      out[k] = _check_types(v, ref, key + ".")
+      out[k] = check_types(v, ref, key + ".")
     elif isinstance(ref, bool):
       out[k] = v if isinstance(v, bool) else _err(key, v, "a boolean (True/False)")
     elif isinstance(ref, int):
@@ -175,7 +68,7 @@ def _check_types(c, schema, prefix="") -> dict:
   return out
 
 
-def _writable_dir(path: str, key: str) -> None:
+def check_writable_dir(path: str, key: str) -> None:
   """path exists as a writable directory, or can be created (its nearest existing ancestor is writable)."""
   p = os.path.abspath(path)
   if os.path.exists(p) and not os.path.isdir(p):
@@ -280,7 +173,7 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
     ConfigError before any heavy work: unknown key, wrong type, invalid value, missing model path, missing
     calibration file, unwritable workdir.
   """
-  d = _check_types(c, _schema())
+  d = check_types(c, _schema())
   if workdir:
     d["workdir"] = workdir
   if d["model_preset"] not in MODEL_PRESETS:
@@ -299,7 +192,7 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
       _err("model_path", mp, "an existing checkpoint directory", hint)
     if not d["workdir"]:
       _err("workdir", "", "an output directory", "pass --workdir /path/to/run")
-    _writable_dir(d["workdir"], "workdir")
+    check_writable_dir(d["workdir"], "workdir")
   if d["dtype"] not in DTYPES:
     _err("dtype", d["dtype"], f"one of {DTYPES}")
   if not 0 <= d["seed"] < 2 ** 31:
@@ -328,8 +221,7 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
   for k in ("device_memory_gib", "host_memory_gib"):
     if p[k] < 0:
       _err(f"plan.{k}", p[k], "0 (detect) or a positive size in GiB")
-  top = {k: v for k, v in d.items() if k not in _SECTIONS}
-  return RunSpec(**top, **{k: cls(**d[k]) for k, cls in _SECTIONS.items()})
+  return build(RunSpec, d)
 
 
 def check_lm_eval_keys(e: dict) -> None:

@@ -32,6 +32,7 @@ import ml_collections as mlc
 import numpy as np
 
 from qdllm_jax import config as config_lib
+from qdllm_jax import config_schema, run_configs
 from qdllm_jax import report as report_lib
 from qdllm_jax import workdir as workdir_lib
 from qdllm_jax.errors import ConfigError, QdllmError
@@ -77,33 +78,23 @@ def parse_entry(text: str) -> Entry:
 
 
 def defaults() -> mlc.ConfigDict:
-  """The study schema with the paper's settings (arXiv 2508.14896, experimental setup; FelixMessi/QDLM
-  scripts); configs/study_*.py override it."""
-  c = mlc.ConfigDict()
-  c.model_path = ""
-  c.dtype = "float32"
-  c.seed = 0
-  c.workdir = ""
-  c.entries = ("fp", "gptq:w4a16", "gptq:w3a16", "awq:w4a16", "awq:w3a16", "smoothquant:w8a8", "smoothquant:w4a4",
-               "quarot:w8a8", "quarot:w4a4", "duquant:w8a8", "duquant:w4a4")
-  c.calib = mlc.ConfigDict(dict(source="wikitext2", text_field="text", nsamples=128, seqlen=2048))
-  c.eval = mlc.ConfigDict(dict(protocol="tiny", limit=0, ignore_cfg=False, include_path="", task_map=()))
-  c.weight_only = mlc.ConfigDict(dict(group_size=128, sym=False, percdamp=0.01))  # GPTQ / AWQ / RTN
-  c.awq = mlc.ConfigDict(dict(n_grid=20, clip=True))
-  c.smoothquant = mlc.ConfigDict(dict(alpha=0.5))
-  c.quarot = mlc.ConfigDict(dict(w_method="gptq", rotate_ov=True, online_down=True))
-  c.duquant = mlc.ConfigDict(dict(alpha=0.5, block_size=128, max_steps=256, a_clip=0.9, w_clip=0.8))
-  c.plots = True
-  return c
+  """The study schema's defaults (config_schema.StudySpec: the paper's settings); configs/study_*.py override
+  them."""
+  return config_schema.defaults(config_schema.StudySpec)
+
+
+def study_config(**settings) -> mlc.ConfigDict:
+  """The study defaults with `settings` ({"section.key": value}) applied: what configs/study_*.py return."""
+  return run_configs.apply_settings(defaults(), settings)
 
 
 def validate(c: mlc.ConfigDict, workdir: str | None = None) -> tuple[dict, list[Entry]]:
   """Check every key and value before heavy work. Returns (plain dict config, entries)."""
-  d = config_lib._check_types(c, defaults())  # unknown keys / wrong types -> ConfigError naming the key
+  d = config_lib.check_types(c, defaults())  # unknown keys / wrong types -> ConfigError naming the key
   d["workdir"] = workdir or d["workdir"]
   if not d["workdir"]:
     raise ConfigError("no workdir: pass --workdir DIR or set config.workdir")
-  config_lib._writable_dir(d["workdir"], "workdir")
+  config_lib.check_writable_dir(d["workdir"], "workdir")
   if not os.path.isfile(os.path.join(d["model_path"], "config.json")):
     raise ConfigError(f"config.model_path={d['model_path']!r} is not a model directory (no config.json); point it "
                       "at a local Hugging Face checkpoint directory")
@@ -195,7 +186,8 @@ def table(rows: list[dict]) -> str:
     m, e = r["metrics"], r["entry"]
     a, ppl = avg(m), m.get("elbo_ppl", float("nan"))
     drop = "–" if e["method"] == "fp" else f"{100 * (a - avg(fp['metrics'])) / avg(fp['metrics']):+.1f}%"
-    dppl = "–" if e["method"] == "fp" else f"{100 * (ppl - fp['metrics']['elbo_ppl']) / fp['metrics']['elbo_ppl']:+.2f}%"
+    fp_ppl = fp["metrics"]["elbo_ppl"]
+    dppl = "–" if e["method"] == "fp" else f"{100 * (ppl - fp_ppl) / fp_ppl:+.2f}%"
     cells = [e["method"] if e["method"] != "fp" else "–", r["setting"]] + [f"{100 * m[c]:.1f}" for c in cols]
     out.append("| " + " | ".join(cells + [f"{100 * a:.1f}", drop, f"{ppl:.1f}", dppl] + _paired_cells(fp, r)) + " |")
   return "\n".join(out)
@@ -237,7 +229,7 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   tok = checkpoint_io.load_tokenizer(d["model_path"])
   config_lib.check_tokenizer(tok, model.config, d["model_path"])
   digest = workdir_lib.model_identity(checkpoint_io.open_checkpoint(d["model_path"]))
-  calib = config_lib.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
+  calib = config_schema.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
                                nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
                                prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")
   spec = argparse.Namespace(calib=calib, seed=d["seed"], eval=argparse.Namespace(protocol=proto.name, **{

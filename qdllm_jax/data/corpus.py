@@ -16,10 +16,8 @@ import re
 import shutil
 import subprocess
 
+from qdllm_jax.data.shipped import CORPUS_PATH
 from qdllm_jax.errors import ConfigError
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CORPUS_PATH = os.path.join(REPO_ROOT, "assets", "corpus", "kjv.txt")
 
 # Narrative, wisdom and gospel books: about 2 MB of plain text.
 BOOKS = ("Genesis", "Exodus", "Joshua", "Judges", "Ruth", "1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "Esther",

@@ -1,16 +1,17 @@
-"""The shipped tiny LLaDA (assets/tiny-llada): format constraints and that the FP model solves its tasks."""
+"""The shipped tiny LLaDA (qdllm_jax/shipped/tiny-llada): format constraints and that the FP model solves its tasks."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from qdllm_jax.data import corpus, task_eval, tasks, tokenizer, windows
+from qdllm_jax.data import task_eval, tasks, tokenizer, windows
+from qdllm_jax.data.shipped import TINY_MODEL_DIR
 from qdllm_jax.models.llada import LLADA_8B
 
-MODEL_DIR = os.path.join(corpus.REPO_ROOT, "assets", "tiny-llada")
+MODEL_DIR = TINY_MODEL_DIR
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL_DIR, "model.safetensors")),
-                                reason="assets/tiny-llada not built yet (scripts/make_tiny_model.py)")
+                                reason="qdllm_jax/shipped/tiny-llada not built yet (scripts/make_tiny_model.py)")
 
 
 @pytest.fixture(scope="module")

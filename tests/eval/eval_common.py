@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from qdllm_jax.data import corpus, tasks, tokenizer
+from qdllm_jax.data.shipped import TINY_MODEL_DIR
 from qdllm_jax.models import Model, transformer
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
 
-SHIPPED = os.path.join(corpus.REPO_ROOT, "assets", "tiny-llada")
+SHIPPED = TINY_MODEL_DIR
 HAS_SHIPPED = os.path.isfile(os.path.join(SHIPPED, "model.safetensors"))
 
 
@@ -85,6 +86,6 @@ def make_context_free(vocab=7, length=32, seed=0):
 @pytest.fixture(scope="session")
 def shipped():
   if not HAS_SHIPPED:
-    pytest.skip("assets/tiny-llada/model.safetensors not built yet")
+    pytest.skip("qdllm_jax/shipped/tiny-llada/model.safetensors not built yet")
   from qdllm_jax.models import load_pretrained
   return load_pretrained(SHIPPED), tokenizer.load_tokenizer(SHIPPED)

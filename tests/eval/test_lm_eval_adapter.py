@@ -10,10 +10,9 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from qdllm_jax.data import corpus  # noqa: E402
 from qdllm_jax.errors import ConfigError  # noqa: E402
-from qdllm_jax.eval.lm_eval_adapter import QdllmLM, adapter_kwargs  # noqa: E402
 from qdllm_jax.eval.likelihood import llada_greedy_check, llada_loglikelihood  # noqa: E402
+from qdllm_jax.eval.lm_eval_adapter import QdllmLM, adapter_kwargs  # noqa: E402
 from qdllm_jax.eval.suite import elbo_nll  # noqa: E402
 from qdllm_jax.sampling import llada_generate  # noqa: E402
 
@@ -106,7 +105,7 @@ def test_adapter_kwargs_and_errors(small_model, small_tok):
 
 def test_simple_evaluate_on_local_tasks(small_model, small_tok, monkeypatch):
   from lm_eval.tasks import TaskManager
-  monkeypatch.chdir(corpus.REPO_ROOT)
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   lm = QdllmLM(model=small_model, tokenizer=small_tok, mc_num=4, mc_batch=4, gen_length=8, steps=8,
                block_length=8, elbo_n_mc=8, elbo_mc_batch=4, max_length=64)
   tm = TaskManager(include_path=FIXTURES, include_defaults=False)
