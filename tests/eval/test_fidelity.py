@@ -142,3 +142,24 @@ def test_protocol_end_to_end_on_a_numpy_encoder():
   assert np.all(ids[:, 0] == tok.cls_token_id) and np.all(ids[attn > 0] != tok.pad_token_id)
   frac = (inputs["mask0.5"][0] == tok.mask_token_id).sum() / (attn.sum() - 2 * len(ids))
   assert 0.45 < frac < 0.55
+
+
+def test_encode_states_length_buckets_equal_one_padded_call():
+  """Rows are run sorted by length and cut to their bucket's width; real-token states equal one call on the whole
+  padded batch for an encoder that ignores right padding (a causal running mean here), padding holds 0."""
+  r = np.random.default_rng(8)
+  lengths = r.integers(3, 30, size=21)
+  attn = (np.arange(32)[None] < lengths[:, None]).astype(np.int32)
+  ids = np.where(attn > 0, r.integers(1, 50, size=attn.shape), 0).astype(np.int32)
+  table = r.normal(size=(50, 3))
+  calls = []
+
+  def enc(i, a):
+    calls.append(i.shape)
+    return np.cumsum(table[i], 1) / np.arange(1, i.shape[1] + 1)[:, None]
+
+  got = fidelity.encode_states(enc, {"plain": (ids, attn)}, batch=5)["plain"]
+  want = enc(ids, attn)
+  np.testing.assert_allclose(got[attn > 0], want[attn > 0], rtol=1e-6)
+  assert np.all(got[attn == 0] == 0)
+  assert all(s[1] % 8 == 0 and s[1] <= 32 for s in calls[:-1]) and len(calls) == 6
