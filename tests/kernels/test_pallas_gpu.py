@@ -1,4 +1,7 @@
-"""The Triton GPU kernels, run in Pallas interpret mode on CPU, equal x @ W^T (float64 NumPy reference)."""
+"""The Triton GPU kernels, run in Pallas interpret mode on CPU, equal x @ W^T (float64 NumPy reference).
+QDLLM_KERNELS_COMPILED=1 runs them compiled instead (on a GPU: benchmarks/accel_check.sh)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,9 +9,11 @@ import pytest
 
 from qdllm_jax.kernels import qmatmul
 
+PATH = "pallas_gpu" if os.environ.get("QDLLM_KERNELS_COMPILED") == "1" else "pallas_gpu_interpret"
+
 
 def _run(x, qw):
-  return jax.jit(lambda x, q: qmatmul(x, q, path="pallas_gpu_interpret"))(x, qw)
+  return jax.jit(lambda x, q: qmatmul(x, q, path=PATH))(x, qw)
 
 
 @pytest.mark.parametrize("batch", [(1,), (2, 37)])

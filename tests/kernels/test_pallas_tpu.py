@@ -1,5 +1,7 @@
-"""The Mosaic TPU kernels, run in Pallas interpret mode on CPU, equal x @ W^T (float64 NumPy reference)."""
+"""The Mosaic TPU kernels, run in Pallas interpret mode on CPU, equal x @ W^T (float64 NumPy reference).
+QDLLM_KERNELS_COMPILED=1 runs them compiled instead (on a TPU: benchmarks/accel_check.sh)."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,9 @@ import numpy as np
 import pytest
 
 from qdllm_jax.kernels import pallas_tpu, qmatmul
+
+INTERPRET = os.environ.get("QDLLM_KERNELS_COMPILED") != "1"
+PATH = "pallas_tpu_interpret" if INTERPRET else "pallas_tpu"
 
 
 def _x(batch, n_in, dtype, seed=0):
@@ -18,7 +23,7 @@ def test_planes_multistep_grid(planes, assert_matmul, batch, tile_m):
   """out 136 = one full + one partial 128-row tile, 10 planes in 2 steps of 5, several token tiles."""
   qw, w = planes(136, 640, [2, 2, 3, 1, 2])
   x = _x(batch, 640, jnp.float32)
-  f = functools.partial(pallas_tpu.planes_matmul, interpret=True, tile_out=128, planes_per_step=5, tile_m=tile_m)
+  f = functools.partial(pallas_tpu.planes_matmul, interpret=INTERPRET, tile_out=128, planes_per_step=5, tile_m=tile_m)
   y = jax.jit(f)(x.reshape(-1, 640), qw)
   assert_matmul(y, x.reshape(-1, 640), w, bf16=False)
 
@@ -27,7 +32,7 @@ def test_planes_multistep_grid(planes, assert_matmul, batch, tile_m):
 def test_planes_dispatch(planes, assert_matmul, dtype):
   qw, w = planes(72, 256, [1, 3])
   x = _x((3,), 256, dtype)
-  y = jax.jit(lambda x, q: qmatmul(x, q, path="interpret"))(x, qw)
+  y = jax.jit(lambda x, q: qmatmul(x, q, path="interpret" if INTERPRET else PATH))(x, qw)
   assert y.dtype == dtype
   assert_matmul(y, x, w, bf16=dtype == jnp.bfloat16)
 
@@ -49,12 +54,12 @@ UNIFORM = [  # (out, in, bits, group, sym, act, max_kw): local / global expansio
 def test_uniform(uniform, assert_matmul, out, n_in, bits, group, sym, act, max_kw):
   qw, w = uniform(out, n_in, bits, group, sym=sym, act_order=act)
   x = _x((3,), n_in, jnp.float32)
-  f = functools.partial(pallas_tpu.uniform_matmul, interpret=True, tile_out=128, max_kw=max_kw)
+  f = functools.partial(pallas_tpu.uniform_matmul, interpret=INTERPRET, tile_out=128, max_kw=max_kw)
   assert_matmul(jax.jit(f)(x, qw), x, w, bf16=False)
 
 
 def test_uniform_prefill_bf16(uniform, assert_matmul):
   qw, w = uniform(136, 640, 4, 64)
   x = _x((2, 37), 640, jnp.bfloat16)
-  y = jax.jit(lambda x, q: qmatmul(x, q, path="pallas_tpu_interpret"))(x, qw)
+  y = jax.jit(lambda x, q: qmatmul(x, q, path=PATH))(x, qw)
   assert_matmul(y.reshape(-1, 136), x.reshape(-1, 640), w, bf16=True)
