@@ -275,7 +275,6 @@ def run(spec, *, overwrite: bool = False, kill_after_block: int | None = None, c
   rules_plan = config_lib.check_model(spec, cfg)
   tok = checkpoint_io.load_tokenizer(spec.model_path)
   config_lib.check_tokenizer(tok, cfg, spec.model_path)
-  _check_protocol_fits(spec.eval.protocol, cfg)
   if spec.eval.protocol and _protocol(spec.eval.protocol).data != "shipped":  # the lm-eval protocols
     import importlib.util
     if importlib.util.find_spec("lm_eval") is None:
@@ -397,12 +396,12 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
   if spec.eval.protocol:
     from qdllm_jax.eval import protocols
     card = protocols.get_protocol(spec.eval.protocol).card()
-    if card["arch"] == protocols.ENCODER:
+    if card["fidelity"] is not None:  # an encoder: FP and quantized are scored together
       results = _encoder_fidelity(spec, mesh, dtype, tok, ckpt_dir, cfg.mask_id)
     elif spec.eval.fp:
       results["fp"] = _cached_fp_eval(spec, wd, comps["model"], lambda: evaluate(
           _fp_model(spec, mesh, dtype), tok, spec, mesh), primary)
-    if spec.eval.quantized and card["arch"] != protocols.ENCODER:
+    if spec.eval.quantized and card["fidelity"] is None:
       results["quantized"] = evaluate(ckpt_lib.load_quantized(ckpt_dir, mesh=mesh), tok, spec, mesh)
     for k in [k for k, v in results.items() if v is not None]:
       _step(4, "%s: %s", k, results[k]["metrics"])
@@ -440,18 +439,6 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
 def _protocol(name: str):
   from qdllm_jax.eval import protocols
   return protocols.get_protocol(name)
-
-
-def _check_protocol_fits(name: str, cfg) -> None:
-  """ConfigError unless an encoder protocol meets an encoder (no sampler) and a dLLM protocol a dLLM."""
-  if not name:
-    return
-  from qdllm_jax.eval import protocols
-  encoder_proto, encoder_model = _protocol(name).arch == protocols.ENCODER, cfg.arch not in protocols.SAMPLERS
-  if encoder_proto != encoder_model:
-    want = [n for n, p in protocols.PROTOCOLS.items() if (p.arch == protocols.ENCODER) == encoder_model]
-    raise ConfigError(f"config.eval.protocol={name!r} does not fit a {cfg.arch!r} model; expected one of {want} "
-                      "(or '' for no evaluation)")
 
 
 def _encoder_fidelity(spec, mesh, dtype, tok, ckpt_dir, mask_id) -> dict:

@@ -22,7 +22,7 @@ from qdllm_jax.data.windows import GEN_LEN
 from qdllm_jax.errors import ConfigError
 
 SAMPLERS = ("llada", "dream")
-ENCODER = "encoder"  # arch of the fidelity protocols (eval/fidelity.py): a quantized encoder against its FP source
+ENCODERS = ("bert",)  # model archs scored by fidelity protocols (eval/fidelity.py): quantized encoder vs FP source
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
@@ -125,9 +125,9 @@ class Protocol:
 
   def validate(self) -> "Protocol":
     """Raise ConfigError on inconsistent settings; returns self."""
-    _check(self.arch in SAMPLERS + (ENCODER,), self, f"arch={self.arch!r}, expected one of {SAMPLERS + (ENCODER,)}")
+    _check(self.arch in SAMPLERS + ENCODERS, self, f"arch={self.arch!r}, expected one of {SAMPLERS + ENCODERS}")
     f = self.fidelity
-    _check((self.arch == ENCODER) == (f is not None), self, "an encoder protocol has a fidelity spec and only it")
+    _check((self.arch in ENCODERS) == (f is not None), self, "an encoder protocol has a fidelity spec and only it")
     if f is not None:
       _check(not (self.likelihood or self.generation or self.perplexity) and self.data == "shipped", self,
              "an encoder protocol scores fidelity on the shipped corpus only (no tasks, no perplexity)")
@@ -280,7 +280,7 @@ QDLM_DREAM = Protocol(
 MINILM_FIDELITY = Protocol(
     name="minilm_fidelity", description="Encoder fidelity to FP on 256 held-out KJV verses: hidden-state error "
     "(plain and [MASK]-ed at 15/50/90 %), sentence-embedding cosine, similarity-structure correlation",
-    arch=ENCODER, data="shipped", fidelity=FidelitySpec(), add_bos_token=False,
+    arch="bert", data="shipped", fidelity=FidelitySpec(), add_bos_token=False,
     source="qdllm_jax/data/corpus.py held-out chapters; the model's tokenizer; eval/fidelity.py",
     notes=("held out: the verses come from the held-out chapters and none equals a verse of a training chapter, "
            "so MCS calibration on the training split never sees them.",
