@@ -1,4 +1,4 @@
-"""Weight-activation fake quantization (W8A8 / W4A4) of a LLaDA/Dream params pytree.
+"""Weight-activation fake quantization (W8A8 / W4A4) of a params pytree (any family: LLaDA, Dream, BERT).
 
 The activation quantizer (`fake_quant_per_token`, `ActQuant`) and the online input transforms live in
 `models/act_quant.py`, and `transformer.block_forward` applies them to every block linear's input, so a
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from qdllm_jax.errors import QuantizationError
-from qdllm_jax.models import transformer
-from qdllm_jax.models.act_quant import act_quant, check_bits, fake_quant_per_token, with_online
+from qdllm_jax.errors import ConfigError, QuantizationError
+from qdllm_jax.models.act_quant import ONLINE, act_quant, check_bits, fake_quant_per_token, with_online
+from qdllm_jax.models.families import family_of
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant.rtn import rtn_quantize
 
@@ -34,14 +34,24 @@ def forward_actquant(params: dict, cfg, input_ids, a_bits=None, attention_mask=N
   return make_model(params, cfg, a_bits, a_sym=a_sym, a_clip=a_clip, rots=rots)(input_ids, attention_mask)
 
 
+def require_prenorm_decoder(cfg, method: str, why: str) -> None:
+  """ConfigError unless cfg's family is a pre-norm RMSNorm decoder (LLaDA, Dream): the baselines that fold
+  scales or rotations into the norms before each linear group (`why`) do not apply to post-LN encoders (BERT)."""
+  family = family_of(cfg)
+  if family.norm_kind != "rms_pre":
+    raise ConfigError(f"{method} does not apply to a {family.name!r} model (post-LN LayerNorm blocks): {why}. "
+                      "Use RTN, GPTQ or Quant-dLLM weights (W-A RTN: actquant.make_model) for this family.")
+
+
 def fake_quant_weights(params: dict, w_bits: int, *, group_size: int = -1, sym: bool = False,
-                       linears=transformer.LINEARS) -> dict:
+                       linears=None) -> dict:
   """Params with every block linear replaced by its RTN fake-quantized copy W^ (same shape and dtype).
 
   W^ per (row, group) from `quant.rtn.rtn_quantize` (min/max grid with 0 inside, float32 scales);
   group_size -1 = per output channel. Embeddings, norms and the head are unchanged.
   Args:
     params: params pytree with dense [out, in] linears. w_bits: 2..8 (16: return params unchanged).
+    linears: canonical names to quantize; None: every 2-D param of each block (its linears, any family).
   """
   check_bits(w_bits, "w_bits", allow_none=False)
   if w_bits >= 16:
@@ -51,7 +61,7 @@ def fake_quant_weights(params: dict, w_bits: int, *, group_size: int = -1, sym: 
   blocks = []
   for p in params["blocks"]:
     p = dict(p)
-    for n in linears:
+    for n in (linears if linears is not None else [k for k in p if k != ONLINE and getattr(p[k], "ndim", 0) == 2]):
       w = p[n]
       g = group_size
       if g != -1 and w.shape[1] % g:
@@ -63,4 +73,5 @@ def fake_quant_weights(params: dict, w_bits: int, *, group_size: int = -1, sym: 
   return dict(params, blocks=blocks)
 
 
-__all__ = ["check_bits", "fake_quant_per_token", "make_model", "forward_actquant", "fake_quant_weights"]
+__all__ = ["check_bits", "fake_quant_per_token", "make_model", "forward_actquant", "fake_quant_weights",
+           "require_prenorm_decoder"]

@@ -183,6 +183,10 @@ def awq(params: dict, cfg, calib_ids, *, w_bits: int = 4, group_size: int = 128,
   Returns (params with every block linear scaled, clipped and (if quantize) pseudo-quantized,
   list per block of {group: chosen a}).
   """
+  actquant.require_prenorm_decoder(
+      cfg, "AWQ",
+      "its scales are folded into the RMSNorm weight before q/k/v and gate/up and into v before o (arXiv "
+      "2306.00978 §3.2); a post-LN block has no norm in front of its linears")
   actquant.check_bits(w_bits, "w_bits", allow_none=False)
   if w_bits > 8:
     raise QuantizationError(f"w_bits={w_bits} is not supported by AWQ; expected 2..8.")

@@ -98,6 +98,10 @@ def duquant(params: dict, cfg, calib_ids, key, *, w_bits: int = 4, alpha: float 
   Returns (params with transformed (and, for w_bits < 16, fake-quantized) linears, rots: list per block of
   {tap: T float32 [C, C]}).
   """
+  actquant.require_prenorm_decoder(
+      cfg, "DuQuant",
+      "its smoothing and rotations are fused into the pre-norm weights and the RoPE decoder block (arXiv "
+      "2406.01721 §3)")
   actquant.check_bits(w_bits, "w_bits", allow_none=False)
   if not 0.0 < w_clip <= 1.0:
     raise QuantizationError(f"w_clip={w_clip} must lie in (0, 1] (the study uses 0.8).")

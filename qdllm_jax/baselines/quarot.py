@@ -88,6 +88,11 @@ def _mm(a, b):
 
 def fuse_norms(params: dict, cfg) -> dict:
   """Step 1: W <- W diag(g) for the linears after each RMSNorm; the norm weights become ones."""
+  actquant.require_prenorm_decoder(
+      cfg, "QuaRot",
+      "its rotation fusion assumes RMSNorm pre-norm blocks, whose scale-free norm commutes with an orthogonal "
+      "rotation of the residual stream (arXiv 2404.00456 §4); LayerNorm mean-centering and biases on a post-LN "
+      "residual do not")
   if cfg.tie_embeddings:
     raise ConfigError("QuaRot needs an untied LM head (tie_embeddings=False; LLaDA-8B and Dream-7B are untied); "
                       "got a tied model. Untie it by copying embed into params['head'] and the config first.")
@@ -112,6 +117,11 @@ def _blockdiag(h, reps):
 def rotate_params(params: dict, cfg, key: jax.Array, *, rotate_ov: bool = True, online_down: bool = True):
   """Steps 1-4 on an FP params pytree. Returns (rotated params, rots (list of {"down": R_F} per block, or None),
   info {"residual_hadamard": bool, "down_hadamard": bool})."""
+  actquant.require_prenorm_decoder(
+      cfg, "QuaRot",
+      "its rotation fusion assumes RMSNorm pre-norm blocks, whose scale-free norm commutes with an orthogonal "
+      "rotation of the residual stream (arXiv 2404.00456 §4); LayerNorm mean-centering and biases on a post-LN "
+      "residual do not")
   p0 = fuse_norms(params, cfg)
   q, q_had = rotation(cfg.d_model, jax.random.fold_in(key, 0))
   dt = lambda a, like: a.astype(like.dtype)

@@ -57,6 +57,10 @@ def collect_act_absmax(params: dict, cfg, calib_ids, batch_size: int = 8, attent
   Returns:
     list (n_layers) of {"qkv": [D], "o": [Hq*d], "gate_up": [D], "down": [F]} float32 arrays.
   """
+  actquant.require_prenorm_decoder(
+      cfg, "SmoothQuant",
+      "its per-channel scales are folded into the RMSNorm before each linear group (arXiv 2211.10438 §4) and its "
+      "activation pass runs the decoder block")
   ids = jnp.asarray(calib_ids)
   if ids.ndim != 2 or ids.shape[0] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise QuantizationError(f"calib_ids must be a non-empty int array [N, L]; got shape {ids.shape}, dtype "

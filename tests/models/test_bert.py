@@ -112,3 +112,25 @@ def test_minilm_path_missing(monkeypatch):
 
 def test_minilm_path_real(minilm_dir):
   assert os.path.isfile(os.path.join(minilm_dir, "model.safetensors"))
+
+
+def test_weight_activation_baselines_on_bert(minilm2_dir):
+  """W8A8 RTN (actquant) runs on BERT and stays close to FP; the norm-folding baselines refuse it by name."""
+  import jax
+
+  from qdllm_jax.baselines import actquant, awq, duquant, quarot, smoothquant
+  m = checkpoint_io.load_pretrained(minilm2_dir)
+  ids, mask = padded_ids(np.random.default_rng(3), 2, 10)
+  wq = actquant.fake_quant_weights(m.params, 8)
+  assert not np.array_equal(np.asarray(wq["blocks"][0]["up"]), np.asarray(m.params["blocks"][0]["up"]))
+  fp = np.asarray(m(ids, mask))
+  w8a8 = np.asarray(actquant.make_model(wq, m.config, a_bits=8)(ids, mask))
+  rel = np.linalg.norm((w8a8 - fp)[mask == 1]) / np.linalg.norm(fp[mask == 1])
+  assert 0 < rel < 0.05
+  calib = jnp.asarray(ids)
+  for fn, name in ((lambda: quarot.quarot(m.params, m.config, jax.random.key(0)), "QuaRot .*RMSNorm pre-norm"),
+                   (lambda: awq.awq(m.params, m.config, calib), "AWQ"),
+                   (lambda: smoothquant.collect_act_absmax(m.params, m.config, calib), "SmoothQuant"),
+                   (lambda: duquant.duquant(m.params, m.config, calib, jax.random.key(0)), "DuQuant")):
+    with pytest.raises(ConfigError, match=f"{name}.*'bert'|{name}"):
+      fn()
