@@ -44,6 +44,7 @@ from qdllm_jax.models.checkpoint_io import CheckpointReader
 from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.families import family_of
 from qdllm_jax.models.family import Family
+from qdllm_jax.quant import api, methods
 from qdllm_jax.quant import rules as rules_lib
 from qdllm_jax.sharding import host_tree
 
@@ -190,9 +191,8 @@ def _scalar(v):
 def _quantize_batch(ws: list, h, rule: rules_lib.Rule, orders: list | None, row_sharding=None) -> list:
   """[(QuantizedWeight, info)] for matrices sharing one H: one damping/Cholesky for all of them, with fixed
   per-matrix orders [len(ws), nb] when given (global ABMP)."""
-  from qdllm_jax.quant import api  # imported lazily: the quantizer pulls in the kernels
   kw = rule.kwargs()
-  if row_sharding is not None and rule.method in ("gptq", "quant_dllm"):
+  if row_sharding is not None and "row_sharding" in methods.get_method(rule.method).options:
     kw["row_sharding"] = row_sharding
   if orders is not None:
     kw = dict(kw, orders=np.stack([np.asarray(o) for o in orders]) if len(ws) > 1 else orders[0])
@@ -221,26 +221,20 @@ def check_plan(plan: rules_lib.Plan, cfg: ModelConfig) -> None:
   Raises ConfigError naming the module: unknown option for the method, group_size not dividing in_features
   (quant_dllm: also a multiple of 32; gptq: dividing 128 or a multiple of it), bits out of range.
   """
-  from qdllm_jax.quant import api
   shapes = family_of(cfg).param_shapes(cfg)["blocks"][0]
   for path, rule in plan.modules.items():
     if rule is None:
       continue
     _, name = plan.names[path]
     n_in = shapes[name][1]
-    bad = sorted(set(dict(rule.options)) - set(api.OPTIONS[rule.method]) - {"abmp_ratio"})
-    g = rule.group_size
+    method = methods.get_method(rule.method)
+    allowed = set(method.options) | {"abmp_ratio"}
+    bad = sorted(set(dict(rule.options)) - allowed)
     why = None
     if bad:
-      why = f"unknown option(s) {bad} for {rule.method} (allowed: {sorted(api.OPTIONS[rule.method] | {'abmp_ratio'})})"
-    elif n_in % g:
-      why = f"group_size {g} does not divide in_features {n_in}"
-    elif rule.method == "quant_dllm" and (g % 32 or rule.bits > 3):
-      why = "quant_dllm needs group_size a multiple of 32 and bits in 1..3"
-    elif rule.method == "gptq" and not (128 % g == 0 or g % 128 == 0):
-      why = f"gptq needs group_size dividing 128 or a multiple of 128, got {g}"
-    elif rule.method in ("gptq", "rtn") and rule.bits < 2:
-      why = f"{rule.method} needs bits in 2..8"
+      why = f"unknown option(s) {bad} for {rule.method} (allowed: {sorted(allowed)})"
+    elif (shape_bad := method.check_shape(rule.bits, rule.group_size, n_in)) is not None:
+      why = f"{shape_bad[0]} must be {shape_bad[1]}"
     if why:
       raise ConfigError(f"rule for {path} ({rule}): {why}; fix the rules table")
 
