@@ -1,7 +1,8 @@
 """Fixtures of the generate / chat / serve tests: a small LLaDA over the shipped tokenizer, saved twice.
 
-`tok_dir`: the shipped tiny tokenizer (assets/tiny-llada) plus a Llama-3-style chat template (the format of
-LLaDA-8B-Instruct's tokenizer_config.json), so it acts as an instruct model's tokenizer.
+`tok_dir`: the shipped tiny tokenizer (assets/tiny-llada) plus the Llama-3-style chat template of
+launch/chat_template_llama3.jinja (LLaDA-8B-Instruct's format) in its tokenizer_config.json, so it acts as an
+instruct model's tokenizer.
 `fp_dir`: a random LLaDA (d_model 64, 1 block, the tokenizer's 2048 ids and special ids, context 256), saved as an
 FP Hugging Face directory. `q_dir`: the same model packed and stored as the launch stores it (`save_quantized`):
 the attention linears as binary planes with ABMP-style orders 1..3 per 32-column block (greedy residual
@@ -16,17 +17,14 @@ import shutil
 
 import numpy as np
 import pytest
-from serving_common import SHIPPED
+from serving_common import ROOT, SHIPPED
 
 from qdllm_jax.checkpoint import save_quantized
 from qdllm_jax.models import save_pretrained, transformer
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.quant import packed
 
-TEMPLATE = ("{% for m in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
-            "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-            "{% endif %}")
+TEMPLATE = os.path.join(ROOT, "launch", "chat_template_llama3.jinja")
 ARCH = dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=1, mlp_hidden_size=128, max_sequence_length=256,
             vocab_size=2048, embedding_size=2048, mask_token_id=2, eos_token_id=0, pad_token_id=0, bos_token_id=1,
             torch_dtype="float32")
@@ -60,7 +58,8 @@ def tok_dir(tmp_path_factory):
   for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     shutil.copy(os.path.join(SHIPPED, f), d / f)
   cfg = json.loads((d / "tokenizer_config.json").read_text())
-  (d / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=TEMPLATE)))
+  with open(TEMPLATE, encoding="utf-8") as f:
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=f.read())))
   return str(d)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 from qdllm_jax.checkpoint import load_quantized
 from qdllm_jax.sampling import llada_generate
 
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets",
-                       "tiny-llada")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIPPED = os.path.join(ROOT, "assets", "tiny-llada")
 SAMPLER = dict(gen_length=8, steps=8, block_length=4)
 FLAGS = [f"--sampler.{k}={v}" for k, v in SAMPLER.items()]
 
