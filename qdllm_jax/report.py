@@ -221,7 +221,8 @@ def markdown(report: dict) -> str:
       d = b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
       lines.append(f"| {n} | {_fmt(a) if a is not None else ''} | {_fmt(b) if b is not None else ''} | {_fmt(d)} |")
   if report.get("comparison"):
-    lines += ["", "## Paired comparison (quantized - FP, same items and random draws; eval/paired.py)", "",
+    lines += ["", "## Paired comparison (quantized - FP, same items and random draws; eval/paired.py, "
+              "eval/fidelity.py)", "",
               "| metric | delta | se | t | n |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['delta']:+.4g} | {v['se']:.3g} | {v['t']:.2f} | {v['n']} |"
               for k, v in paired_lib.flatten(report["comparison"])]
