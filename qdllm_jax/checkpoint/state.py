@@ -7,7 +7,8 @@
 
 Layout (version 2):
   dir/blocks/block-<i:06d>/   one finished block, written once: `arrays/` (Orbax: its params with the packed
-                              fields) and `block.json` (fingerprint, index, structure spec)
+                              fields) and `block.json` (fingerprint, index, structure spec, the sha256 of every
+                              array, checked when the block is read back)
   dir/state-<next_block:06d>/ `arrays/` (Orbax: the propagated activations x [N, L, D], the global-ABMP
                               orders) and `state.json` (fingerprint, next_block, report so far, global_bits)
 A save writes only the blocks not on disk yet, so the bytes written over a run are the model's once (not
@@ -26,7 +27,7 @@ import shutil
 
 import numpy as np
 
-from qdllm_jax.checkpoint import store, tree
+from qdllm_jax.checkpoint import integrity, store, tree
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.quant.pipeline import PipelineState
 
@@ -62,8 +63,11 @@ class SpilledBlock:
     return self._meta()["spec"]
 
   def load(self) -> dict:
-    spec = self.spec()
+    meta = self._meta()
+    spec = meta["spec"]
     arrays = store.restore_arrays(self.path, store.nest(tree.stored_arrays(spec)))
+    if "digests" in meta:  # written by save_state since the checksums exist: a changed byte is not carried on
+      integrity.check_digests(integrity.tree_digests(arrays), meta["digests"], self.path, f"spilled block {self.index}")
     return tree.decode(spec, arrays, self.path, ())
 
 
@@ -102,7 +106,7 @@ def _clean_tmp(directory: str) -> None:
 def _write_block(directory: str, i: int, block: dict, fingerprint: str) -> None:
   arrays, spec = tree.encode(block, f"state.blocks[{i}]")
   meta = store.to_json({"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "index": i,
-                        "spec": spec}, f"save_state: block {i}")
+                        "spec": spec, "digests": integrity.tree_digests(arrays)}, f"save_state: block {i}")
   need = sum(tree.leaf_nbytes(s) for _, s in tree.iter_specs(spec)) + len(meta)
   target = store.preflight(_block_dir(directory, i), need, overwrite=True, what="save_state")
   with store.atomic_dir(target, overwrite=True, what="save_state") as tmp:

@@ -113,3 +113,22 @@ def test_failed_loads_leave_no_event_loop_noise(saved, tmp_path):
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
   assert "Event loop is closed" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_a_spilled_block_whose_array_changed_is_refused(tmp_path, qparams):
+  """Finished blocks wait in the state directory; one whose bytes changed there must not reach the checkpoint."""
+  from qdllm_jax.checkpoint import save_state, spill
+  from qdllm_jax.quant.pipeline import PipelineState
+  st = PipelineState(next_block=1, x=np.zeros((2, 4, 8), np.float32), blocks=[qparams["blocks"][0]], report=[],
+                     orders=None, global_bits=None)
+  d = tmp_path / "state"
+  save_state(d, st, fingerprint="fp")
+  blk = spill(d, st, fingerprint="fp").blocks[0]
+  meta_path = os.path.join(blk.path, "block.json")
+  meta = json.load(open(meta_path))
+  assert meta["digests"]["v.qweight"] == _sha(qparams["blocks"][0]["v"].qweight)
+  np.testing.assert_array_equal(blk.load()["v"].qweight, np.asarray(qparams["blocks"][0]["v"].qweight))
+  meta["digests"]["v.qweight"] = "f" * 64
+  open(meta_path, "w").write(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=r"spilled block 0 array v\.qweight does not match its checksum"):
+    blk.load()
