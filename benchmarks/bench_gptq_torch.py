@@ -8,8 +8,10 @@ GPTQ algorithm (IST-DASLab `gptq.py` `GPTQ.fasterquant` + `quant.py` `Quantizer`
 The transcription follows the original step for step: dead columns, damping by percdamp * mean(diag H),
 Hinv = chol_upper(cholesky_inverse(chol(H))), lazy blocks of 128 columns, group parameters found from the
 (updated) weights when a group starts, err = (w - q) / Hinv_jj, in-block and cross-block updates.
-Printed: wall seconds (min over repeats, Cholesky included) of both, their ratio, and the layer loss
-tr((W - W^) H (W - W^)^T) of both on the same W and H (the layer from bench_solvers.make_layer).
+Printed: wall seconds (median and range over --repeats rounds that time both, the order alternating, Cholesky
+included, compile excluded), the ratio of the medians and of each round, the 1-minute load average before and
+after each round, and the layer loss tr((W - W^) H (W - W^)^T) of both on the same W and H (the layer from
+bench_solvers.make_layer). torch runs with OMP_WAIT_POLICY=PASSIVE unless the environment sets it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import time
 
 import numpy as np
 
+# torch's OpenMP threads busy-wait between parallel regions unless told otherwise, which on a shared 2-core
+# machine steals the other process's core; set before torch is imported (an explicit setting is kept)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
@@ -75,43 +80,66 @@ def torch_gptq(w, h, bits: int, groupsize: int = 128, blocksize: int = 128, perc
   return Q
 
 
+def _load() -> str:
+  with open("/proc/loadavg") as f:
+    return f.read().split()[0]
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shapes", default="4096x4096")
   ap.add_argument("--bits", default="2")
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--threads", type=int, default=os.cpu_count())
+  ap.add_argument("--repeats", type=int, default=3, help="rounds; each times both, the order alternating")
+  ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  ap.add_argument("--daq", action="store_true", help="also time the Quant-dLLM solve (quant_dllm w2 ABMP 5 %%)")
   a = ap.parse_args(argv)
   import jax
   import torch
   from bench_solvers import make_layer
+
   from qdllm_jax.quant.api import quantize_weight
   from qdllm_jax.quant.hessian import layer_loss
   torch.set_num_threads(a.threads)
-  print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
-        f"({jax.default_backend()}), {os.cpu_count()} cpus")
+  print(f"torch {torch.__version__} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), jax {jax.__version__} ({jax.default_backend()}), "
+        f"{os.cpu_count()} cpus, load {_load()}")
 
-  def timed(fn):
-    best, out = float("inf"), None
-    for _ in range(a.repeats):
-      t = time.perf_counter()
-      out = fn()
-      best = min(best, time.perf_counter() - t)
-    return best, out
+  def once(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
 
   for shape in a.shapes.split(","):
     out, n = map(int, shape.split("x"))
     w, h = make_layer(out, n)
     wt, ht = torch.from_numpy(np.asarray(w)), torch.from_numpy(np.asarray(h))
     for bits in map(int, a.bits.split(",")):
-      jax_fn = lambda: np.asarray(quantize_weight(w, h, method="gptq", bits=bits, group_size=128).dequantize())  # noqa: E731,B023
-      jax_fn()  # compile once per shape
-      t_jax, q_jax = timed(jax_fn)
-      t_ref, q_ref = timed(lambda: torch_gptq(wt, ht, bits).numpy())  # noqa: B023
-      l_jax, l_ref = float(layer_loss(w, q_jax, h)), float(layer_loss(w, q_ref, h))
-      print(f"{shape} {bits}-bit g128: original (torch) {t_ref:.2f} s, qdllm-jax {t_jax:.2f} s, speed-up "
-            f"{t_ref / t_jax:.2f}x | layer loss torch {l_ref:.4e}, jax {l_jax:.4e} (ratio {l_jax / l_ref:.4f}) | "
-            f"max |W^_jax - W^_torch| {np.max(np.abs(q_jax - q_ref)):.3g}")
+      fns = {"jax": lambda: np.asarray(quantize_weight(w, h, method="gptq", bits=bits, group_size=128)  # noqa: B023
+                                       .dequantize()),
+             "torch": lambda: torch_gptq(wt, ht, bits).numpy()}  # noqa: B023
+      if a.daq and bits == 2:
+        fns["daq"] = lambda: np.asarray(quantize_weight(w, h, method="quant_dllm", bits=2, group_size=128,  # noqa: B023
+                                                        abmp_ratio=0.05).dequantize())
+      res = {k: f() for k, f in fns.items() if k != "torch"}  # compile once per shape
+      times = {k: [] for k in fns}
+      loads = [_load()]
+      for r in range(a.repeats):  # alternate: jax, torch, (daq) | torch, jax, (daq) | ...
+        order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
+        for k in order + [k for k in fns if k not in ("jax", "torch")]:
+          t, res[k] = once(fns[k])
+          times[k].append(t)
+        loads.append(_load())
+      med = {k: float(np.median(v)) for k, v in times.items()}
+      l_jax, l_ref = float(layer_loss(w, res["jax"], h)), float(layer_loss(w, res["torch"], h))
+      line = (f"{shape} {bits}-bit g128: original (torch) median {med['torch']:.2f} s "
+              f"[{min(times['torch']):.2f}-{max(times['torch']):.2f}], qdllm-jax GPTQ median {med['jax']:.2f} s "
+              f"[{min(times['jax']):.2f}-{max(times['jax']):.2f}] -> jax/torch {med['jax'] / med['torch']:.2f} "
+              f"(per round {', '.join(f'{j / t:.2f}' for j, t in zip(times['jax'], times['torch']))})")
+      if "daq" in med:
+        line += f" | Quant-dLLM median {med['daq']:.2f} s ({med['daq'] / med['torch']:.2f}x the original GPTQ)"
+      print(line + f"\n  layer loss torch {l_ref:.4e}, jax {l_jax:.4e} (ratio {l_jax / l_ref:.4f}) | "
+            f"max |W^_jax - W^_torch| {np.max(np.abs(res['jax'] - res['torch'])):.3g} | load {' '.join(loads)}",
+            flush=True)
 
 
 if __name__ == "__main__":

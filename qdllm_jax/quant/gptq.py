@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qdllm_jax.errors import QuantizationError
+from qdllm_jax.quant.hessian import tri_inv_lower
 from qdllm_jax.quant.rtn import dequantize_codes, find_params, quantize_codes
 
 _HI = lax.Precision.HIGHEST
@@ -67,6 +68,7 @@ def obc_sweep(wt, u, block_fn, carry, *, block: int, m: int, compensate: bool = 
   ob_shape = jax.eval_shape(lambda w, s, c: block_fn(0, w, s, 0, c)[1], spec, sspec, carry)
   outs0 = jax.tree.map(lambda x: jnp.zeros((nb,) + x.shape, x.dtype), ob_shape)
   cols = jnp.arange(cw)
+  lt = u.T  # sliced as [rows, C] left operands: XLA:CPU runs a dot with a transposed lhs ~2x slower
 
   def sbody(s, state):
     wt, carry, outs = state
@@ -74,7 +76,7 @@ def obc_sweep(wt, u, block_fn, carry, *, block: int, m: int, compensate: bool = 
     if superblock_fn is not None:
       carry = superblock_fn(s, wt, carry)
     ws = lax.dynamic_slice_in_dim(wt, base, cw, 0)
-    us = lax.dynamic_slice(u, (base, base), (cw, cw))
+    lts = lax.dynamic_slice(lt, (base, base), (cw, cw))  # U[S, S]^T
 
     def body(j, st):
       ws, carry, outs, es = st
@@ -83,9 +85,9 @@ def obc_sweep(wt, u, block_fn, carry, *, block: int, m: int, compensate: bool = 
       e1t, ob, carry = block_fn(b, w1t, ws, j, carry)
       outs = jax.tree.map(lambda o, v: lax.dynamic_update_index_in_dim(o, v, b, 0), outs, ob)
       if compensate and m > 1:
-        ub = lax.dynamic_slice_in_dim(us, j * block, block, 0)
-        ub = jnp.where(cols[None, :] >= (j + 1) * block, ub, jnp.zeros((), ub.dtype))
-        ws = ws - jnp.matmul(ub.T, e1t, precision=_HI)
+        ubt = lax.dynamic_slice_in_dim(lts, j * block, block, 1)  # U[b, S]^T [cw, block]
+        ubt = jnp.where(cols[:, None] >= (j + 1) * block, ubt, jnp.zeros((), ubt.dtype))
+        ws = ws - jnp.matmul(ubt, e1t, precision=_HI)
       es = lax.dynamic_update_slice_in_dim(es, e1t, j * block, 0)
       return ws, carry, outs, es
 
@@ -93,9 +95,9 @@ def obc_sweep(wt, u, block_fn, carry, *, block: int, m: int, compensate: bool = 
     ws, carry, outs, es = lax.fori_loop(0, m, body, (ws, carry, outs, es0))
     if compensate:
       def trail(c, wt):
-        uc = lax.dynamic_slice(u, (base, c * cw), (cw, cw))
+        uct = lax.dynamic_slice(lt, (c * cw, base), (cw, cw))  # U[S, C]^T
         blk = lax.dynamic_slice_in_dim(wt, c * cw, cw, 0)
-        return lax.dynamic_update_slice_in_dim(wt, blk - jnp.matmul(uc.T, es, precision=_HI), c * cw, 0)
+        return lax.dynamic_update_slice_in_dim(wt, blk - jnp.matmul(uct, es, precision=_HI), c * cw, 0)
       wt = lax.fori_loop(s + 1, ns, trail, wt)
     return wt, carry, outs
 
@@ -104,23 +106,27 @@ def obc_sweep(wt, u, block_fn, carry, *, block: int, m: int, compensate: bool = 
 
 
 def _gptq_block(w1t, u1, scale_b, zero_b, gl: int, bits: int, sub: int):
-  """Column-by-column GPTQ inside one block (W^T rows). Returns (codes uint8, err/d, sum err^2).
+  """Column-by-column GPTQ inside one block (W^T rows) of the original: w1t [block, out] the block's weights as
+  updated by all earlier blocks, u1 [block, block] U's diagonal block. Returns (codes uint8 [block, out],
+  quantized values q [block, out], sum of err^2 with err = (w - q) / U_cc).
 
   The block's columns are visited in lazy sub-blocks of `sub`: rank-1 updates touch only the sub-block's rows;
   its errors are then pushed to the rest of the block with one [block, sub] x [sub, out] product.
   """
   block, out = w1t.shape
   rows = jnp.arange(block)
+  u1t = u1.T
 
   def subblock(s, st):
-    w1t, codes, errs, loss = st
+    w1t, codes, vals, loss = st
     lo = s * sub
     wsb = lax.dynamic_slice_in_dim(w1t, lo, sub, 0)
     urows = lax.dynamic_slice_in_dim(u1, lo, sub, 0)  # [sub, block]
     usb = lax.dynamic_slice_in_dim(urows, lo, sub, 1)  # [sub, sub]
+    urt = lax.dynamic_slice_in_dim(u1t, lo, sub, 1)  # [block, sub] = urows^T
 
     def col(i, st):
-      wsb, qs, es, ls = st
+      wsb, qs, vs, es, ls = st
       w = lax.dynamic_index_in_dim(wsb, i, 0, keepdims=False)
       gi = (lo + i) // gl
       sc = lax.dynamic_index_in_dim(scale_b, gi, 0, keepdims=False)
@@ -131,29 +137,34 @@ def _gptq_block(w1t, u1, scale_b, zero_b, gl: int, bits: int, sub: int):
       err = (w - q) / lax.dynamic_index_in_dim(urow, i, 0, keepdims=False)
       wsb = wsb - urow[:, None] * err[None, :]
       qs = lax.dynamic_update_index_in_dim(qs, qc.astype(jnp.uint8), i, 0)
+      vs = lax.dynamic_update_index_in_dim(vs, q, i, 0)
       es = lax.dynamic_update_index_in_dim(es, err, i, 0)
-      return wsb, qs, es, ls + jnp.sum(err * err)
+      return wsb, qs, vs, es, ls + jnp.sum(err * err)
 
-    init = (wsb, jnp.zeros((sub, out), jnp.uint8), jnp.zeros((sub, out), w1t.dtype), loss)
-    _, qs, es, loss = lax.fori_loop(0, sub, col, init)
-    urest = jnp.where(rows[None, :] >= lo + sub, urows, jnp.zeros((), urows.dtype))
-    w1t = w1t - jnp.matmul(urest.T, es, precision=_HI)
+    init = (wsb, jnp.zeros((sub, out), jnp.uint8), jnp.zeros((sub, out), w1t.dtype),
+            jnp.zeros((sub, out), w1t.dtype), loss)
+    _, qs, vs, es, loss = lax.fori_loop(0, sub, col, init)
+    urest = jnp.where(rows[:, None] >= lo + sub, urt, jnp.zeros((), urt.dtype))
+    w1t = w1t - jnp.matmul(urest, es, precision=_HI)
     codes = lax.dynamic_update_slice_in_dim(codes, qs, lo, 0)
-    errs = lax.dynamic_update_slice_in_dim(errs, es, lo, 0)
-    return w1t, codes, errs, loss
+    vals = lax.dynamic_update_slice_in_dim(vals, vs, lo, 0)
+    return w1t, codes, vals, loss
 
   init = (w1t, jnp.zeros((block, out), jnp.uint8), jnp.zeros((block, out), w1t.dtype),
           jnp.zeros((), w1t.dtype))
-  _, codes, errs, loss = lax.fori_loop(0, block // sub, subblock, init)
-  return codes, errs, loss
+  _, codes, vals, loss = lax.fori_loop(0, block // sub, subblock, init)
+  return codes, vals, loss
 
 
-def gptq_quantize(w, u, channel_scale=None, channel_zero=None, *, bits: int, group_size: int = 128,
+def gptq_quantize(w, u=None, channel_scale=None, channel_zero=None, *, v=None, bits: int, group_size: int = 128,
                   sym: bool = False, scale_dtype="float16", block: int = 128, sub: int = 16):
   """GPTQ on one weight matrix (columns already in processing order; act-order permutes before).
 
   Args:
-    w: float32 [out, in], dead columns already zeroed.  u: float32 [in, in], U of `prepare_hessian`.
+    w: float32 [out, in], dead columns already zeroed.
+    u: float [in, in], U of `prepare_hessian` ((H + delta I)^-1 = U^T U), or None when `v` is given.
+    v: float [in, in], V = U^-1 of `prepare_hessian(..., factor="cholesky")` (H + delta I = V V^T, upper);
+      the fast path: no triangular inverse of the whole factor is formed (see `_gptq_quantize`).
     channel_scale, channel_zero: float32 [out], the per-row parameters for group_size == -1 (the original
       computes them from the unfixed weight); None -> computed from `w`.
     bits: 2..8; group_size: g with (g | 128 and g | in) or (128 | g and g | in) or -1.
@@ -162,27 +173,57 @@ def gptq_quantize(w, u, channel_scale=None, channel_zero=None, *, bits: int, gro
     dict(codes uint8 [out, in], scales [out, G], zeros [out, G] (integer-valued), w_hat [out, in],
          loss = sum_c ||w_c - q_c||^2 / U_cc^2 / 2), G = in / g (1 for g = -1).
   """
-  w, u = jnp.asarray(w), jnp.asarray(u)
+  w = jnp.asarray(w)
   n = w.shape[1]
   g = group_size
-  if u.shape != (n, n) or block % sub or not (g == -1 or (n % g == 0 and (block % g == 0 or g % block == 0))):
-    raise QuantizationError(f"gptq_quantize: w {w.shape}, u {u.shape}, group_size {g}, block {block}, sub {sub}; "
-                            f"expected u [in, in] and g = -1 or g | in with g | block or block | g.")
+  fac = v if u is None else u
+  if (u is None) == (v is None) or jnp.shape(fac) != (n, n) or block % sub or not (
+      g == -1 or (n % g == 0 and (block % g == 0 or g % block == 0))):
+    raise QuantizationError(f"gptq_quantize: w {w.shape}, u {None if u is None else jnp.shape(u)}, "
+                            f"v {None if v is None else jnp.shape(v)}, group_size {g}, block {block}, sub {sub}; "
+                            f"expected exactly one of u, v [in, in] and g = -1 or g | in with g | block or block | g.")
+  v = upper_inverse(jnp.asarray(u)) if v is None else jnp.asarray(v)
   if group_size == -1 and channel_scale is None:
     channel_scale, channel_zero = find_params(w, bits, sym, scale_dtype)
-  return _gptq_quantize(w, u, channel_scale, channel_zero, bits=int(bits), group_size=int(group_size),
+  return _gptq_quantize(w, v, channel_scale, channel_zero, bits=int(bits), group_size=int(group_size),
                         sym=bool(sym), scale_dtype=None if scale_dtype is None else jnp.dtype(scale_dtype).name,
                         block=int(block), sub=int(sub))
 
 
+@jax.jit
+def upper_inverse(u):
+  """U^-1 of an upper triangular u [n, n] (= tri_inv_lower(U^T)^T); float, upper triangular."""
+  return jnp.triu(tri_inv_lower(u.T).T)
+
+
+def _diag_block_inverses(v, width: int):
+  """[n / width, width, width]: the inverses of v's diagonal width x width blocks (v upper triangular [n, n]);
+  they are U's diagonal blocks, U = v^-1."""
+  k = v.shape[0] // width
+  idx = jnp.arange(k)
+  vd = v.reshape(k, width, k, width)[idx, :, idx, :]
+  eye = jnp.broadcast_to(jnp.eye(width, dtype=v.dtype), vd.shape)
+  return jnp.triu(jax.scipy.linalg.solve_triangular(vd, eye, lower=False))
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype", "block", "sub"))
-def _gptq_quantize(w, u, channel_scale, channel_zero, *, bits, group_size, sym, scale_dtype, block, sub):
+def _gptq_quantize(w, v, channel_scale, channel_zero, *, bits, group_size, sym, scale_dtype, block, sub):
+  """The original's sweep computed from V (H + delta I = V V^T, V = U^-1 upper) instead of U.
+
+  With E = W - Q (original weights minus quantized ones) and e_c = (w'_c - q_c) / U_cc the original's scaled
+  errors, w_c - q_c = sum_{k <= c} e_k U_kc, i.e. E = e U and e = E V. The original's W as updated by the
+  lazy blocks before column k, restricted to the columns J = [k, k + m), is then
+      W_J - e_{<k} U_{<k, J} = W_J + (E_{<k} V_{<k, J}) inv(V_JJ)        (block inverse of upper triangular V)
+  so the sweep accumulates D = E V (the same out * in^2 flops as the original's Err1 Hinv[i1:i2, i2:] updates)
+  and turns D into the original's block (and group) start values with the inverse of V's 128 x 128 (or g x g)
+  diagonal block. U itself is never formed: one Cholesky of H is all the factorisation needed.
+  """
   out, n = w.shape
   npad = -(-n // block) * block
   nb = npad // block
   dt = w.dtype
   wt = jnp.zeros((npad, out), dt).at[:n].set(w.T)
-  up = jnp.eye(npad, dtype=dt).at[:n, :n].set(u)
+  vp = v.astype(dt) if npad == n else jnp.eye(npad, dtype=dt).at[:n, :n].set(v)
   g = group_size
   if g == -1:
     gl, gb = block, 1
@@ -195,29 +236,38 @@ def _gptq_quantize(w, u, channel_scale, channel_zero, *, bits, group_size, sym, 
     carry = (jnp.zeros((1, out), dt), jnp.zeros((1, out), dt))
   m = superblock_size(nb, gb)
   cw = m * block
+  gw = g if g > block else block
+  udt = jnp.swapaxes(_diag_block_inverses(vp, gw), 1, 2)  # [npad / gw, gw, gw]: U's diagonal blocks, transposed
 
-  def params_from(x_t):  # x_t [rows, out] (W^T rows of one group) -> [1, out] each
+  def params_from(c, d_t):  # group start column c, d_t [g, out] (D rows of the group) -> [1, out] each
+    x_t = lax.dynamic_slice_in_dim(wt, c, g, 0) + jnp.matmul(udt[c // g], d_t, precision=_HI)
     sc, zr = find_params(x_t.T, bits, sym, scale_dtype)
     return sc[None], zr[None]
 
-  def superblock_fn(s, wt, carry):
-    return lax.cond((s * cw) % g == 0, lambda: params_from(lax.dynamic_slice_in_dim(wt, s * cw, g, 0)),
-                    lambda: carry)
+  def superblock_fn(s, dacc, carry):
+    c = s * cw
+    return lax.cond(c % g == 0, lambda: params_from(c, lax.dynamic_slice_in_dim(dacc, c, g, 0)), lambda: carry)
 
-  def block_fn(b, w1t, ws, j, carry):
-    u1 = lax.dynamic_slice(up, (b * block, b * block), (block, block))
+  def block_fn(b, d1t, ds, j, carry):
+    c = b * block
+    ugt = lax.dynamic_index_in_dim(udt, c // gw, 0, keepdims=False)
+    u1t = lax.dynamic_slice(ugt, (c % gw, c % gw), (block, block))
+    u1 = u1t.T
+    w_b = lax.dynamic_slice_in_dim(wt, c, block, 0)
+    w1t = w_b + jnp.matmul(u1t, d1t, precision=_HI)  # the original's W1 at the block's start
     if g != -1 and g <= block:
       sc, zr = find_params(w1t.reshape(block // g, g, out).transpose(0, 2, 1), bits, sym, scale_dtype)
     else:
       if g != -1 and g <= cw:
         carry = lax.cond((j * block) % g == 0,
-                         lambda: params_from(lax.dynamic_slice_in_dim(ws, j * block, g, 0)), lambda: carry)
+                         lambda: params_from(c, lax.dynamic_slice_in_dim(ds, j * block, g, 0)), lambda: carry)
       sc, zr = carry
-    codes, e1t, loss = _gptq_block(w1t, u1, sc, zr, gl, bits, min(sub, block))
-    return e1t, (codes, sc, zr, loss), carry
+    codes, q, loss = _gptq_block(w1t, u1, sc, zr, gl, bits, min(sub, block))
+    return q - w_b, (codes, sc, zr, loss), carry  # -E: obc_sweep subtracts V^T (-E) from D
 
   sfn = superblock_fn if (g != -1 and g > cw) else None
-  (codes, sc, zr, loss), _ = obc_sweep(wt, up, block_fn, carry, block=block, m=m, superblock_fn=sfn)
+  (codes, sc, zr, loss), _ = obc_sweep(jnp.zeros_like(wt), vp, block_fn, carry, block=block, m=m,
+                                       superblock_fn=sfn)
   codes = codes.reshape(npad, out)[:n].T
   if g == -1:
     scales, zeros = sc[0, 0][:, None], zr[0, 0][:, None]
@@ -231,4 +281,4 @@ def _gptq_quantize(w, u, channel_scale, channel_zero, *, bits, group_size, sym, 
   return dict(codes=codes, scales=scales, zeros=zeros, w_hat=w_hat, loss=jnp.sum(loss) / 2)
 
 
-__all__ = ["superblock_size", "obc_sweep", "gptq_quantize"]
+__all__ = ["superblock_size", "obc_sweep", "gptq_quantize", "upper_inverse"]

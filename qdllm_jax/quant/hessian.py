@@ -16,6 +16,7 @@ triangular inverse instead of GPTQ's chol -> cholesky_inverse -> chol, and equal
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -34,12 +35,15 @@ class PreparedHessian(NamedTuple):
   percdamp: float, the damping fraction actually used (>= the requested one after escalation).
   delta: float, percdamp * mean(diag H) (H after the dead-column fix).
   dead: bool [in], the dead columns (H_jj == 0).
+  v: float32 [in, in] upper triangular with H + delta I = v v^T (v = u^-1), only with factor="cholesky" (u is
+    then None: GPTQ needs no inverse, see gptq.py).
   """
   w: jax.Array
-  u: jax.Array
+  u: jax.Array | None
   percdamp: float
   delta: float
   dead: jax.Array
+  v: jax.Array | None = None
 
 
 def hessian_update(h, n, x):
@@ -101,20 +105,28 @@ def chol_inverse_upper(hd):
   return jnp.triu(tri_inv_lower(lr)[::-1, ::-1])
 
 
-@jax.jit
-def _damped_u(h, percdamp):
-  """fix_dead_columns on H (inside the jit: no fixed copy of H outlives it), then U of H + delta I:
-  (u, delta, all finite, dead)."""
+def chol_upper(hd):
+  """V upper triangular with hd = V V^T (hd symmetric positive definite [n, n]): V = J chol(J hd J) J; NaN if
+  not PD. V^-1 = chol_inverse_upper(hd)."""
+  return jnp.triu(jnp.linalg.cholesky(hd[::-1, ::-1])[::-1, ::-1])
+
+
+@functools.partial(jax.jit, static_argnames=("inverse",))
+def _damped_u(h, percdamp, inverse=True):
+  """fix_dead_columns on H (inside the jit: no fixed copy of H outlives it), then U of H + delta I (or V = U^-1
+  with inverse=False): (u or v, delta, all finite, dead)."""
   h, dead = _fix_dead_h(h)
   delta = percdamp * jnp.mean(jnp.diagonal(h))
-  u = chol_inverse_upper(h + delta * jnp.eye(h.shape[0], dtype=h.dtype))
+  hd = h + delta * jnp.eye(h.shape[0], dtype=h.dtype)
+  u = chol_inverse_upper(hd) if inverse else chol_upper(hd)
   return u, delta, jnp.all(jnp.isfinite(u)), dead
 
 
 _zero_dead_jit = jax.jit(_zero_dead)
 
 
-def prepare_hessian(w, h, percdamp: float = 0.01, max_percdamp: float = 10.0) -> PreparedHessian:
+def prepare_hessian(w, h, percdamp: float = 0.01, max_percdamp: float = 10.0,
+                    factor: str = "inverse") -> PreparedHessian:
   """Dead-column fix, damping with automatic escalation, and U = chol_upper((H + delta I)^-1).
 
   Args:
@@ -122,21 +134,26 @@ def prepare_hessian(w, h, percdamp: float = 0.01, max_percdamp: float = 10.0) ->
     h: float [in, in] Hessian, H = (2/n) sum X^T X.
     percdamp: damping fraction of mean(diag H) (GPTQ default 0.01).
     max_percdamp: the largest damping fraction tried; percdamp is multiplied by 10 on each failure.
+    factor: "inverse" (u = chol_upper((H + delta I)^-1)) or "cholesky" (v with H + delta I = v v^T, u None;
+      half the flops: no triangular inverse).
   Returns:
     PreparedHessian(w, u, percdamp_used, delta, dead); arrays keep the dtype of `h` (float32 in practice).
   Raises:
     QuantizationError if the damped Hessian is still not positive definite at max_percdamp.
   """
+  if factor not in ("inverse", "cholesky"):
+    raise QuantizationError(f"prepare_hessian: factor={factor!r}; expected 'inverse' or 'cholesky'.")
   w = jnp.asarray(w)
   h = jnp.asarray(h)
   p = float(percdamp)
   tried = []
   while True:
     # the dead-column fix is fused into the factorisation (no fixed copy of H stays alive beside it)
-    u, delta, ok, dead = _damped_u(h, jnp.asarray(p, h.dtype))
+    f, delta, ok, dead = _damped_u(h, jnp.asarray(p, h.dtype), inverse=factor != "cholesky")
     tried.append(p)
     if bool(ok):
-      return PreparedHessian(_zero_dead_jit(w, dead), u, p, float(delta), dead)
+      u, v = (None, f) if factor == "cholesky" else (f, None)
+      return PreparedHessian(_zero_dead_jit(w, dead), u, p, float(delta), dead, v)
     if p * 10.0 > max_percdamp * (1 + 1e-9):
       raise QuantizationError(
           f"Hessian is not positive definite even with damping percdamp={tried} (x mean diag H); "
@@ -171,6 +188,7 @@ def relative_output_error(w, w_hat, h):
 
 
 __all__ = [
-    "PreparedHessian", "hessian_update", "fix_dead_columns", "tri_inv_lower", "chol_inverse_upper", "prepare_hessian",
+    "PreparedHessian", "hessian_update", "fix_dead_columns", "tri_inv_lower", "chol_upper", "chol_inverse_upper",
+    "prepare_hessian",
     "layer_loss", "relative_output_error", "layer_errors",
 ]
