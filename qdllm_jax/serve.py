@@ -11,7 +11,8 @@ worker that merges compatible requests into batches of up to --batch_size rows (
 a 4xx JSON error {"error": {"message", "type", "param", "code"}} and the server keeps serving.
 Flags: those of `python -m qdllm_jax.generate` (--model, --chat_template, --batch_size, --dequantize,
 --sampler.KEY=VALUE) plus --host (default 127.0.0.1: loopback only), --port (default 8000; 0 = a free one),
---max_n (default 8), --batch_wait_ms (default 20), --model_name (default the directory's name).
+--max_n (default 8), --batch_wait_ms (default 20), --model_name (default the directory's name; the workdir's
+for a launch checkpoint).
 """
 from __future__ import annotations
 
@@ -134,7 +135,10 @@ def make_server(engine, settings, *, host: str = "127.0.0.1", port: int = 8000, 
   srv = ThreadingHTTPServer((host, port), Handler)
   srv.daemon_threads = True
   srv.engine, srv.settings, srv.max_n = engine, settings, max_n
-  srv.model_name = model_name or os.path.basename(os.path.normpath(engine.path))
+  path = os.path.normpath(os.path.abspath(engine.path))
+  if os.path.basename(path) == "checkpoint":  # the launch's WORKDIR/checkpoint: name it by the workdir
+    path = os.path.dirname(path)
+  srv.model_name = model_name or os.path.basename(path)
   srv.batcher = batcher_lib.Batcher(engine, max_batch, batch_wait_s)
   return srv
 
