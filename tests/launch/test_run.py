@@ -15,9 +15,12 @@ import time
 
 import numpy as np
 import pytest
-
 from launch_common import ARCH, ROOT, fast_argv, make_model
-from qdllm_jax import launch, run as run_lib, workdir as workdir_lib
+
+from qdllm_jax import launch
+from qdllm_jax import run as run_lib
+from qdllm_jax import workdir as workdir_lib
+from qdllm_jax.checkpoint import integrity, quantized
 
 EVAL = ["--config.eval.protocol=tiny_smoke", "--config.eval.limit=4", "--config.report.plots=True"]
 
@@ -130,8 +133,22 @@ def test_an_interrupted_run_resumes_to_the_same_checkpoint(main_run, model_dir, 
   assert "resuming after block 1 of 2" in caplog.text
   got = json.loads((run_wd / "report.json").read_text())
   assert got["fingerprint"] == rep["fingerprint"]
+  # "the same checkpoint" (docs/launch.md): every stored array bit-identical (dtype, shape, bytes) and the same
+  # checkpoint_sha256 (arrays + sidecar + config.json), though the Orbax files themselves may differ
   assert got["sizes"]["checkpoint_sha256"] == rep["sizes"]["checkpoint_sha256"]
+  a, b = (dict(quantized.iter_parts(str(w / "checkpoint"))) for w in (wd, run_wd))
+  assert a.keys() == b.keys()
+  for part in a:
+    fa, fb = integrity.flat_arrays(a[part]), integrity.flat_arrays(b[part])
+    assert fa.keys() == fb.keys()
+    for k in fa:
+      assert fa[k].dtype == fb[k].dtype and fa[k].shape == fb[k].shape and fa[k].tobytes() == fb[k].tobytes(), k
   assert [e["rel_err"] for e in got["layers"]] == [e["rel_err"] for e in rep["layers"]]
+  # the report says it resumed, from which block, and keeps the earlier attempt's block times
+  assert got["resume"]["resumed"] and got["resume"]["resumed_from_block"] == 1 and got["resume"]["attempts"] == 2
+  assert len(got["resume"]["block_s"]) == 2 and got["timings_s"]["quantize"] == pytest.approx(
+      sum(got["resume"]["block_s"]))
+  assert "resumed: yes, from block 1" in (run_wd / "report.md").read_text()
 
 
 def _cli(argv, **kw):
