@@ -201,6 +201,17 @@ class StudySpec:
   plots: bool = key(True, "write the study plot")
 
 
+# ------------------------------------------------------------ one evaluation (python -m qdllm_jax.eval.suite)
+@dataclasses.dataclass(frozen=True)
+class SuiteSpec:
+  """The settings of the evaluation command (the model directory is its --model flag)."""
+  protocol: str = key("tiny", "named protocol from qdllm_jax.eval.protocols")
+  seed: int = key(0, "root of the evaluation key tree")
+  limit: int = key(0, "examples per task family; 0 = the protocol's own setting")
+  out: str = key("", "also write the results JSON here ('' = print only)")
+  gumbel: bool = key(False, "also run gumbel_precision_report at temperatures 0.5 and 1.0")
+
+
 def non_semantic_keys(cls) -> tuple[str, ...]:
   """Top-level fields of `cls` marked non_semantic."""
   return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("non_semantic"))

@@ -31,8 +31,8 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
+from qdllm_jax import cli, config_schema, run_configs
 from qdllm_jax import config as config_lib
-from qdllm_jax import config_schema, run_configs
 from qdllm_jax import report as report_lib
 from qdllm_jax import workdir as workdir_lib
 from qdllm_jax.errors import ConfigError, QdllmError
@@ -278,22 +278,26 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-  from qdllm_jax import launch
+  """The CLI (flags as the launch's: --config FILE[:ARG], --workdir, --config.KEY=VALUE or --config.KEY VALUE)."""
   ap = argparse.ArgumentParser(prog="python -m qdllm_jax.study", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", required=True, help="configs/study_tiny.py[:arg]")
-  ap.add_argument("--workdir", default=None)
-  a, rest = ap.parse_known_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  ap.add_argument("--config", help="a study config file, e.g. configs/study_tiny.py")
+  ap.add_argument("--workdir", default=None, help="output directory (replaces config.workdir)")
+  ap.add_argument("--log_level", default="INFO", type=str.upper, choices=cli.LOG_LEVELS,
+                  help="verbosity of the qdllm_jax log")
+  ap.add_argument("--help_keys", action="store_true", help="list every study key with its default, then exit")
   try:
-    bad = [o for o in rest if not o.startswith("--config.")]
-    if bad:
-      raise ConfigError(f"unknown arguments {bad}; overrides look like --config.eval.limit=50")
-    overrides = [o[len("--config."):] for o in rest]
-    c = launch.load_config(a.config, overrides)
+    a, rest = ap.parse_known_args(argv)
+    if a.help_keys:
+      cli.print_keys(config_schema.StudySpec)
+      return 0
+    if not a.config:
+      ap.error("the following arguments are required: --config")
+    cli.setup_logging(a.log_level)
+    c = cli.load_config(a.config, cli.split_overrides(rest, "--config.", ap.prog))
     out = run(c, a.workdir)
   except QdllmError as err:
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error ({type(err).__name__}): {err}", file=sys.stderr)
     return 2
   print(table(out["rows"]))
   return 0

@@ -375,35 +375,3 @@ def gumbel_precision_report(model, tok, *, key, temperatures=(0.5, 1.0), source=
                                block_length=block_length or gen_length, attention_mask=am)
     out[float(temp)] = {k: r[k] for k in ("n_diff", "n_generated", "first_divergent_step")}
   return out
-
-
-def main(argv=None):
-  """CLI: python3 -m qdllm_jax.eval.suite --model assets/tiny-llada [--protocol tiny] [--seed 0] [--out r.json]
-  [--gumbel] (also gumbel_precision_report at temperatures 0.5 and 1.0: task prompts, and 32 corpus prompts
-  continued by 64 tokens)."""
-  import argparse
-  import json
-
-  from qdllm_jax.models import load_pretrained, load_tokenizer
-  ap = argparse.ArgumentParser(description="Evaluate a qdllm-jax model under a shipped-data protocol.")
-  for flag, kw in (("--model", dict(required=True)), ("--protocol", dict(default="tiny")), ("--out", {}),
-                   ("--seed", dict(type=int, default=0)), ("--limit", dict(type=int, default=None)),
-                   ("--gumbel", dict(action="store_true"))):
-    ap.add_argument(flag, **kw)
-  args = ap.parse_args(argv)
-  model, tok = load_pretrained(args.model), load_tokenizer(args.model)
-  res = evaluate(model, tok, args.protocol, seed=args.seed, limit=args.limit)
-  if args.gumbel:
-    k = jax.random.key(args.seed)
-    res["gumbel_precision"] = {
-        "tasks": gumbel_precision_report(model, tok, key=k, limit=args.limit),
-        "corpus_64": gumbel_precision_report(model, tok, key=k, source="corpus", gen_length=64)}
-  print(json.dumps(res, indent=2, default=float))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(res, f, indent=2, default=float)
-  return res
-
-
-if __name__ == "__main__":
-  main()
