@@ -12,8 +12,9 @@ H heads, V vocabulary, b the param dtype's bytes, n_d / n_m the mesh's data / mo
             evaluation: the params sharded by sharding.LOGICAL_RULES + logits B T V x 4 and attention
               B H T^2 x 4 of one batch, split over the data axis
 A plan fits when every device needs at most 90 % of its memory and the host at most 90 % of its RAM.
-Duration: FLOPs of the calibration passes (4 Hessian captures + 1 output pass per block), the solvers and
-the evaluation forwards, at 35 % of the accelerator's bf16 peak (or a measured matmul rate on CPU). Rough.
+Duration (plan_timing.py): on this backend the real kernels are timed (factorisation per Hessian width, the
+solvers, one calibration block forward) and scaled to the run: a range, fastest to slowest of 3 runs. For a
+hardware preset a duration is printed only from figures measured on it (plan_timing.MEASURED); none yet.
 """
 from __future__ import annotations
 
@@ -21,10 +22,8 @@ import dataclasses
 import math
 import os
 import re
-import time
 
-
-from qdllm_jax import sharding
+from qdllm_jax import plan_timing, sharding
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
 from qdllm_jax.quant import methods
@@ -40,26 +39,25 @@ class Hardware:
   device_gib: float
   host_gib: float
   hosts: int = 1
-  peak_tflops: float = 0.0  # dense bf16 per device
   platform: str = "tpu"
 
 
 HARDWARE = {
-    "tpu_v5e_8": Hardware("TPU v5e-8 (v5litepod-8, one host)", 8, 16, 188, 1, 197),
-    "tpu_v5e_16": Hardware("TPU v5e-16 (4 hosts)", 16, 16, 47, 4, 197),
-    "tpu_v4_8": Hardware("TPU v4-8 (4 chips, one host)", 4, 32, 407, 1, 275),
-    "tpu_v4_32": Hardware("TPU v4-32 (16 chips, 4 hosts)", 16, 32, 407, 4, 275),
-    "tpu_v5p_8": Hardware("TPU v5p-8 (4 chips, one host)", 4, 95, 448, 1, 459),
-    "tpu_v6e_8": Hardware("TPU v6e-8 (one host)", 8, 32, 1440, 1, 918),
-    "colab_v5e_1": Hardware("Colab TPU v5e-1", 1, 16, 47, 1, 197),
-    "colab_v2_8": Hardware("Colab TPU v2-8 (8 cores)", 8, 8, 334, 1, 23),
-    "h100x1": Hardware("1x H100 80GB", 1, 80, 240, 1, 989, "gpu"),
-    "h100x8": Hardware("8x H100 80GB (one host)", 8, 80, 1800, 1, 989, "gpu"),
-    "a100x1": Hardware("1x A100 80GB", 1, 80, 200, 1, 312, "gpu"),
-    "a100x8": Hardware("8x A100 80GB (one host)", 8, 80, 1000, 1, 312, "gpu"),
+    "tpu_v5e_8": Hardware("TPU v5e-8 (v5litepod-8, one host)", 8, 16, 188, 1),
+    "tpu_v5e_16": Hardware("TPU v5e-16 (4 hosts)", 16, 16, 47, 4),
+    "tpu_v4_8": Hardware("TPU v4-8 (4 chips, one host)", 4, 32, 407, 1),
+    "tpu_v4_32": Hardware("TPU v4-32 (16 chips, 4 hosts)", 16, 32, 407, 4),
+    "tpu_v5p_8": Hardware("TPU v5p-8 (4 chips, one host)", 4, 95, 448, 1),
+    "tpu_v6e_8": Hardware("TPU v6e-8 (one host)", 8, 32, 1440, 1),
+    "colab_v5e_1": Hardware("Colab TPU v5e-1", 1, 16, 47, 1),
+    "colab_v2_8": Hardware("Colab TPU v2-8 (8 cores)", 8, 8, 334, 1),
+    "h100x1": Hardware("1x H100 80GB", 1, 80, 240, 1, "gpu"),
+    "h100x8": Hardware("8x H100 80GB (one host)", 8, 80, 1800, 1, "gpu"),
+    "a100x1": Hardware("1x A100 80GB", 1, 80, 200, 1, "gpu"),
+    "a100x8": Hardware("8x A100 80GB (one host)", 8, 80, 1000, 1, "gpu"),
 }
-UTILIZATION = 0.35
 FIT_FRACTION = 0.9
+CALIB_PASSES = 5  # block forwards per block during calibration: 4 Hessian captures (one per tap) + the outputs
 
 
 def model_preset_config(name: str):
@@ -88,7 +86,7 @@ def local_hardware(override_device_gib=0.0, override_host_gib=0.0) -> tuple[str,
   host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
   dev = stats.get("bytes_limit", 0) / GiB or host
   hw = Hardware(f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})", len(devs),
-                override_device_gib or dev, override_host_gib or host, jax.process_count(), 0.0, devs[0].platform)
+                override_device_gib or dev, override_host_gib or host, jax.process_count(), devs[0].platform)
   return "local", hw
 
 
@@ -180,6 +178,7 @@ class RunPlan:
   estimate_s: dict
   problems: list
   notes: list
+  timing_source: str = ""
 
   @property
   def fits(self) -> bool:
@@ -205,8 +204,13 @@ class RunPlan:
     p = self.predicted
     lines.append(f"predicted: {p['linear_bits_per_weight']:.3f} bits/weight in the quantized linears, checkpoint "
                  f"{p['checkpoint_bytes'] / GiB:.3f} GiB ({p['model_bits_per_weight']:.3f} bits/param overall)")
-    e = self.estimate_s
-    lines.append("estimated duration (rough): " + ", ".join(f"{k} {_hms(v)}" for k, v in e.items()))
+    if self.estimate_s is None:
+      lines.append(f"estimated duration: {self.timing_source}; no duration is printed (plan on that machine to "
+                   "time its kernels)")
+    else:
+      lines.append("estimated duration (kernels timed, scaled to the model; compile time not included): "
+                   + ", ".join(f"{k} {_hms(lo)}-{_hms(hi)}" for k, (lo, hi) in self.estimate_s.items())
+                   + f" [{self.timing_source}]")
     lines += [f"note: {n}" for n in self.notes]
     lines.append("FITS" if self.fits else "DOES NOT FIT:\n  " + "\n  ".join(self.problems))
     return "\n".join(lines)
@@ -217,27 +221,15 @@ def _hms(s: float) -> str:
   return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def measured_tflops() -> float:
-  """Measured float32 matmul rate of the default device (TFLOP/s), from a 512^3 jitted matmul."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((512, 512), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t0, reps = time.perf_counter(), 8
-  for _ in range(reps):
-    f(a).block_until_ready()
-  return reps * 2 * 512 ** 3 / max(time.perf_counter() - t0, 1e-9) / 1e12
-
-
-def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardware, tflops: float | None = None,
+def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardware, times=None,
               mesh: dict | None = None) -> RunPlan:
   """Plan a run of `spec` (RunSpec) on model `cfg` (ModelConfig) with the resolved `rules_plan` (rules.Plan).
 
-  itemsize: bytes of a param (2 bf16, 4 f32). hw: the Hardware planned for. tflops: the per-device rate for
-  the duration estimate (default 35 % of hw.peak_tflops). mesh: {axis: size} (default: choose_mesh).
+  itemsize: bytes of a param (2 bf16, 4 f32). hw: the Hardware planned for. times: plan_timing.KernelTimes for
+  the durations (default: measured now when hw_name is "local", else plan_timing.MEASURED[hw_name] or none:
+  the plan then prints no duration). mesh: {axis: size} (default: choose_mesh).
   """
-  c, q = spec.calib, spec.quant
+  c = spec.calib
   n, seq, d, f, h = c.nsamples * c.timesteps_per_sample, c.seqlen, cfg.d_model, cfg.mlp_hidden, cfg.n_heads
   shapes = transformer.param_shapes(cfg)
   blk = shapes["blocks"][0]
@@ -279,7 +271,8 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
 
   def need(axes):  # what the model axis decides: the FP evaluation (calibration does not depend on it)
     fp = spec.eval.protocol and spec.eval.fp
-    return eval_device(axes, param_bytes_per_device(cfg, itemsize, axes) * (1 if fp else ckpt) // (1 if fp else fp_total))
+    per_dev = param_bytes_per_device(cfg, itemsize, axes)
+    return eval_device(axes, per_dev * (1 if fp else ckpt) // (1 if fp else fp_total))
 
   if mesh is None:
     mesh = choose_mesh(spec, hw, need)
@@ -316,32 +309,19 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
                     "calib.nsamples / calib.seqlen, or skip the FP evaluation (--config.eval.fp=False)")
   if n % mesh.get("data", 1):
     notes.append(f"{n} calibration sequences do not divide over data={mesh.get('data', 1)}: kept replicated")
-  rate = (tflops if tflops else hw.peak_tflops * UTILIZATION) * 1e12
-  passes = 5
-  blk_lin = sum(math.prod(s) for s in lin.values())
-  calib_flops = cfg.n_layers * passes * n * (2 * blk_lin * seq + 4 * seq * seq * cfg.q_dim)
-  calib_flops += cfg.n_layers * 4 * 2 * n * seq * max_c * max_c
-  solver_flops = 0
-  for path, rule in rules_plan.modules.items():
-    r, cc = lin[rules_plan.names[path][1]]
-    if rule is None:
-      continue
-    if rule.method == "quant_dllm":
-      iters = int(dict(rule.options).get("rsr_iters", 15))
-      solver_flops += 2 * r * cc * cc + 2 * cc ** 3 + iters * rule.bits * r * cc * (20 + 3 * 2 ** rule.bits)
-    elif rule.method == "gptq":
-      solver_flops += 2 * r * cc * cc + 2 * cc ** 3
-    else:
-      solver_flops += 10 * r * cc
   nd_eff = mesh.get("data", 1) if n % mesh.get("data", 1) == 0 else 1  # chunks split over the data axis
   nm_eff = mesh.get("model", 1)  # the solvers split each matrix's rows over the model axis
-  est = {"calibration": calib_flops / (rate * nd_eff), "solvers": solver_flops / (rate * nm_eff)}
-  est["total (without evaluation)"] = sum(est.values())
+  if times is None and hw_name == "local":
+    times = plan_timing.measure_for(cfg, rules_plan, itemsize, n, seq, max(c.chunk_size, 1), CALIB_PASSES)
+  elif times is None:
+    times = plan_timing.MEASURED.get(hw_name)
+  est = None if times is None else plan_timing.durations(times, cfg, rules_plan, nd_eff, nm_eff)
+  timing_source = f"not measured on this hardware ({hw_name})" if times is None else times.source
   nq = len(rules_plan.quantized())
   predicted = {"linear_bits_per_weight": 8 * q_bytes / max(q_params, 1), "checkpoint_bytes": ckpt,
                "model_bits_per_weight": 8 * ckpt / transformer.num_params(cfg), "fp_bytes": fp_total}
   return RunPlan(hw_name, hw, mesh, offload, len(rules_plan.modules), nq, summarize_rules(rules_plan), host, dev,
-                 predicted, est, problems, notes)
+                 predicted, est, problems, notes, timing_source)
 
 
 def abstract_model(cfg, dtype, batch: int, seqlen: int):
@@ -365,6 +345,7 @@ def dry_run(spec) -> tuple[str, RunPlan]:
   """
   import jax
   import jax.numpy as jnp
+
   from qdllm_jax import config as config_lib
   if spec.model_preset:
     cfg = model_preset_config(spec.model_preset)
@@ -378,8 +359,7 @@ def dry_run(spec) -> tuple[str, RunPlan]:
   leaves = jax.tree_util.tree_leaves(params)
   n_params = sum(math.prod(x.shape) for x in leaves)
   hw_name, hw = get_hardware(spec)
-  tflops = None if hw.peak_tflops else measured_tflops()
-  plan = make_plan(spec, cfg, rules_plan, itemsize=dtype.itemsize, hw_name=hw_name, hw=hw, tflops=tflops)
+  plan = make_plan(spec, cfg, rules_plan, itemsize=dtype.itemsize, hw_name=hw_name, hw=hw)
   head = [f"DRY RUN (no weights read): {spec.model_preset or spec.model_path}, {cfg.arch}, {cfg.n_layers} blocks, "
           f"d_model {cfg.d_model}, mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}",
           f"jax.eval_shape: {n_params / 1e9:.3f} B params in {len(leaves)} arrays, {dtype.name} = "

@@ -284,8 +284,7 @@ def run(spec, *, overwrite: bool = False, kill_after_block: int | None = None, c
   dtype = None if spec.dtype == "auto" else spec.dtype
   itemsize = np.dtype(jnp.dtype(dtype or stored)).itemsize
   hw_name, hw = plan_lib.get_hardware(spec)
-  rp = plan_lib.make_plan(spec, cfg, rules_plan, itemsize=itemsize, hw_name=hw_name, hw=hw,
-                          tflops=None if hw.peak_tflops else plan_lib.measured_tflops())
+  rp = plan_lib.make_plan(spec, cfg, rules_plan, itemsize=itemsize, hw_name=hw_name, hw=hw)
   _step(0, "plan:\n%s", rp.text())
   for w in config_lib.ignored_keys(spec):
     log.warning("%s is not used by method %s", w, spec.quant.method)

@@ -4,11 +4,15 @@ References: `QuantizedWeight.nbytes` of real packed weights; the bytes actually 
 `jax.device_put` with the logical shardings; the LLaDA-8B parameter count from its published shapes
 (GSAI-ML/LLaDA-8B-Base config.json) and the activation size N L D b from the paper's calibration setting.
 """
+import re
+import time
+
 import jax
 import numpy as np
 import pytest
 
-from qdllm_jax import launch, plan as plan_lib, sharding
+from qdllm_jax import launch, plan_timing, sharding
+from qdllm_jax import plan as plan_lib
 from qdllm_jax.models import checkpoint_io, transformer
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
 from qdllm_jax.quant import api
@@ -63,6 +67,9 @@ def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch,
   assert "224 of 224 block linears quantized" in out
   assert "model.transformer.blocks.*.ff_out -> quant_dllm w2 g128 abmp_ratio=0.05" in out
   assert "\nFITS" in out
+  # no figure was measured on a TPU: the plan prints no duration for it, and says so
+  line = next(ln for ln in out.splitlines() if ln.startswith("estimated duration"))
+  assert "not measured on this hardware (tpu_v5e_8)" in line and not re.search(r"\d+m\d\ds|\d+h\d\dm", line)
   from qdllm_jax import config as config_lib
   spec = config_lib.validate(launch.load_config(f"{plan_lib.__file__.rsplit('/qdllm_jax/', 1)[0]}/configs/llada8b.py",
                                                 [("plan.hardware", "tpu_v5e_8"), ("calib.chunk_size", "2")]),
@@ -74,6 +81,73 @@ def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch,
   assert rp.device["calibration activations"] == act // rp.mesh["data"]
   assert rp.device["Hessian + factors (f32)"] == 4 * f * f * 4
   assert rp.predicted["fp_bytes"] == 2 * n_params
+  assert rp.estimate_s is None and rp.to_dict()["estimate_s"] is None
+
+
+def _spec(config, *overrides):
+  from qdllm_jax import config as config_lib
+  root = plan_lib.__file__.rsplit("/qdllm_jax/", 1)[0]
+  return config_lib.validate(launch.load_config(f"{root}/configs/{config}", list(overrides)), dry_run=True)
+
+
+def test_a_measured_figure_table_entry_gives_durations_counted_by_hand(monkeypatch):
+  """A (made-up) measured figure for tpu_v5e_8, LLaDA-8B Quant-dLLM W2: per block 7 solves (4 of 4096x4096 at
+  1 s, 2 of 12288x4096 at 3 s, 1 of 4096x12288 at 3 s) and 4 factorisations (3 taps at width 4096: 1 s each,
+  ff_out's 12288: 27 s); 32 blocks: 32 x (13 + 30) = 1376 s, split over the mesh's model axis of 2 (rows);
+  calibration 800-1600 s over its data axis of 4 (chunks)."""
+  from qdllm_jax import config as config_lib
+  spec = _spec("llada8b.py", ("plan.hardware", "tpu_v5e_8"), ("calib.chunk_size", "2"))
+  cfg = plan_lib.model_preset_config("llada_8b")
+  rules_plan = config_lib.check_model(spec, cfg)
+  factors, solves = plan_timing.workload(cfg, rules_plan)
+  assert factors == {"inverse": {4096: 3 * 32, 12288: 32}} and sorted(solves.values()) == [32, 64, 128]
+  fig = plan_timing.KernelTimes(factor={(k, c): ((c / 4096) ** 3,) * 2 for k, per in factors.items() for c in per},
+                                solve={key: ((key[4] * key[5]) / 4096 ** 2,) * 2 for key in solves},
+                                calibration=(800.0, 1600.0), source="test figure")
+  monkeypatch.setitem(plan_timing.MEASURED, "tpu_v5e_8", fig)
+  hw_name, hw = plan_lib.get_hardware(spec)
+  rp = plan_lib.make_plan(spec, cfg, rules_plan, itemsize=2, hw_name=hw_name, hw=hw)
+  assert rp.mesh == {"data": 4, "model": 2}
+  assert rp.estimate_s["solvers"] == pytest.approx((688.0, 688.0))
+  assert rp.estimate_s["calibration"] == pytest.approx((200.0, 400.0))
+  assert "solvers 11m28s-11m28s" in rp.text() and "[test figure]" in rp.text()
+
+
+def test_local_plan_solver_estimate_is_within_3x_of_the_measured_solves():
+  """The tiny LLaDA with GPTQ W3 g64: the planner's solver estimate (kernels timed now, no calibration) against
+  the solves themselves, every block's quantize_weights_shared call per tap as the pipeline makes them (after
+  one warm-up call per shape; random W, H = 2/n X^T X)."""
+  from qdllm_jax import config as config_lib
+  from qdllm_jax.models import transformer as tr
+  spec = _spec("tiny.py:gptq_w3")
+  cfg = plan_lib.model_preset_config("tiny_llada")
+  rules_plan = config_lib.check_model(spec, cfg)
+  factors, solves = plan_timing.workload(cfg, rules_plan)
+  times = plan_timing.measure({k: set(v) for k, v in factors.items()}, set(solves))
+  lo, hi = plan_timing.durations(times, cfg, rules_plan)["solvers"]
+  rng = np.random.default_rng(0)
+  lin = {n: s for n, s in tr.param_shapes(cfg)["blocks"][0].items() if n in tr.LINEARS}
+  calls = {}
+  for path, rule in rules_plan.modules.items():
+    blk, name = rules_plan.names[path]
+    calls.setdefault((blk, tr.TAP_OF[name], rule), []).append(name)
+  hs = {}
+  for (_, tap, _), names in calls.items():
+    c = lin[names[0]][1]
+    if c not in hs:
+      x = rng.standard_normal((4 * c, c)).astype(np.float32)
+      hs[c] = 2 * x.T @ x / (4 * c)
+  ws = {n: (0.02 * rng.standard_normal(s)).astype(np.float32) for n, s in lin.items()}
+
+  def run_all(keys):
+    for (_, _, rule), names in keys:
+      api.quantize_weights_shared([ws[n] for n in names], hs[lin[names[0]][1]], **rule.kwargs())
+
+  run_all([(k, v) for k, v in calls.items() if k[0] == 0])  # warm-up (compile): block 0 has every shape
+  t0 = time.perf_counter()
+  run_all(list(calls.items()))
+  measured = time.perf_counter() - t0
+  assert lo > 0 and lo / 3 <= measured <= 3 * hi, (lo, hi, measured)
 
 
 def test_dry_run_that_does_not_fit_exits_3(monkeypatch, capsys):
