@@ -17,10 +17,11 @@ import shutil
 
 import numpy as np
 import pytest
-from serving_common import ROOT, SHIPPED
+from serving_common import ROOT, SHIPPED, random_params
 
 from qdllm_jax.checkpoint import save_quantized
-from qdllm_jax.models import save_pretrained, transformer
+from qdllm_jax.engine import load_engine
+from qdllm_jax.models import save_pretrained
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.quant import packed
 
@@ -74,16 +75,6 @@ def rtn(w, bits):
   return packed.from_uniform(codes.astype(np.uint8), scale, zero, bits=bits, group_size=BS, sym=False)
 
 
-def random_params(cfg, rng, std=0.3):
-  """N(0, std^2) matrices and unit norms in float32, built in numpy (no compilation)."""
-  def leaf(name, shape):
-    return np.ones(shape, np.float32) if "norm" in name else (rng.standard_normal(shape) * std).astype(np.float32)
-  shapes = transformer.param_shapes(cfg)
-  out = {k: leaf(k, v) for k, v in shapes.items() if k != "blocks"}
-  out["blocks"] = [{k: leaf(k, v) for k, v in b.items()} for b in shapes["blocks"]]
-  return out
-
-
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, tok_dir):
   cfg = llada_config(LLADA_8B, **ARCH)
@@ -113,5 +104,4 @@ def q_dir(model_dirs):
 
 @pytest.fixture(scope="session")
 def q_engine(q_dir):
-  from qdllm_jax.engine import load_engine
   return load_engine(q_dir)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from qdllm_jax.checkpoint import load_quantized
+from qdllm_jax.models import transformer
 from qdllm_jax.sampling import llada_generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,3 +43,13 @@ def same_length_prompts(tok, k, words=("light", "water", "earth", "heaven", "nig
   best = max(by_len.values(), key=len)
   assert len(best) >= k, by_len
   return best[:k]
+
+
+def random_params(cfg, rng, std=0.3):
+  """N(0, std^2) matrices and unit norms in float32, built in numpy (no compilation)."""
+  def leaf(name, shape):
+    return np.ones(shape, np.float32) if "norm" in name else (rng.standard_normal(shape) * std).astype(np.float32)
+  shapes = transformer.param_shapes(cfg)
+  out = {k: leaf(k, v) for k, v in shapes.items() if k != "blocks"}
+  out["blocks"] = [{k: leaf(k, v) for k, v in b.items()} for b in shapes["blocks"]]
+  return out

@@ -5,12 +5,16 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
-from serving_common import FLAGS, SHIPPED, direct, same_length_prompts, text_of
+from serving_common import FLAGS, SHIPPED, direct, random_params, same_length_prompts, text_of
 
 from qdllm_jax import chat_template, generate
-from qdllm_jax.models import load_tokenizer
+from qdllm_jax.engine import load_engine, packed_weights
+from qdllm_jax.models import load_pretrained, load_tokenizer, save_pretrained
+from qdllm_jax.models.dream import DREAM_7B, dream_config
 from qdllm_jax.quant.packed import QuantizedWeight
+from qdllm_jax.sampling import dream_generate
 
 
 def _run(argv, stdin=""):
@@ -122,9 +126,26 @@ def test_bad_inputs_exit_2_naming_the_fix(q_dir, fp_dir, tmp_path):
 
 
 def test_dequantize_is_explicit_and_matches_the_packed_logits(q_dir):
-  from qdllm_jax.engine import load_engine, packed_weights
   packed, dense = load_engine(q_dir), load_engine(q_dir, dequantize=True)
   assert len(packed_weights(packed.model.params)) == 7 and not packed_weights(dense.model.params)
   assert dense.kernel_path.startswith("dense (whole model dequantized")
   ids = np.arange(3, 40, dtype=np.int32)[None]
   np.testing.assert_allclose(np.asarray(packed.model(ids)), np.asarray(dense.model(ids)), rtol=0, atol=2e-4)
+
+
+def test_a_dream_fp_directory_uses_dreams_sampler_and_settings(tok_dir, tmp_path):
+  cfg = dream_config(DREAM_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=2048, mask_token_id=2, pad_token_id=0, eos_token_id=0,
+                     bos_token_id=1, max_position_embeddings=256, torch_dtype="float32")
+  d = save_pretrained(random_params(cfg, np.random.default_rng(1)), cfg, str(tmp_path / "dream"),
+                      tokenizer_from=tok_dir)
+  tok = load_tokenizer(d)
+  prompt = same_length_prompts(tok, 1)[0]
+  rc, out, err = _run(["--model", d, "--prompt", prompt, "--raw", "--jsonl", "--seed", "2", "--sampler.gen_length=8",
+                       "--sampler.steps=8", "--sampler.temperature=0.5", "--sampler.top_p=0.9"])
+  assert rc == 0, err
+  ids = np.asarray([tok(prompt)["input_ids"]], np.int32)
+  want = dream_generate(load_pretrained(d), ids, mask_id=2, max_new_tokens=8, steps=8, temperature=0.5, top_p=0.9,
+                        key=jax.random.fold_in(jax.random.key(2), 0))
+  assert json.loads(out)["completion"] == text_of(tok, np.asarray(want)[0, ids.shape[1]:])
+  assert "dense (hf checkpoint)" in err

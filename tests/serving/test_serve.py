@@ -132,7 +132,7 @@ BAD = [  # (method, path, body bytes, headers, status, code)
 ]
 
 
-def test_bad_requests_get_4xx_json_errors_and_the_server_stays_up(server, q_engine):
+def test_bad_requests_get_4xx_json_errors_and_the_server_stays_up(server, q_dir, q_engine):
   for method, path, body, headers, status, code in BAD:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     got, err = _raw(server, method, path, data, headers)
@@ -147,5 +147,9 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_stays_up(server, q_engi
   assert r.status == 411 and json.loads(r.read())["error"]["code"] == "length_required"
   conn.close()
   assert get(server, "/health")[0] == 200
-  status, r = post(server, "/v1/completions", {"prompt": same_length_prompts(q_engine.tokenizer, 1)[0]})
-  assert status == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
+  tok = q_engine.tokenizer
+  prompts = same_length_prompts(tok, 4)
+  status, r = post(server, "/v1/completions", {"prompt": prompts})  # a list of prompts: one choice each, in order
+  assert status == 200
+  want = direct(q_dir, [tok(p)["input_ids"] for p in prompts])
+  assert [c["text"] for c in r["choices"]] == [text_of(tok, w) for w in want]
