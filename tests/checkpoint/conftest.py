@@ -1,12 +1,8 @@
 """Fixtures for the checkpoint tests (helpers in ckpt_common.py)."""
 import json
-import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from ckpt_common import build_qparams  # noqa: E402
+from ckpt_common import build_qparams
 
 
 @pytest.fixture(scope="session")

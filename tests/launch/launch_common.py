@@ -5,13 +5,10 @@ SwiGLU 128, float32, and the tokenizer's vocabulary and special ids (EOS 0, BOS 
 `FAST` are the overrides of the fast end-to-end runs (4 x 32 calibration tokens, 32-column blocks).
 """
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 ARCH = dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128, max_sequence_length=256,
             torch_dtype="float32")
@@ -23,6 +20,7 @@ FAST = [("calib.nsamples", "4"), ("calib.seqlen", "32"), ("calib.chunk_size", "2
 def make_model(out_dir, tok_dir, seed=0, **arch):
   """Write a random LLaDA checkpoint with the tokenizer's ids into out_dir; returns its ModelConfig."""
   import jax
+
   from qdllm_jax.data import tokenizer
   from qdllm_jax.models import checkpoint_io, transformer
   from qdllm_jax.models.llada import LLADA_8B, llada_config

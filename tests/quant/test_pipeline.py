@@ -4,22 +4,18 @@ References: RTN applied per matrix (activation independent); a straightforward l
 the whole calibration batch through `block_forward`, builds H = (2/n) X^T X of the propagated activations
 and calls `quantize_weight` directly; NumPy ||(W - W^) X|| / ||W X|| for the reported errors.
 """
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
+import np_block_ref as ref
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "calib"))
-import np_block_ref as ref  # noqa: E402
-
-from qdllm_jax.errors import ConfigError  # noqa: E402
-from qdllm_jax.models import layers, transformer  # noqa: E402
-from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config  # noqa: E402
-from qdllm_jax.models.model import Model  # noqa: E402
-from qdllm_jax.quant import api, pipeline, rules  # noqa: E402
+from qdllm_jax.errors import ConfigError
+from qdllm_jax.models import layers, transformer
+from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
+from qdllm_jax.models.model import Model
+from qdllm_jax.quant import api, pipeline, rules
 
 CFG = llada_config(LLADA_TINY_TEST)
 N, L, G = 4, 16, 32
