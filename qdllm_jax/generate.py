@@ -18,7 +18,8 @@ Flags:
   --chat                interactive multi-turn chat on stdin (history kept in the chat template; /reset, /exit)
   --chat_template FILE  use this Jinja template (default: the tokenizer files' own)
   --raw                 do not apply the chat template to plain prompts (default: applied when the model has one)
-  --seed N              PRNG seed (default 0): the same seed gives the same tokens
+  --seed N              PRNG seed (default 0): the same seed gives the same tokens (batch b draws with
+                        fold_in(key(seed), b); chat turn t uses seed + t)
   --batch_size N        prompts decoded together (default 8)
   --dequantize          dequantize every packed weight first (comparison only; the default runs the packed kernels)
   --sampler.KEY=VALUE   sampler settings, typed like the family's defaults (qdllm_jax/sampling/settings.py):
