@@ -32,7 +32,9 @@ fix).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from qdllm_jax import chat_template
@@ -139,19 +141,32 @@ def run_batch(args, overrides, stdin, stdout, stderr) -> None:
       raise ConfigError(f"prompt {i + 1}: {e}") from None
   eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok)
   outs, stats = eng.generate(prompts, settings, seed=args.seed, batch_size=args.batch_size)
-  out = stdout if args.output is None else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
-  try:
-    for rec, gen in zip(records, outs):
-      ids = eng.completion(gen)
-      text = tok.decode(ids, skip_special_tokens=True)
-      if args.jsonl:
-        out.write(json.dumps(dict(rec, completion=text, completion_tokens=len(ids)), ensure_ascii=False) + "\n")
-      else:
-        out.write(text + "\n" + ("\n" if len(records) > 1 else ""))
-  finally:
-    if out is not stdout:
-      out.close()
+  lines = []
+  for rec, gen in zip(records, outs):
+    ids = eng.completion(gen)
+    text = tok.decode(ids, skip_special_tokens=True)
+    if args.jsonl:
+      lines.append(json.dumps(dict(rec, completion=text, completion_tokens=len(ids)), ensure_ascii=False) + "\n")
+    else:
+      lines.append(text + "\n" + ("\n" if len(records) > 1 else ""))
+  if args.output is None:
+    stdout.write("".join(lines))
+  else:
+    write_atomic(args.output, "".join(lines))
   print(engine_lib.summary_line(stats), file=stderr, flush=True)
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Write `text` to a temporary sibling, then rename it onto `path` (never a half-written file)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise ConfigError(f"--output {path!r} cannot be written ({e.strerror}); choose a writable file path") from e
 
 
 def run_chat(args, overrides, stdin, stdout, stderr) -> None:

@@ -47,10 +47,12 @@ def test_jsonl_batch_in_order_each_row_its_own_key(q_dir, tmp_path):
   prompts = same_length_prompts(tok, 3)
   src = tmp_path / "in.jsonl"
   src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+  dst = tmp_path / "out.jsonl"
   rc, out, err = _run(["--model", q_dir, "--input", str(src), "--jsonl", "--raw", "--batch_size", "1", "--seed", "5",
-                       "--sampler.temperature=0.8"] + FLAGS)
-  assert rc == 0, err
-  recs = [json.loads(line) for line in out.splitlines()]
+                       "--output", str(dst), "--sampler.temperature=0.8"] + FLAGS)
+  assert rc == 0 and out == "", err
+  assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # no temporary file left
+  recs = [json.loads(line) for line in dst.read_text().splitlines()]
   assert [r["id"] for r in recs] == ["r0", "r1", "r2"] and [r["prompt"] for r in recs] == prompts
   for i, (r, p) in enumerate(zip(recs, prompts)):  # batch i of size 1 draws with fold_in(key(5), i)
     assert r["completion"] == text_of(tok, direct(q_dir, [tok(p)["input_ids"]], seed=5, batch=i,
