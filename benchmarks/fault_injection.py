@@ -2,8 +2,10 @@
 
   python benchmarks/fault_injection.py --root runs/faults --kills 20 --flips 20 [-- --config.KEY=VALUE ...]
 
-1. One uninterrupted run of `python -m qdllm_jax.launch --config configs/tiny.py` (plus the overrides after
-   `--`) is the reference; its wall time T sets the kill window.
+1. Two uninterrupted runs of `python -m qdllm_jax.launch --config configs/tiny.py` (plus the overrides after
+   `--`) in fresh workdirs: the first is the reference, the second must equal it (the job is deterministic), and
+   its wall time T (with a JAX compilation cache, warm after the first run) sets the first kill window; after
+   each trial whose resumed run started from scratch, T becomes that run's wall time (the machine's load changes).
 2. `--kills` times: a fresh workdir, the same command, SIGKILL after a delay drawn uniformly from
    [0.05 T, 0.95 T] (the step it was in is read from its log), then the same command again to completion. Each
    resumed run must exit 0, leave no temporary directory (`.tmp-` / `.old-`) anywhere in the workdir, and match
@@ -135,11 +137,21 @@ def main(argv=None) -> int:
     print(f"reference run failed (exit {rc}); see {args.root}/reference.log")
     return 1
   ref = _outcome(ref_wd)
-  print(f"reference: {t_ref:.1f}s, checkpoint_sha256 {ref['sha'][:16]}", flush=True)
+  again = os.path.join(args.root, "reference2")
+  shutil.rmtree(again, ignore_errors=True)
+  rc, t_ref = _run(again, extra, os.path.join(args.root, "reference2.log"))
+  same = rc == 0 and all(_outcome(again)[k] == ref[k] for k in ("sha", "digests", "metrics"))
+  print(f"reference: {t_ref:.1f}s (second run), checkpoint_sha256 {ref['sha'][:16]}; second uninterrupted run "
+        f"{'equal' if same else 'DIFFERENT'}", flush=True)
+  if not same:
+    return 1
+  shutil.rmtree(again, ignore_errors=True)
   kills = []
   for i in range(args.kills):
     kills.append(kill_trial(i, args.root, extra, t_ref, ref, rng))
     r = kills[-1]
+    if r["resume_rc"] == 0 and r.get("resumed_from_block") is None and not r.get("reused_checkpoint"):
+      t_ref = r["resume_s"]  # a whole run under the current load
     print(f"kill {i:2d}: after {r['delay_s']:6.1f}s in [{r['killed_in']}] killed={r['killed']} -> resumed from "
           f"{r.get('resumed_from_block')} reused={r.get('reused_checkpoint')}: {'ok' if r['ok'] else r['problems']}",
           flush=True)

@@ -143,7 +143,7 @@ def _restore(ocp, ckptr, path: str, specs: dict, shardings: dict | None) -> dict
                          specs, _prune(shardings), is_leaf=is_spec)
   try:
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=rargs))
-  except (ValueError, KeyError, OSError, FileNotFoundError) as e:
+  except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise ValueError, KeyError, OSError or bare Exception)
     raise CheckpointError(f"{path}: cannot restore the arrays ({type(e).__name__}: {e}); the checkpoint is "
                           "incomplete or corrupt") from e
 
