@@ -88,6 +88,8 @@ def read_records(args, stdin) -> list[dict]:
     if args.input is not None:
       raise ConfigError("give prompts with --prompt or with --input, not both")
     return [{"prompt": p} for p in args.prompt]
+  if args.input in (None, "-") and hasattr(stdin, "isatty") and stdin.isatty():
+    print("reading prompts from stdin, one per line; end with Ctrl-D (or pass --prompt TEXT)", file=sys.stderr)
   src = stdin if args.input in (None, "-") else _open_input(args.input)
   lines = [ln.rstrip("\n") for ln in src]
   records = []
