@@ -19,7 +19,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qdllm_jax.errors import ConfigError
 
@@ -83,11 +84,6 @@ def param_shardings(params: dict, mesh: Mesh, rules=LOGICAL_RULES):
       return NamedSharding(mesh, P())
     return named(mesh, axes, shape, rules)
   return jax.tree_util.tree_map_with_path(one, params)
-
-
-def shard_params(params: dict, mesh: Mesh, rules=LOGICAL_RULES) -> dict:
-  """Place params on the mesh per the rules (device_put with the logical shardings)."""
-  return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
 def host_array(a) -> np.ndarray:

@@ -75,9 +75,3 @@ def config_overrides(tok) -> dict:
   ids = special_ids(tok)
   return {"vocab_size": len(tok), "embedding_size": len(tok), "mask_token_id": ids["mask"],
           "eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "bos_token_id": ids["bos"]}
-
-
-def read_tokenizer_config(path: str) -> dict:
-  """The saved tokenizer_config.json as a dict (for checks and the model card)."""
-  with open(os.path.join(path, "tokenizer_config.json")) as f:
-    return json.load(f)

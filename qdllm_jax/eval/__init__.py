@@ -5,10 +5,17 @@
     compare(evaluate(fp, tok, seed=0, return_details=True), evaluate(q, tok, seed=0, return_details=True))
 Real benchmarks (lm-eval, optional extra): qdllm_jax.eval.lm_eval_adapter (QdllmLM, run_protocol).
 """
+from qdllm_jax.eval.elbo import ElboResult, elbo_nll
 from qdllm_jax.eval.paired import compare
 from qdllm_jax.eval.protocols import PROTOCOLS, GenerationTask, LikelihoodTask, PerplexitySpec, Protocol, get_protocol
-from qdllm_jax.eval.suite import (choice_accuracy, corpus_windows, elbo_nll, evaluate, exact_match,
-                                  gumbel_precision_report, perplexity_summary)
+from qdllm_jax.eval.suite import (
+                                  choice_accuracy,
+                                  corpus_windows,
+                                  evaluate,
+                                  exact_match,
+                                  gumbel_precision_report,
+                                  perplexity_summary,
+)
 
 __all__ = ["compare", "PROTOCOLS", "GenerationTask", "LikelihoodTask", "PerplexitySpec", "Protocol", "get_protocol",
            "choice_accuracy", "corpus_windows", "elbo_nll", "evaluate", "exact_match", "gumbel_precision_report",

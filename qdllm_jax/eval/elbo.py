@@ -1,21 +1,18 @@
-"""Masked-diffusion ELBO of a text: an upper bound on -log p(x) in nats ("ELBO perplexity").
+"""The masked-diffusion ELBO of an answer given a prompt: an upper bound on -log p(answer | prompt) in nats.
 
-For a sequence x with N scored tokens (LLaDA pretraining objective, arXiv 2502.09992):
+`elbo_nll`, the LLaDA form of the masked-diffusion bound with a control variate: answer a of N tokens, S a uniform
+l-subset, l ~ U{1..N}, CE_i(S) = -log p(a_i | prompt, a with S masked), c_i = CE_i(whole answer masked):
+  B = sum_{l=1}^{N} (1/l) E_{|S|=l} [sum_{i in S} CE_i(S)]            (= the continuous-time ELBO at eps = 0)
+  B^ = sum_i c_i + mean_rows (N / l) sum_{i in S} (CE_i(S) - c_i)      (unbiased: E[(N/l) sum_S c_i] = sum_i c_i)
+with counts stratified in batches of b rows (likelihood.llada_mc_masks), as in LLaDA's estimator.
 
-  -log p(x) <= B(x) = E_{t ~ U(0,1)} E_{M ~ Bernoulli(p_t)^N} [ sum_{i in M} CE_i(x_M) / p_t ],
-  p_t = (1 - eps) t + eps,   CE_i(x_M) = -log softmax(model(x with M masked)_i)[x_i].
-
-Estimated with n_mc samples per sequence, stratified (antithetic) in t: t_j = (u0 + j / n_mc) mod 1
-with one u0 ~ U[0,1) per sequence; each t_j is marginally U(0,1) so the estimate is unbiased.
-B(x) / N is the bound in nats per token and exp(sum_x B(x) / sum_x N) the perplexity bound.
-shift=True (Dream): the logits are shifted so position i predicts token i; the first real token
-has no prediction and is conditioned on (never masked, not counted in N).
-
-Keys: row b of a call uses key_b = fold_in(key, b); (k_u0, k_mask) = split(key_b);
-u0 = uniform(k_u0); position i of sample j is masked iff uniform(fold_in(k_mask, i), [n_mc])[j] <
-p_{t_j}. Deterministic given (key, tokens), independent of mc_batch and of right padding. Use a
-distinct key per call for a corpus.
+With an empty prompt, B is the bound on -log p(x) of a whole text (the held-out "ELBO perplexity"
+exp(sum_w B_w / sum_w N_w) of the evaluation suite). The formula is the LLaDA pretraining objective written
+over the number of masked tokens (LLaDA, arXiv 2502.09992); with the control variate off, the estimate is
+exactly -llada_loglikelihood (ML-GSAI/LLaDA get_log_likelihood.py) with the same key.
 """
+from __future__ import annotations
+
 import dataclasses
 import functools
 
@@ -24,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.eval.likelihood import masked_ce
+from qdllm_jax.eval.likelihood import llada_mc_masks, masked_ce
 from qdllm_jax.sampling import common
 
 
@@ -46,85 +43,83 @@ class ElboResult:
     return float(np.exp(self.nll_bound.sum() / self.n_tokens.sum()))
 
 
-def elbo_perplexity(results):
-  """exp(sum B / sum N) over a list of ElboResult (e.g. one per batch of a corpus)."""
-  nll = sum(float(r.nll_bound.sum()) for r in results)
-  return float(np.exp(nll / sum(int(r.n_tokens.sum()) for r in results)))
+@functools.partial(jax.jit, static_argnames=("mask_id", "n_mc", "mc_batch", "control"))
+def _elbo_chunk(model, seq, attn, prompt_len, answer_len, keys, *, mask_id, n_mc, mc_batch, control):
+  """(mean, mean of squares) over the n_mc per-row estimates of B, float32 [n] each; seq int32 [n, T]."""
+  n, length = seq.shape
+  b = mc_batch
+  pos = jnp.arange(length, dtype=jnp.int32)
+  in_ans = (pos[None] >= prompt_len[:, None]) & (pos[None] < (prompt_len + answer_len)[:, None])
+  if control:
+    c = jnp.where(in_ans, masked_ce(common.call_model(model, jnp.where(in_ans, mask_id, seq), attn), seq), 0.0)
+  else:
+    c = jnp.zeros(seq.shape, jnp.float32)
+  am = None if attn is None else jnp.repeat(attn, b, axis=0)
+  targets = jnp.repeat(seq, b, axis=0)
 
+  def one_batch(acc, r):
+    bkeys = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)
+    m, counts = jax.vmap(llada_mc_masks, (0, 0, 0, None, None))(bkeys, prompt_len, answer_len, length, b)
+    rows = jnp.where(m, mask_id, seq[:, None, :]).reshape(n * b, length)
+    ce = masked_ce(common.call_model(model, rows, am), targets).reshape(n, b, length)
+    w = answer_len[:, None].astype(jnp.float32) / counts.astype(jnp.float32)  # N / l, [n, b]
+    est = c.sum(-1)[:, None] + w * jnp.sum(jnp.where(m, ce - c[:, None], 0.0), axis=-1)
+    return (acc[0] + est.sum(1), acc[1] + (est * est).sum(1)), None
 
-@functools.partial(jax.jit, static_argnames=("mask_id", "n_mc", "mc_batch", "eps", "shift"))
-def _elbo_core(model, tokens, scored, attn, keys, *, mask_id, n_mc, mc_batch, eps, shift):
-  """Returns (mean, mean of squares) over the n_mc per-sample losses, float32 [B] each."""
-  batch, length = tokens.shape
-  split = jax.vmap(jax.random.split)(keys)
-  k_u0, k_mask = split[:, 0], split[:, 1]
-  u0 = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(k_u0)
-  targets = jnp.repeat(tokens, mc_batch, axis=0)
-  pos = jnp.arange(length, dtype=jnp.uint32)
-  draw = lambda k, q: jax.random.uniform(jax.random.fold_in(k, q), (n_mc,), jnp.float32)
-  r_all = jax.vmap(lambda k: jax.vmap(lambda q: draw(k, q))(pos))(k_mask)  # [B, L, n_mc]
-  am = None if attn is None else jnp.repeat(attn, mc_batch, axis=0)
-
-  def chunk(carry, c):
-    j = c * mc_batch + jnp.arange(mc_batch, dtype=jnp.int32)
-    t = jnp.mod(u0[:, None] + j[None].astype(jnp.float32) / n_mc, 1.0)
-    p = (1 - eps) * t + eps  # [B, mb]
-    r = jax.lax.dynamic_slice_in_dim(r_all, c * mc_batch, mc_batch, axis=2).transpose(0, 2, 1)
-    m = (r < p[..., None]) & scored[:, None, :]
-    rows = jnp.where(m, mask_id, tokens[:, None, :]).reshape(batch * mc_batch, length)
-    logits = common.call_model(model, rows, am)
-    if shift:
-      logits = common.shift_logits(logits)
-    ce = masked_ce(logits, targets).reshape(batch, mc_batch, length)
-    loss = jnp.sum(jnp.where(m, ce / p[..., None], 0.0), axis=-1)  # [B, mb]
-    return (carry[0] + loss.sum(1), carry[1] + (loss * loss).sum(1)), None
-
-  zeros = jnp.zeros((batch,), jnp.float32)
-  (s1, s2), _ = jax.lax.scan(chunk, (zeros, zeros), jnp.arange(n_mc // mc_batch, dtype=jnp.int32))
+  zeros = jnp.zeros((n,), jnp.float32)
+  (s1, s2), _ = jax.lax.scan(one_batch, (zeros, zeros), jnp.arange(n_mc // b, dtype=jnp.int32))
   return s1 / n_mc, s2 / n_mc
 
 
-def masked_diffusion_elbo(model, tokens, *, mask_id, key, n_mc=128, mc_batch=8, eps=1e-3,
-                          shift=False, attention_mask=None):
-  """MC estimate of the masked-diffusion NLL bound B(x) per sequence (formula: module docstring).
+def elbo_nll(model, prompts, answers, *, mask_id, key, n_mc=16, mc_batch=8, control_variate=True,
+             pad_id=None, pairs_per_call=None, rows_per_call=256):
+  """MC estimate of the masked-diffusion NLL bound B(answer | prompt) per pair (formula: module docstring).
 
   Args:
-    model: pytree callable, model(ids int32 [R, L], attention_mask=None) -> logits [R, L, V]
-      (R = B * mc_batch rows per forward).
-    tokens: int [B, L]. attention_mask: None or [B, L] (1 = real token; pads never masked/scored).
-    mask_id: the [MASK] id. key: PRNG key. n_mc: samples per sequence, a multiple of mc_batch.
-    eps: p_t = (1 - eps) t + eps. shift: True for Dream (shifted logits).
+    model: model(ids int32 [R, T], attention_mask=None) -> logits [R, T, V] (R = pairs_per_call * mc_batch).
+    prompts, answers: equally long lists of 1-D int sequences (a prompt may be empty; answers not).
+    mask_id: the [MASK] id. key: PRNG key; pair i uses fold_in(key, i) and batch r fold_in(that, r), so a
+      pair's result does not depend on the grouping. n_mc: samples per pair, a multiple of mc_batch (b).
+    control_variate: subtract c_i = CE_i(whole answer masked) (one extra forward per pair); False gives
+      exactly -llada_loglikelihood(prompt, answer) with the same key, mc_num = n_mc, batch_size = b.
+    pad_id: right-padding id (default 0, or 1 if mask_id == 0); pairs are padded to the longest pair and the
+      model gets attention_mask (exact for models that mask padded keys and keep positions, as LLaDA does).
+    pairs_per_call: at most this many pairs per compiled call (default rows_per_call // mc_batch), balanced.
   Returns:
-    ElboResult (nll_bound, nll_stderr, n_tokens; .nats_per_token, .perplexity()).
+    ElboResult: nll_bound float64 [n] (nats), nll_stderr float64 [n] (iid-row standard error; conservative
+    for stratified rows), n_tokens int64 [n] (answer lengths).
   """
-  toks = common.require_2d_int("tokens", tokens).astype(np.int32)
-  if n_mc < 1 or mc_batch < 1 or n_mc % mc_batch:
-    raise ConfigError(f"n_mc={n_mc} must be a positive multiple of mc_batch={mc_batch}.")
-  if not 0 <= eps < 1:
-    raise ConfigError(f"eps={eps}: expected a value in [0, 1).")
-  if key is None:
-    raise ConfigError("the ELBO estimate is random: pass key=jax.random.key(...).")
-  if attention_mask is None:
-    real = np.ones(toks.shape, bool)
-  else:
-    real = np.asarray(attention_mask)
-    if real.shape != toks.shape:
-      raise ConfigError(f"attention_mask shape {real.shape} != tokens shape {toks.shape}.")
-    real = real.astype(bool)
-  scored = real.copy()
-  if shift:  # the first real token of each row has no prediction after the shift
-    first = np.argmax(real, axis=1)
-    scored[np.arange(toks.shape[0]), first] = False
-  if np.any(toks[real] == mask_id):
-    raise ConfigError(f"tokens contain the mask id {mask_id}; the ELBO needs clean text.")
-  n_tokens = scored.sum(axis=1)
-  if np.any(n_tokens == 0):
-    raise ConfigError(f"rows {np.nonzero(n_tokens == 0)[0].tolist()} have no scored token.")
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(toks.shape[0], dtype=jnp.int32))
-  attn = None if attention_mask is None else jnp.asarray(real.astype(np.int32))
-  mean, sq = _elbo_core(model, jnp.asarray(toks), jnp.asarray(scored), attn, keys,
-                        mask_id=int(mask_id), n_mc=int(n_mc), mc_batch=int(mc_batch),
-                        eps=float(eps), shift=bool(shift))
-  mean, sq = np.asarray(mean, np.float64), np.asarray(sq, np.float64)
+  pad_id = (1 if mask_id == 0 else 0) if pad_id is None else int(pad_id)
+  for bad, msg in ((key is None, "the ELBO estimate is random: pass key=jax.random.key(...)"),
+                   (n_mc < 1 or mc_batch < 1 or n_mc % mc_batch, f"n_mc={n_mc} must be a positive multiple of "
+                    f"mc_batch={mc_batch}"),
+                   (len(prompts) != len(answers) or not answers, f"{len(prompts)} prompts and {len(answers)} "
+                    "answers; pass one prompt per answer (>= 1)"),
+                   (pad_id == mask_id, f"pad_id equals mask_id={mask_id}; choose another pad id (e.g. EOS)")):
+    if bad:
+      raise ConfigError(msg + ".")
+  pairs = [(np.asarray(p, np.int64).reshape(-1), np.asarray(a, np.int64).reshape(-1))
+           for p, a in zip(prompts, answers)]
+  for i, (p, a) in enumerate(pairs):
+    if a.size == 0 or np.any(p == mask_id) or np.any(a == mask_id):
+      raise ConfigError(f"pair {i}: empty answer or the mask id {mask_id} in the text; expected clean tokens.")
+  lengths = np.array([p.size + a.size for p, a in pairs])
+  tlen = int(lengths.max())
+  ppc = min(max(1, rows_per_call // mc_batch) if pairs_per_call is None else int(pairs_per_call), len(pairs))
+  ppc = -(-len(pairs) // -(-len(pairs) // ppc))  # the same number of calls, balanced: least padding
+  mean, sq = np.zeros(len(pairs)), np.zeros(len(pairs))
+  for c in range(0, len(pairs), ppc):
+    idx = np.arange(c, min(c + ppc, len(pairs)))
+    full = np.concatenate([idx, np.repeat(idx[:1], ppc - idx.size)])  # a short last group repeats a pair
+    seq, attn = np.full((ppc, tlen), pad_id, np.int32), np.zeros((ppc, tlen), np.int32)
+    for row, i in enumerate(full):
+      seq[row, :lengths[i]] = np.concatenate(pairs[i])
+      attn[row, :lengths[i]] = 1
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(full, jnp.int32))
+    m1, m2 = _elbo_chunk(model, jnp.asarray(seq), jnp.asarray(attn),
+                         jnp.asarray([pairs[i][0].size for i in full], jnp.int32),
+                         jnp.asarray([pairs[i][1].size for i in full], jnp.int32), keys, mask_id=int(mask_id),
+                         n_mc=int(n_mc), mc_batch=int(mc_batch), control=bool(control_variate))
+    mean[idx], sq[idx] = np.asarray(m1)[:idx.size], np.asarray(m2)[:idx.size]
   stderr = np.sqrt(np.maximum(sq - mean * mean, 0.0) / n_mc)
-  return ElboResult(nll_bound=mean, nll_stderr=stderr, n_tokens=n_tokens.astype(np.int64))
+  return ElboResult(nll_bound=mean, nll_stderr=stderr, n_tokens=np.array([a.size for _, a in pairs], np.int64))

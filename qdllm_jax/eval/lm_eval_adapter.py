@@ -11,7 +11,7 @@ Request types (lm-eval `LM` contract):
     Tokenisation as the LLaDA harness: trailing spaces of the context move to the continuation, the
     continuation is whole[len(enc(context)):] of enc(context + continuation); BOS prepended if add_bos_token.
   * loglikelihood_rolling (text,) -> -B: lm-eval's disjoint rolling windows of max_length tokens, each scored
-    with the ELBO bound B (suite.elbo_nll, LLaDA form + control variate; Dream: its MC estimator), summed.
+    with the ELBO bound B (elbo.elbo_nll, LLaDA form + control variate; Dream: its MC estimator), summed.
     It is a lower bound on log p(text), so perplexities computed from it are upper bounds.
   * generate_until (context, gen_kwargs) -> text: `llada_generate` / `dream_generate` with this object's
     sampler settings (gen_kwargs' max_gen_toks/temperature are ignored, as in the LLaDA harness), decoded
@@ -26,8 +26,8 @@ import numpy as np
 
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import protocols as protocols_lib
+from qdllm_jax.eval.elbo import elbo_nll
 from qdllm_jax.eval.likelihood import dream_loglikelihood, llada_greedy_check, llada_loglikelihood
-from qdllm_jax.eval.suite import elbo_nll
 from qdllm_jax.sampling import dream_generate, llada_generate
 
 try:

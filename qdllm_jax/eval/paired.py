@@ -23,7 +23,6 @@ import numpy as np
 
 from qdllm_jax.errors import ConfigError
 
-
 DETAIL_KEYS = ("window_nll", "window_tokens", "choice_nll", "gen_hits")  # the per-item results compare reads
 
 

@@ -30,7 +30,7 @@ DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 class PerplexitySpec:
   """Held-out ELBO perplexity: `n_windows` evenly spaced, non-overlapping windows of `window` tokens of the
   held-out corpus stream ([BOS] doc [EOS] ...; None = all windows), each scored with `n_mc` LLaDA-form
-  samples in stratified batches of `mc_batch` (suite.elbo_nll), with the all-masked control variate."""
+  samples in stratified batches of `mc_batch` (elbo.elbo_nll), with the all-masked control variate."""
   corpus_split: str = "heldout"
   window: int = 128
   n_windows: Optional[int] = 64
@@ -78,7 +78,7 @@ class GenerationTask:
   sampler "dream": gen_length = max_new_tokens, steps = diffusion steps, temperature, top_p, alg
   (dream_generate; block_length must be None). until: stop strings applied to the decoded text.
   answer_nll_mc > 0 (shipped tasks only): also score the reference answer region (answer + EOS fill to
-  gen_length) by its conditional ELBO (suite.elbo_nll, answer_nll_mc samples in batches of answer_nll_batch)."""
+  gen_length) by its conditional ELBO (elbo.elbo_nll, answer_nll_mc samples in batches of answer_nll_batch)."""
   name: str
   num_fewshot: int = 0
   sampler: str = "llada"

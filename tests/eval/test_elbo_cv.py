@@ -1,4 +1,4 @@
-"""suite.elbo_nll (LLaDA-form ELBO with the all-masked control variate) against exact enumeration, the
+"""eval.elbo.elbo_nll (LLaDA-form ELBO with the all-masked control variate) against exact enumeration, the
 continuous-time integral (scipy quad), a context-free model (where the bound is a closed-form sum) and
 likelihood.llada_loglikelihood (control_variate=False is the same estimator)."""
 import itertools
@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from eval_common import make_context_free, make_mixer
 from scipy import integrate
 
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.eval.elbo import elbo_nll
 from qdllm_jax.eval.likelihood import llada_loglikelihood
-from qdllm_jax.eval.suite import elbo_nll
-
-from eval_common import make_context_free, make_mixer
 
 MASK = 2
 

@@ -1,6 +1,5 @@
 """The float64-vs-float32 Gumbel question on a small case (docs/evaluation.md has the full-size result)."""
 import jax
-import numpy as np
 
 from qdllm_jax.data import tasks, windows
 from qdllm_jax.eval.suite import gumbel_precision_report, left_pad

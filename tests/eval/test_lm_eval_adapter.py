@@ -11,9 +11,9 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from qdllm_jax.errors import ConfigError  # noqa: E402
+from qdllm_jax.eval.elbo import elbo_nll  # noqa: E402
 from qdllm_jax.eval.likelihood import llada_greedy_check, llada_loglikelihood  # noqa: E402
 from qdllm_jax.eval.lm_eval_adapter import QdllmLM, adapter_kwargs  # noqa: E402
-from qdllm_jax.eval.suite import elbo_nll  # noqa: E402
 from qdllm_jax.sampling import llada_generate  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

@@ -6,8 +6,15 @@ from qdllm_jax.data import corpus, windows
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.elbo import ElboResult
 from qdllm_jax.eval.protocols import PerplexitySpec
-from qdllm_jax.eval.suite import (choice_accuracy, choice_nll, corpus_windows, exact_match, left_pad,
-                                  normalize_answer, perplexity_summary)
+from qdllm_jax.eval.suite import (
+  choice_accuracy,
+  choice_nll,
+  corpus_windows,
+  exact_match,
+  left_pad,
+  normalize_answer,
+  perplexity_summary,
+)
 
 
 def test_choice_accuracy_hand_computed():

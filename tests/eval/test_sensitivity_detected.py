@@ -2,13 +2,12 @@
 "worse on every metric" test is test_sensitivity.py (xfail while the shipped model cannot show it)."""
 import numpy as np
 import pytest
+from eval_common import HAS_SHIPPED
+from test_sensitivity import rtn2_copy
 
 from qdllm_jax.data import tasks
-from qdllm_jax.eval.suite import evaluate
-
-from eval_common import HAS_SHIPPED
 from qdllm_jax.eval import compare
-from test_sensitivity import rtn2_copy
+from qdllm_jax.eval.suite import evaluate
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not HAS_SHIPPED, reason="assets/tiny-llada/model.safetensors not built yet")]
