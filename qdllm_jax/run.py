@@ -32,7 +32,7 @@ import qdllm_jax
 from qdllm_jax import (checkpoint as ckpt_lib, config as config_lib, plan as plan_lib, report as report_lib, sharding,
                        workdir as workdir_lib)
 from qdllm_jax.calib import mcs, windows as windows_lib
-from qdllm_jax.errors import ConfigError
+from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.eval import paired as paired_lib
 from qdllm_jax.models import checkpoint_io, families, hf
 from qdllm_jax.quant import pipeline
@@ -384,7 +384,12 @@ def _quantize_save_evaluate(ctx: dict, kill_after_block, command) -> dict:
     timings["save"] = time.perf_counter() - t
   if primary:
     progress.save()
-  sizes = dict(workdir_lib.checkpoint_sizes(ckpt_dir), fp_model_bytes=sum(
+  try:  # checks every checksum of the checkpoint (workdir.content_digest)
+    ck_sizes = workdir_lib.checkpoint_sizes(ckpt_dir)
+  except CheckpointError as e:
+    raise CheckpointError(f"{e}. In this workdir: rerun the same command with --overwrite to quantize and save "
+                          "again") from e
+  sizes = dict(ck_sizes, fp_model_bytes=sum(
       os.path.getsize(os.path.join(reader.path, f)) for f in {f for f, _, _ in reader.tensors.values()}))
   _step(3, "%.3f bits/weight in the quantized linears, %.3f overall; %.2f MiB (FP %.2f MiB)",
         sizes["true_bits_per_weight"], sizes["model_bits_per_weight"], sizes["checkpoint_nbytes"] / 2 ** 20,

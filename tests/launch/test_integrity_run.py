@@ -70,6 +70,19 @@ def test_nan_in_a_copy_of_the_model_against_a_finished_workdir(finished, model_d
   assert len(digests) == rep["model"]["source_tensors_digested"] and NAN_TENSOR in digests
 
 
+def test_a_damaged_checkpoint_in_a_finished_workdir_is_refused(finished, model_dir, tmp_path, capsys):
+  wd = tmp_path / "run"
+  shutil.copytree(finished, wd)
+  files = [os.path.join(d, f) for d, _, fs in os.walk(wd / "checkpoint" / "arrays" / "blocks.1") for f in fs]
+  big = max(files, key=os.path.getsize)
+  data = bytearray(open(big, "rb").read())
+  data[len(data) // 2] ^= 0x5A
+  open(big, "wb").write(bytes(data))
+  assert launch.main(fast_argv(model_dir, wd)) == 2
+  err = capsys.readouterr().err
+  assert os.path.relpath(big, wd / "checkpoint") in err and "(part blocks.1)" in err and "--overwrite" in err
+
+
 def test_stale_temporary_dirs_are_removed_only_when_their_owner_is_gone(finished, model_dir, tmp_path):
   wd = tmp_path / "run"
   shutil.copytree(finished, wd)
