@@ -3,7 +3,8 @@
 `atomic_dir(target, ...)` yields a fresh temporary directory beside `target`; on success it is renamed into
 place (an existing target, with overwrite=True, is moved aside first and deleted after the swap), on any
 failure it is deleted. The target therefore either holds a complete checkpoint or is untouched; a kill -9
-mid-write leaves only a hidden `.<name>.tmp-*` sibling, never a half-written `target`.
+mid-write leaves only a hidden `.<name>.tmp-p<pid>@<host>-*` sibling, never a half-written `target`; the launch
+removes such siblings once their writer is gone (`fileio.clean_stale`).
 """
 from __future__ import annotations
 
