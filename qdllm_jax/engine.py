@@ -13,6 +13,7 @@ read, or reported as a CheckpointError when reading them fails.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import resource
 import sys
@@ -109,16 +110,17 @@ class Engine:
   def config(self):
     return self.model.config
 
-  def stop_ids(self) -> set[int]:
-    """Ids that end a completion: the config's EOS and the tokenizer's EOS / end-of-turn tokens."""
+  @functools.cached_property
+  def stop_ids(self) -> frozenset[int]:
+    """Ids that end a completion: the config's EOS and the tokenizer's EOS / end-of-turn tokens (looked up once)."""
     ids = {self.config.eos_id, getattr(self.tokenizer, "eos_token_id", None)}
     vocab = self.tokenizer.get_vocab()
     ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
-    return {i for i in ids if i is not None and i != self.config.mask_id}
+    return frozenset(i for i in ids if i is not None and i != self.config.mask_id)
 
   def completion(self, gen_ids) -> list[int]:
     """The generated ids up to (not including) the first stop token."""
-    stops = self.stop_ids()
+    stops = self.stop_ids
     out = []
     for t in np.asarray(gen_ids).tolist():
       if t in stops:

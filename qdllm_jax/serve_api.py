@@ -109,7 +109,7 @@ def _prompts(route, value, eng) -> list[list[int]]:
 def response(route: str, eng, outs, facts: dict, model_name: str) -> dict:
   """The OpenAI-style response body for the decoded rows `outs` (int32 [gen_length] each, prompt-major)."""
   choices, completion_tokens = [], 0
-  stops = eng.stop_ids()
+  stops = eng.stop_ids
   for i, gen in enumerate(outs):
     ids = eng.completion(gen)
     completion_tokens += len(ids)

@@ -10,10 +10,10 @@ import numpy as np
 from serving_common import FLAGS, SHIPPED, direct, random_params, same_length_prompts, text_of
 
 from qdllm_jax import chat_template, generate
+from qdllm_jax.checkpoint import load_quantized
 from qdllm_jax.engine import load_engine, packed_weights
 from qdllm_jax.models import load_pretrained, load_tokenizer, save_pretrained
 from qdllm_jax.models.dream import DREAM_7B, dream_config
-from qdllm_jax.quant.packed import QuantizedWeight
 from qdllm_jax.sampling import dream_generate
 
 
@@ -31,7 +31,8 @@ def test_generate_equals_the_sampler_on_load_quantized_and_never_dequantizes(q_d
 
   def refuse(*a, **k):
     raise AssertionError("a packed weight was dequantized whole")
-  monkeypatch.setattr(QuantizedWeight, "dequantize", refuse)
+  for cls in {type(w) for w in packed_weights(load_quantized(q_dir).params)}:  # every packed format's class
+    monkeypatch.setattr(cls, "dequantize", refuse)
   rc, out, err = _run(["--model", q_dir, "--prompt", prompt, "--raw", "--seed", "3", "--jsonl",
                        "--sampler.temperature=0.8"] + FLAGS)
   assert rc == 0, err
