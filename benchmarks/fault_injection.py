@@ -5,7 +5,8 @@
 1. Two uninterrupted runs of `python -m qdllm_jax.launch --config configs/tiny.py` (plus the overrides after
    `--`) in fresh workdirs: the first is the reference, the second must equal it (the job is deterministic), and
    its wall time T (with a JAX compilation cache, warm after the first run) sets the first kill window; after
-   each trial whose resumed run started from scratch, T becomes that run's wall time (the machine's load changes).
+   each trial whose resumed run started from scratch, T becomes that run's wall time (the machine's load
+   changes), and a run that finished before its kill sets T to its own time and is not counted as a trial.
 2. `--kills` times: a fresh workdir, the same command, SIGKILL after a delay drawn uniformly from
    [0.05 T, 0.95 T] (the step it was in is read from its log), then the same command again to completion. Each
    resumed run must exit 0, leave no temporary directory (`.tmp-` / `.old-`) anywhere in the workdir, and match
@@ -62,6 +63,7 @@ def kill_trial(i: int, root: str, overrides: list[str], t_ref: float, ref: dict,
   wd, log = os.path.join(root, f"kill-{i:02d}"), os.path.join(root, f"kill-{i:02d}.log")
   shutil.rmtree(wd, ignore_errors=True)
   delay = rng.uniform(0.05 * t_ref, 0.95 * t_ref)
+  t0 = time.perf_counter()
   with open(log, "w") as f:
     p = subprocess.Popen(_cmd(wd, overrides), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
@@ -70,6 +72,9 @@ def kill_trial(i: int, root: str, overrides: list[str], t_ref: float, ref: dict,
       p.send_signal(signal.SIGKILL)
       p.wait()
   killed = p.returncode == -signal.SIGKILL
+  if not killed:  # it finished first: no kill to check; its time is the run time under the current load
+    shutil.rmtree(wd, ignore_errors=True)
+    return {"trial": i, "killed": False, "run_s": time.perf_counter() - t0}
   steps = STEP.findall(open(log).read())
   where = f"{steps[-1][0]}/6 {steps[-1][1]}" if steps else "startup"
   rc, dt = _run(wd, overrides, log + ".resume")
@@ -146,23 +151,29 @@ def main(argv=None) -> int:
   if not same:
     return 1
   shutil.rmtree(again, ignore_errors=True)
-  kills = []
-  for i in range(args.kills):
-    kills.append(kill_trial(i, args.root, extra, t_ref, ref, rng))
-    r = kills[-1]
+  kills, i, unkilled = [], 0, 0
+  while len(kills) < args.kills and unkilled < 3 * args.kills:
+    r = kill_trial(i, args.root, extra, t_ref, ref, rng)
+    i += 1
+    if not r["killed"]:
+      unkilled, t_ref = unkilled + 1, r["run_s"]
+      print(f"trial {i - 1}: the run finished in {r['run_s']:.1f}s before its kill; window now {t_ref:.1f}s",
+            flush=True)
+      continue
+    kills.append(r)
     if r["resume_rc"] == 0 and r.get("resumed_from_block") is None and not r.get("reused_checkpoint"):
       t_ref = r["resume_s"]  # a whole run under the current load
-    print(f"kill {i:2d}: after {r['delay_s']:6.1f}s in [{r['killed_in']}] killed={r['killed']} -> resumed from "
+    print(f"kill {len(kills) - 1:2d}: after {r['delay_s']:6.1f}s in [{r['killed_in']}] -> resumed from "
           f"{r.get('resumed_from_block')} reused={r.get('reused_checkpoint')}: {'ok' if r['ok'] else r['problems']}",
           flush=True)
-    shutil.rmtree(os.path.join(args.root, f"kill-{i:02d}"), ignore_errors=True)
+    shutil.rmtree(os.path.join(args.root, f"kill-{i - 1:02d}"), ignore_errors=True)
   flips = []
   for j in range(args.flips):
     flips.append(flip_trial(j, args.root, os.path.join(ref_wd, "checkpoint"), rng))
     r = flips[-1]
     print(f"flip {j:2d}: {r['bytes_flipped']:2d} bytes in {r['file']}: load -> {r['load'][:90]}; verify exit "
           f"{r['verify_rc']}: {'ok' if r['ok'] else 'FAILED'}", flush=True)
-  summary = {"command": " ".join(_cmd("WORKDIR", extra)), "reference_s": t_ref,
+  summary = {"command": " ".join(_cmd("WORKDIR", extra)), "last_window_s": t_ref, "finished_before_kill": unkilled,
              "kills": {"n": len(kills), "ok": sum(r["ok"] for r in kills), "trials": kills},
              "flips": {"n": len(flips), "ok": sum(r["ok"] for r in flips), "trials": flips}}
   with open(os.path.join(args.root, "fault_injection.json"), "w") as f:
