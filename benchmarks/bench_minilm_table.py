@@ -31,6 +31,7 @@ from qdllm_jax.eval import fidelity, protocols
 from qdllm_jax.models import checkpoint_io
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import pipeline
+from qdllm_jax.quant import rules as rules_lib
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "minilm.py")
 # name -> (label, presets, overrides); "fp" is the source model
@@ -49,6 +50,24 @@ ROWS = {
     "block_comp_global": ("Quant-dLLM W2 + block comp. + global ABMP", "block_comp", ("quant.abmp_scope=global",)),
     "order3": ("Quant-dLLM 3 planes (W3)", "order3", ()),
 }
+# Attribution rows (--rows gptq2_only_qkv,...): GPTQ-W2 on one kind of linear in every block, the rest FP
+_ONLY = {"qkv": r"attention\.self\.(query|key|value)$", "o": r"attention\.output\.dense$",
+         "up": r"intermediate\.dense$", "down": r"\d\.output\.dense$"}
+RULE_ROWS = {f"gptq2_only_{k}": (f"GPTQ W2 on {k} only (rest FP)", ((rx, rules_lib.Rule("gptq", 2, 128)),
+                                                                       (".*", "skip")))
+             for k, rx in _ONLY.items()}
+# Mixed precision by kind of linear (the attribution rows find `up` the most sensitive): `up` one bit / plane
+# more, everything else at 2; `up` is a third of the block weights, so the mean stays under 2.6 bits/weight.
+_QD2 = (("abmp_ratio", 0.05),)
+RULE_ROWS.update({
+    "gptq2_up3": ("GPTQ W2, up W3", ((_ONLY["up"], rules_lib.Rule("gptq", 3, 128)),
+                                     (".*", rules_lib.Rule("gptq", 2, 128)))),
+    "qdllm2_up3": ("Quant-dLLM W2, up 3 planes", ((_ONLY["up"], rules_lib.Rule("quant_dllm", 3, 128)),
+                                                  (".*", rules_lib.Rule("quant_dllm", 2, 128, _QD2)))),
+    "qdllm2_up3_block": ("Quant-dLLM W2 + block comp., up 3 planes", (
+        (_ONLY["up"], rules_lib.Rule("quant_dllm", 3, 128, (("comp_mode", "block"),))),
+        (".*", rules_lib.Rule("quant_dllm", 2, 128, _QD2 + (("comp_mode", "block"),))))),
+})
 METRICS = ("rel_err/plain", "rel_err/mask0.15", "rel_err/mask0.5", "rel_err/mask0.9", "emb_cos", "sim_pearson",
            "sim_spearman")
 
@@ -58,12 +77,13 @@ def _stat(comparison: dict, metric: str) -> dict:
   return comparison[group][sub] if sub else comparison[group]
 
 
-def quantize_row(presets, overrides, reader, tok, workdir):
-  """(dequantized params, size summary, per-matrix report, seconds) of one row through the package pipeline."""
+def quantize_row(presets, overrides, reader, tok, workdir, table=None):
+  """(dequantized params, size summary, per-matrix report, seconds) of one row through the package pipeline;
+  table: an explicit rules table instead of the config's method (attribution rows)."""
   c = launch.load_config(CONFIG + (f":{presets}" if presets else ""), list(overrides))
   spec = config_lib.validate(c, workdir=workdir)
   cfg = reader.config
-  plan = config_lib.check_model(spec, cfg)
+  plan = config_lib.check_model(spec, cfg) if table is None else rules_lib.resolve_rules(list(table), cfg)
   _, ids, _ = run.calibration(spec, tok, cfg)
   q = spec.quant
   glob = ({"ratio": q.abmp_ratio or None, "target_bits": q.target_bpw or None}
@@ -76,8 +96,9 @@ def quantize_row(presets, overrides, reader, tok, workdir):
   return dict(params, blocks=[pipeline.dense_block(b) for b in params["blocks"]]), sizes, report, dt
 
 
-def run_table(rows, n_sentences=None, seed=0) -> list[dict]:
-  """One dict per row: label, true_bits_per_weight, metrics, paired comparison vs FP, quantize / eval seconds."""
+def run_table(rows, n_sentences=None, seed=0, on_row=None) -> list[dict]:
+  """One dict per row: label, true_bits_per_weight, metrics, paired comparison vs FP, quantize / eval seconds;
+  on_row(rows so far) after each row (the CLI rewrites its JSON, so a long run keeps what it finished)."""
   c = launch.load_config(CONFIG)
   reader = checkpoint_io.open_checkpoint(c.model_path)
   tok = checkpoint_io.load_tokenizer(c.model_path)
@@ -94,11 +115,12 @@ def run_table(rows, n_sentences=None, seed=0) -> list[dict]:
   out = []
   with tempfile.TemporaryDirectory() as wd:
     for name in rows:
-      label, presets, overrides = ROWS[name]
+      label, presets, overrides = ROWS[name] if name in ROWS else (RULE_ROWS[name][0], None, ())
       if name == "fp":
         vals, bits, dt_q, rep = fidelity.fidelity_values(ref, ref, inputs), 32.0, 0.0, []
       else:
-        params, sizes, rep, dt_q = quantize_row(presets, overrides, reader, tok, wd)
+        params, sizes, rep, dt_q = quantize_row(presets, overrides, reader, tok, wd,
+                                                RULE_ROWS[name][1] if name in RULE_ROWS else None)
         bits = sizes["true_bits_per_weight"]
         vals = fidelity.fidelity_values(ref, fidelity.encode_states(
             fidelity.model_states_fn(Model(params, reader.config)), inputs, spec.batch), inputs)
@@ -110,6 +132,8 @@ def run_table(rows, n_sentences=None, seed=0) -> list[dict]:
       print(f"{name:20s} {bits:6.3f} b/w  " + "  ".join(f"{m} {row['metrics'][m]:.4f}" for m in METRICS) +
             f"  (quantize {dt_q:.0f}s)", flush=True)
       out.append(row)
+      if on_row is not None:
+        on_row(out)
   return out
 
 
@@ -144,18 +168,24 @@ def markdown(rows: list[dict], command: str) -> str:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS)}")
+  ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS) + list(RULE_ROWS)}")
   ap.add_argument("--n_sentences", type=int, default=0, help="fewer held-out sentences (0 = the protocol's)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="", help="markdown table path")
   ap.add_argument("--json", default="", help="JSON results path (per-matrix errors included)")
   a = ap.parse_args(argv)
   names = [n for n in a.rows.split(",") if n]
-  bad = [n for n in names if n not in ROWS]
+  bad = [n for n in names if n not in ROWS and n not in RULE_ROWS]
   if bad:
     ap.error(f"unknown rows {bad}; expected some of {list(ROWS)}")
   t = time.perf_counter()
-  rows = run_table(names, a.n_sentences or None, a.seed)
+  def save_json(rows):
+    if a.json:
+      with open(a.json + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1, default=float)
+      os.replace(a.json + ".tmp", a.json)
+
+  rows = run_table(names, a.n_sentences or None, a.seed, on_row=save_json)
   cmd = "python benchmarks/bench_minilm_table.py" + (f" --rows {a.rows}" if a.rows != ",".join(ROWS) else "") + (
       f" --n_sentences {a.n_sentences}" if a.n_sentences else "")
   table = markdown(rows, cmd)
@@ -164,9 +194,6 @@ def main(argv=None) -> int:
   if a.out:
     with open(a.out, "w", encoding="utf-8") as f:
       f.write(table)
-  if a.json:
-    with open(a.json, "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=1, default=float)
   return 0
 
 
