@@ -1,8 +1,10 @@
-"""Generate text with a quantized checkpoint (the launch's WORKDIR/checkpoint, on its packed weights) or an FP
+r"""Generate text with a quantized checkpoint (the launch's WORKDIR/checkpoint, on its packed weights) or an FP
 Hugging Face directory.
 
-  python -m qdllm_jax.generate --model runs/tiny/checkpoint --prompt "In the beginning"
-  python -m qdllm_jax.generate --model runs/tiny/checkpoint --input prompts.txt --sampler.gen_length=64
+  python -m qdllm_jax.generate --model runs/tiny/checkpoint --prompt "shift: e x c g =>" --sampler.gen_length=8 \
+      --sampler.block_length=8 --sampler.steps=8
+  python -m qdllm_jax.generate --model runs/tiny/checkpoint --input prompts.txt --sampler.gen_length=64 \
+      --sampler.block_length=32 --sampler.steps=64
   python -m qdllm_jax.generate --model runs/tiny/checkpoint --jsonl --input in.jsonl --output out.jsonl
   echo "Hello" | python -m qdllm_jax.generate --model /ckpt/LLaDA-8B-Instruct --sampler.block_length=32
   python -m qdllm_jax.generate --model /runs/llada8b-instruct-w2/checkpoint --chat    # multi-turn on stdin
@@ -49,7 +51,8 @@ PROG = "python -m qdllm_jax.generate"
 
 def build_parser(prog: str = PROG, description: str = "") -> argparse.ArgumentParser:
   """The flags shared by generate and serve (model, tokenizer, sampler, dequantize, batch size)."""
-  ap = argparse.ArgumentParser(prog=prog, description=description)
+  ap = argparse.ArgumentParser(prog=prog, description=description,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", required=True, help="quantized checkpoint dir or FP HF dir")
   ap.add_argument("--chat_template", default=None, help="Jinja chat template file (default: the tokenizer's)")
   ap.add_argument("--batch_size", type=int, default=8)
@@ -70,7 +73,7 @@ def prepare(args, overrides):
 
 
 def _parse(argv):
-  ap = build_parser(PROG, __doc__.split("\n")[0])
+  ap = build_parser(PROG, __doc__)
   ap.add_argument("--prompt", action="append", default=[])
   ap.add_argument("--input", default=None)
   ap.add_argument("--jsonl", action="store_true")

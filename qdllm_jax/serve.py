@@ -1,9 +1,9 @@
-"""An OpenAI-style HTTP endpoint for a quantized checkpoint (packed weights) or an FP HF directory.
+r"""An OpenAI-style HTTP endpoint for a quantized checkpoint (packed weights) or an FP HF directory.
 
-  python -m qdllm_jax.serve --model runs/tiny/checkpoint --port 8000 --sampler.gen_length=64 \
-      --sampler.block_length=64 --sampler.steps=64
+  python -m qdllm_jax.serve --model runs/tiny/checkpoint --port 8000 --sampler.gen_length=8 \
+      --sampler.block_length=8 --sampler.steps=8
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
-      -d '{"prompt": "In the beginning", "max_tokens": 32, "n": 2}'
+      -d '{"prompt": "increment: 5 4 3 6 =>", "max_tokens": 8, "n": 2}'
 
 Routes: POST /v1/completions, POST /v1/chat/completions (non-streaming; fields in serve_api.py: prompt or
 messages, max_tokens, temperature, n, seed, model, user), GET /health, GET /v1/models. Requests are decoded by one
@@ -153,7 +153,7 @@ def _is_loopback(host: str) -> bool:
 def main(argv=None) -> int:
   """Run the server until interrupted; returns the exit status (2 on a user error)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
-  ap = build_parser(PROG, __doc__.split("\n")[0])
+  ap = build_parser(PROG, __doc__)
   ap.add_argument("--host", default="127.0.0.1")
   ap.add_argument("--port", type=int, default=8000)
   ap.add_argument("--max_n", type=int, default=8)
