@@ -94,9 +94,12 @@ class Handler(BaseHTTPRequestHandler):
     return serve_api.response(route, srv.engine, outs, facts, srv.model_name)
 
   def _drain(self) -> None:
+    """Read and drop the body of a request that is refused before parsing (or close the connection after)."""
     n = self.headers.get("Content-Length")
     if n and n.isdigit() and int(n) <= MAX_BODY:
       self.rfile.read(int(n))
+    else:
+      self.close_connection = True
 
   def _read_json(self):
     ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
