@@ -104,10 +104,10 @@ def main(argv=None):
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), jax {jax.__version__} ({jax.default_backend()}), "
         f"{os.cpu_count()} cpus, load {_load()}")
 
-  def once(fn):
-    t = time.perf_counter()
+  def once(fn):  # (wall s, process CPU s: all threads of this process, torch's and XLA's alike)
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t, out
+    return (time.perf_counter() - t, time.process_time() - c), out
 
   for shape in a.shapes.split(","):
     out, n = map(int, shape.split("x"))
@@ -121,13 +121,14 @@ def main(argv=None):
         fns["daq"] = lambda: np.asarray(quantize_weight(w, h, method="quant_dllm", bits=2, group_size=128,  # noqa: B023
                                                         abmp_ratio=0.05).dequantize())
       res = {k: f() for k, f in fns.items() if k != "torch"}  # compile once per shape
-      times = {k: [] for k in fns}
+      times, cpu = {k: [] for k in fns}, {k: [] for k in fns}
       loads = [_load()]
       for r in range(a.repeats):  # alternate: jax, torch, (daq) | torch, jax, (daq) | ...
         order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
         for k in order + [k for k in fns if k not in ("jax", "torch")]:
-          t, res[k] = once(fns[k])
+          (t, c), res[k] = once(fns[k])
           times[k].append(t)
+          cpu[k].append(c)
         loads.append(_load())
       med = {k: float(np.median(v)) for k, v in times.items()}
       l_jax, l_ref = float(layer_loss(w, res["jax"], h)), float(layer_loss(w, res["torch"], h))
@@ -137,6 +138,9 @@ def main(argv=None):
               f"(per round {', '.join(f'{j / t:.2f}' for j, t in zip(times['jax'], times['torch']))})")
       if "daq" in med:
         line += f" | Quant-dLLM median {med['daq']:.2f} s ({med['daq'] / med['torch']:.2f}x the original GPTQ)"
+      mc = {k: float(np.median(v)) for k, v in cpu.items()}
+      line += (f"\n  process CPU s median: torch {mc['torch']:.2f}, jax {mc['jax']:.2f} "
+               f"(jax/torch {mc['jax'] / mc['torch']:.2f})")
       print(line + f"\n  layer loss torch {l_ref:.4e}, jax {l_jax:.4e} (ratio {l_jax / l_ref:.4f}) | "
             f"max |W^_jax - W^_torch| {np.max(np.abs(res['jax'] - res['torch'])):.3g} | load {' '.join(loads)}",
             flush=True)

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+
 def _small(d, heads, layers, mlp, vocab):
   return dict(d_model=d, n_heads=heads, n_kv_heads=heads, n_layers=layers, mlp_hidden_size=mlp, vocab_size=vocab,
               embedding_size=vocab, mask_token_id=vocab - 8, eos_token_id=vocab - 7, pad_token_id=vocab - 7,
@@ -66,6 +67,7 @@ def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, sh
   """A random N(0, 0.02^2) LLaDA checkpoint of the given shape (every block holds the same random weights);
   returns its sizes in bytes."""
   import ml_dtypes
+
   from qdllm_jax.models import transformer
   from qdllm_jax.models.checkpoint_io import save_pretrained
   from qdllm_jax.models.llada import LLADA_8B, llada_config
@@ -94,6 +96,16 @@ def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, sh
               d_model=cfg.d_model, mlp_hidden=cfg.mlp_hidden, n_layers=cfg.n_layers, itemsize=np_dtype.itemsize)
 
 
+def _itemsize(reader) -> int:
+  """Bytes per param of the checkpoint's block weights (safetensors dtype string)."""
+  dt = reader.tensors[next(iter(reader.tensors))][2]
+  return {"BF16": 2, "F16": 2, "F32": 4}[dt]
+
+
+def _block_seconds(trace) -> list:
+  return [t["t"] - (trace[i - 1]["t"] if i else 0.0) for i, t in enumerate(trace)]
+
+
 def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size: int, chunk_size: int,
                  offload: bool, spill: bool, save_blocks: int) -> dict:
   """Child process: quantize the checkpoint streaming (finished blocks spilled to disk unless spill=False), then
@@ -102,6 +114,7 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   save_blocks > 0: save a checkpoint of that many blocks, the quantized ones in turn (in-memory copies with
   --no-spill), to measure the final save of a full-depth run without quantizing every block."""
   import jax
+
   from qdllm_jax.calib import mcs, windows
   from qdllm_jax.models.checkpoint_io import open_checkpoint
   from qdllm_jax.quant import pipeline, rules
@@ -113,6 +126,18 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
                                              size=nsamples * seqlen * 2).astype(np.int32)
   ids = mcs.calibration_inputs(windows.make_windows(stream, nsamples, seqlen, 0), cfg)
   trace = []
+  table = rules.default_rules(method, 2, group_size)
+  # the plan's prediction for this run, measured in this process on this backend before the run (plan_timing)
+  from qdllm_jax import plan as plan_lib
+  from qdllm_jax import plan_timing
+  t_plan = time.perf_counter()
+  rplan = rules.resolve_rules(table, cfg)
+  itemsize = _itemsize(reader)
+  times = plan_timing.measure_for(cfg, rplan, itemsize, int(ids.shape[0]), int(ids.shape[1]), chunk_size,
+                                  plan_lib.CALIB_PASSES)
+  predicted = {k: (lo / cfg.n_layers, hi / cfg.n_layers)
+               for k, (lo, hi) in plan_timing.durations(times, cfg, rplan).items()}
+  plan_s = time.perf_counter() - t_plan
 
   def on_block(state, rep):
     trace.append(dict(block=state.next_block - 1, rss=_rss_bytes(), peak=_hwm_bytes(), t=time.perf_counter() - t0,
@@ -124,7 +149,7 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   work = tempfile.mkdtemp(prefix="bench_mem_")
   t0 = time.perf_counter()
   _reset_hwm()
-  params, report = pipeline.quantize_model(reader, ids, rules.default_rules(method, 2, group_size),
+  params, report = pipeline.quantize_model(reader, ids, table,
                                            chunk_size=chunk_size, callback=on_block, offload_activations=offload,
                                            spill_dir=os.path.join(work, "spill") if spill else None)
   quant_s = time.perf_counter() - t0
@@ -150,6 +175,8 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   except Exception:  # noqa: BLE001 - not every backend reports memory
     pass
   return dict(rss_startup=rss0, peak_rss=_peak_rss_bytes(), trace=trace, device=dev, seconds=quant_s,
+              predicted_per_block=predicted, plan_seconds=plan_s, plan_source=times.source,
+              load=open("/proc/loadavg").read().split()[0],
               save_seconds=save_s, save_peak=save_peak, save_blocks=save_blocks or cfg.n_layers,
               matrices=len(report), backend=jax.default_backend())
 
@@ -205,6 +232,18 @@ def main(argv=None):
   print(f"final save        peak {mib(res['save_peak'])} ({res['save_blocks']} blocks, {res['save_seconds']:.1f} s)")
   if res["device"]:
     print(f"device peak       {mib(res['device'].get('peak_bytes_in_use', 0))}")
+  secs = _block_seconds(res["trace"])
+  if secs:
+    later = secs[1:] or secs
+    pred = res["predicted_per_block"]["total (without evaluation)"]
+    mid = float(np.median(later))
+    print(f"time per block    {' '.join(f'{x:.1f}' for x in secs)} s (the first includes compilation); "
+          f"median after the first {mid:.1f} s")
+    print(f"plan's prediction {pred[0]:.1f}-{pred[1]:.1f} s per block (calibration "
+          f"{res['predicted_per_block']['calibration'][0]:.1f}-{res['predicted_per_block']['calibration'][1]:.1f}"
+          f" s, solvers {res['predicted_per_block']['solvers'][0]:.1f}-{res['predicted_per_block']['solvers'][1]:.1f}"
+          f" s; kernels timed in {res['plan_seconds']:.1f} s) -> measured / predicted "
+          f"{mid / pred[1]:.2f}-{mid / pred[0]:.2f} | load {res['load']}")
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)

@@ -3,7 +3,8 @@
 What is timed (after one compile, 3 runs each; the range is the fastest to the slowest run):
   factorisation  `prepare_hessian` at each distinct Hessian width c (at most PROBE_CHOL columns; wider ones are
                  scaled by (c / c_probe)^3, the Cholesky's flops); GPTQ factor "cholesky", Quant-dLLM "inverse"
-  solver         the method's solver (gptq_quantize / daq_quantize / rtn_quantize) on a [r, c] matrix at the
+  solver         the method's solver (gptq_quantize / daq_quantize / rtn_quantize) on a [r, c] matrix, plus the
+                 diagnostics the pipeline reports for it (layer_errors, scaled by r c^2), at the
                  real shape when r, c <= PROBE_SOLVE; larger shapes from two probes [r0, c1] and [r0, c2]
                  (r0 = PROBE_SOLVE): t = r / r0 (a c + b c^2), the per-column loop plus the cross-block update
   calibration    one block forward (plain, and with its taps and the four Hessian updates) at the model's real
@@ -116,8 +117,10 @@ def measure(widths: dict, solves: set, calibration=lambda: (0.0, 0.0)) -> Kernel
   for key in sorted(solves, key=str):
     method, bits, g, opts, r, c = key
     o = dict(opts)
+    diag = _diagnostics_times(r, c)
     if r <= PROBE_SOLVE and c <= PROBE_SOLVE:
-      solve[key] = _times(solver_fn(method, bits, g, o, r, c))
+      t = _times(solver_fn(method, bits, g, o, r, c))
+      solve[key] = (t[0] + diag[0], t[1] + diag[1])
       continue
     fkey = (method, bits, g, opts)
     if fkey not in fits:  # t(r0, c) = a c + b c^2 from two probes
@@ -125,11 +128,23 @@ def measure(widths: dict, solves: set, calibration=lambda: (0.0, 0.0)) -> Kernel
       t1 = _times(solver_fn(method, bits, g, o, PROBE_SOLVE, c1))
       t2 = _times(solver_fn(method, bits, g, o, PROBE_SOLVE, c2)) if c2 > c1 else t1
       fits[fkey] = [_fit(c1, c2, t1[i], t2[i]) for i in (0, 1)]
-    solve[key] = tuple(r / PROBE_SOLVE * (a * c + b * c * c) for a, b in fits[fkey])
+    solve[key] = tuple(r / PROBE_SOLVE * (a * c + b * c * c) + d for (a, b), d in zip(fits[fkey], diag))
   cal = calibration()
   src = (f"measured on {jax.devices()[0].device_kind} ({jax.default_backend()}) by the planner just now, "
          f"{time.perf_counter() - t_start:.1f} s")
   return KernelTimes(factor, solve, cal, src)
+
+
+def _diagnostics_times(r: int, c: int) -> tuple[float, float]:
+  """(min, max) s of the per-matrix diagnostics the pipeline reports (hessian.layer_errors: two [r, c] x [c, c]
+  products), timed at [min(r, PROBE_CHOL), min(c, PROBE_CHOL)] and scaled by r c^2."""
+  r0, c0 = min(r, PROBE_CHOL), min(c, PROBE_CHOL)
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.standard_normal((r0, c0)).astype(np.float32))
+  h = _spd(c0)
+  lo, hi = _times(lambda: hessian.layer_errors(w, w * 0.9, h))
+  s = r * c * c / (r0 * c0 * c0)
+  return lo * s, hi * s
 
 
 def _fit(c1: int, c2: int, t1: float, t2: float) -> tuple[float, float]:

@@ -125,8 +125,8 @@ def _gptq_block(w1t, u1, scale_b, zero_b, gl: int, bits: int, sub: int):
     usb = lax.dynamic_slice_in_dim(urows, lo, sub, 1)  # [sub, sub]
     urt = lax.dynamic_slice_in_dim(u1t, lo, sub, 1)  # [block, sub] = urows^T
 
-    def col(i, st):
-      wsb, qs, vs, es, ls = st
+    def col(i, st):  # few ops per column (the loop runs `in` times): codes stay float, q and loss after
+      wsb, qs, es = st
       w = lax.dynamic_index_in_dim(wsb, i, 0, keepdims=False)
       gi = (lo + i) // gl
       sc = lax.dynamic_index_in_dim(scale_b, gi, 0, keepdims=False)
@@ -136,14 +136,16 @@ def _gptq_block(w1t, u1, scale_b, zero_b, gl: int, bits: int, sub: int):
       urow = lax.dynamic_index_in_dim(usb, i, 0, keepdims=False)
       err = (w - q) / lax.dynamic_index_in_dim(urow, i, 0, keepdims=False)
       wsb = wsb - urow[:, None] * err[None, :]
-      qs = lax.dynamic_update_index_in_dim(qs, qc.astype(jnp.uint8), i, 0)
-      vs = lax.dynamic_update_index_in_dim(vs, q, i, 0)
+      qs = lax.dynamic_update_index_in_dim(qs, qc, i, 0)
       es = lax.dynamic_update_index_in_dim(es, err, i, 0)
-      return wsb, qs, vs, es, ls + jnp.sum(err * err)
+      return wsb, qs, es
 
-    init = (wsb, jnp.zeros((sub, out), jnp.uint8), jnp.zeros((sub, out), w1t.dtype),
-            jnp.zeros((sub, out), w1t.dtype), loss)
-    _, qs, vs, es, loss = lax.fori_loop(0, sub, col, init)
+    init = (wsb, jnp.zeros((sub, out), w1t.dtype), jnp.zeros((sub, out), w1t.dtype))
+    _, qs, es = lax.fori_loop(0, sub, col, init)
+    gi = (lo + jnp.arange(sub)) // gl
+    vs = dequantize_codes(qs, jnp.take(scale_b, gi, axis=0), jnp.take(zero_b, gi, axis=0))
+    qs = qs.astype(jnp.uint8)
+    loss = loss + jnp.sum(es * es)
     urest = jnp.where(rows[:, None] >= lo + sub, urt, jnp.zeros((), urt.dtype))
     w1t = w1t - jnp.matmul(urest, es, precision=_HI)
     codes = lax.dynamic_update_slice_in_dim(codes, qs, lo, 0)

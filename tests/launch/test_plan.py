@@ -115,7 +115,8 @@ def test_a_measured_figure_table_entry_gives_durations_counted_by_hand(monkeypat
 
 def test_local_plan_solver_estimate_is_within_3x_of_the_measured_solves():
   """The tiny LLaDA with GPTQ W3 g64: the planner's solver estimate (kernels timed now, no calibration) against
-  the solves themselves, every block's quantize_weights_shared call per tap as the pipeline makes them (after
+  the solves themselves, every block's quantize_weights_shared call per tap as the pipeline makes them (with the
+  diagnostics, return_info=True; after
   one warm-up call per shape; random W, H = 2/n X^T X)."""
   from qdllm_jax import config as config_lib
   from qdllm_jax.models import transformer as tr
@@ -141,7 +142,7 @@ def test_local_plan_solver_estimate_is_within_3x_of_the_measured_solves():
 
   def run_all(keys):
     for (_, _, rule), names in keys:
-      api.quantize_weights_shared([ws[n] for n in names], hs[lin[names[0]][1]], **rule.kwargs())
+      api.quantize_weights_shared([ws[n] for n in names], hs[lin[names[0]][1]], return_info=True, **rule.kwargs())
 
   run_all([(k, v) for k, v in calls.items() if k[0] == 0])  # warm-up (compile): block 0 has every shape
   t0 = time.perf_counter()
