@@ -158,9 +158,8 @@ def load_packed_safetensors(path: str) -> Model:
       for name, p in names.items():
         if name in weights:
           meta = {k: v for k, v in weights[name].items() if k != "fields"}
-          meta["shape"] = tuple(meta["shape"])
           fields = {fld: jnp.asarray(f.get_tensor(f"{name}.{fld}")) for fld in weights[name]["fields"]}
-          flat[p] = tree.QuantizedWeight(**fields, **meta).validate()
+          flat[p] = tree.weight_from_stored(fields, meta)
         else:
           flat[p] = jnp.asarray(f.get_tensor(name))
   except (SafetensorError, OSError) as e:

@@ -24,8 +24,8 @@ from qdllm_jax.errors import CheckpointError, FormatError
 from qdllm_jax.quant import packed
 from qdllm_jax.quant.packed import QuantizedWeight
 
-ARRAY_FIELDS = packed._ARRAYS  # noqa: SLF001  (the packed format's field list, the one definition)
-META_FIELDS = packed._META  # noqa: SLF001
+# The metadata a checkpoint records per packed weight (the union over the formats; `sym` is False for planes).
+STORED_META = ("shape", "method", "format", "bits", "group_size", "sym", "scale_dtype", "layout_version")
 # The output-row axis of each packed field (None: the field has no row axis and is replicated).
 ROW_AXIS = {"planes": 1, "a_r": 1, "a_c": None, "orders": None, "plane_block": None, "qweight": 0, "scales": 0,
             "zeros": 0, "g_idx": None}
@@ -45,9 +45,19 @@ def array_spec(a) -> dict:
 
 def quantized_meta(qw: QuantizedWeight) -> dict:
   """The static metadata of a packed weight as JSON values (shape as a list)."""
-  meta = {k: getattr(qw, k) for k in META_FIELDS}
+  meta = {k: getattr(qw, k, False) for k in STORED_META}
   meta["shape"] = [int(s) for s in meta["shape"]]
   return meta
+
+
+def weight_from_stored(fields: dict, stored_meta: dict) -> QuantizedWeight:
+  """The validated packed weight from its stored arrays and STORED_META (the format picks the type)."""
+  meta = {k: v for k, v in stored_meta.items() if k != "format"}
+  meta["shape"] = tuple(meta["shape"])
+  fmt = stored_meta.get("format")
+  if fmt == "binary_planes" and not meta.get("sym", False):
+    meta.pop("sym", None)  # recorded for every format; planes have no grid
+  return packed.weight_from_fields(fmt, fields, meta)
 
 
 def encode(params, where: str = "params") -> tuple[dict | object, dict]:
@@ -57,7 +67,7 @@ def encode(params, where: str = "params") -> tuple[dict | object, dict]:
   dict key that is not a plain string without '.' and '/' (Orbax joins keys with '.').
   """
   if isinstance(params, QuantizedWeight):
-    arrays = {f: getattr(params, f) for f in ARRAY_FIELDS if getattr(params, f) is not None}
+    arrays = {f: getattr(params, f) for f in params.ARRAY_FIELDS if getattr(params, f) is not None}
     return arrays, {"kind": "quantized", "meta": quantized_meta(params),
                     "arrays": {f: array_spec(a) for f, a in arrays.items()}}
   if _is_array(params):
@@ -145,13 +155,10 @@ def decode(spec: dict, arrays, where: str, path: tuple = ()):
     return _checked(_get(arrays, path, where), spec, path, where)
   if kind == "quantized":
     fields = {f: _checked(_get(arrays, path + (f,), where), a, path + (f,), where) for f, a in spec["arrays"].items()}
-    meta = dict(spec["meta"])
-    meta["shape"] = tuple(meta["shape"])
-    unknown = sorted(set(fields) - set(ARRAY_FIELDS)) + sorted(set(meta) - set(META_FIELDS))
-    if unknown:
-      raise FormatError(f"{where}: packed weight {'.'.join(path)} has unknown fields {unknown}; this build knows "
-                        f"{ARRAY_FIELDS} and {META_FIELDS}")
-    return QuantizedWeight(**fields, **meta).validate()
+    try:
+      return weight_from_stored(fields, spec["meta"])
+    except FormatError as e:
+      raise FormatError(f"{where}: packed weight {'.'.join(path)}: {e}") from e
   raise CheckpointError(f"{where}: unknown node kind {kind!r} at {'.'.join(path) or '<root>'}")
 
 

@@ -4,6 +4,7 @@ References: the in-memory arrays (bitwise), the in-memory quantized model's logi
 NumPy `dequantize()` (einsum reference), the safetensors files opened directly (and through PyTorch), and
 byte counts summed over the NumPy arrays.
 """
+import dataclasses
 import json
 import os
 
@@ -206,7 +207,7 @@ def test_sizes_match_the_arrays(saved, qparams):
   for leaf in jax.tree.leaves(qparams, is_leaf=is_qw):
     if is_qw(leaf):
       arrays = [np.asarray(getattr(leaf, f)) for f in ("planes", "a_r", "a_c", "orders", "plane_block", "qweight",
-                                                       "scales", "zeros", "g_idx") if getattr(leaf, f) is not None]
+                                                       "scales", "zeros", "g_idx") if getattr(leaf, f, None) is not None]
       q_bytes += sum(a.nbytes for a in arrays)
       q_params += leaf.shape[0] * leaf.shape[1]
     else:
@@ -239,7 +240,7 @@ def test_unknown_layout_version_refused(saved, qparams, tmp_path):
   with pytest.raises(FormatError, match=r"blocks\.1\.k has layout_version=3.*reads layout version 2"):
     load_quantized(copy)
   bad = dict(qparams, blocks=[dict(b) for b in qparams["blocks"]])
-  bad["blocks"][0]["q"] = QuantizedWeight(**{**bad["blocks"][0]["q"].__dict__, "layout_version": 7})
+  bad["blocks"][0]["q"] = dataclasses.replace(bad["blocks"][0]["q"], layout_version=7)
   with pytest.raises(FormatError, match="layout_version=7 .* is not readable"):
     save_quantized(tmp_path / "never", bad, CFG)
   assert not os.path.exists(tmp_path / "never")

@@ -126,8 +126,12 @@ def test_validate_refuses_bad_layouts():
                           np.array([1, 2]), shape=(8, 256))
   with pytest.raises(FormatError, match="layout_version"):
     dataclasses.replace(qw, layout_version=packed.LAYOUT_VERSION + 1).validate()
-  with pytest.raises(FormatError, match="format"):
-    dataclasses.replace(qw, format="ternary").validate()
+  with pytest.raises(FormatError, match="format 'ternary' is unknown"):
+    packed.weight_from_fields("ternary", {}, {})
+  with pytest.raises(FormatError, match="no field"):  # a uniform field on a planes weight
+    packed.weight_from_fields("binary_planes", {"qweight": qw.planes, **{k: getattr(qw, k) for k in
+                                                                          qw.ARRAY_FIELDS}}, {"shape": qw.shape})
+  assert isinstance(qw, packed.BinaryPlanesWeight) and qw.format == "binary_planes"
   with pytest.raises(FormatError, match="a_r"):
     dataclasses.replace(qw, a_r=qw.a_r[:, :4]).validate()
   with pytest.raises(FormatError, match="orders"):
