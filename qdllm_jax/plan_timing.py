@@ -117,7 +117,7 @@ def measure(widths: dict, solves: set, calibration=lambda: (0.0, 0.0)) -> Kernel
   for key in sorted(solves, key=str):
     method, bits, g, opts, r, c = key
     o = dict(opts)
-    diag = _diagnostics_times(r, c)
+    diag = _diagnostics_times(method, r, c)
     if r <= PROBE_SOLVE and c <= PROBE_SOLVE:
       t = _times(solver_fn(method, bits, g, o, r, c))
       solve[key] = (t[0] + diag[0], t[1] + diag[1])
@@ -135,14 +135,18 @@ def measure(widths: dict, solves: set, calibration=lambda: (0.0, 0.0)) -> Kernel
   return KernelTimes(factor, solve, cal, src)
 
 
-def _diagnostics_times(r: int, c: int) -> tuple[float, float]:
+def _diagnostics_times(method: str, r: int, c: int) -> tuple[float, float]:
   """(min, max) s of the per-matrix diagnostics the pipeline reports (hessian.layer_errors: two [r, c] x [c, c]
-  products), timed at [min(r, PROBE_CHOL), min(c, PROBE_CHOL)] and scaled by r c^2."""
+  products; GPTQ's solve gives tr(E H E^T), only tr(W H W^T) is left: output_energy), timed at
+  [min(r, PROBE_CHOL), min(c, PROBE_CHOL)] and scaled by r c^2."""
   r0, c0 = min(r, PROBE_CHOL), min(c, PROBE_CHOL)
   rng = np.random.default_rng(3)
   w = jnp.asarray(rng.standard_normal((r0, c0)).astype(np.float32))
   h = _spd(c0)
-  lo, hi = _times(lambda: hessian.layer_errors(w, w * 0.9, h))
+  if method == "gptq":
+    lo, hi = _times(lambda: hessian.output_energy(w, h))
+  else:
+    lo, hi = _times(lambda: hessian.layer_errors(w, w * 0.9, h))
   s = r * c * c / (r0 * c0 * c0)
   return lo * s, hi * s
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.quant import row_sharded
-from qdllm_jax.quant.hessian import layer_errors
+from qdllm_jax.quant.hessian import layer_errors, output_energy
 from qdllm_jax.quant.method_spec import SCALE_DTYPES
 from qdllm_jax.quant.methods import METHODS, REGISTRY, get_method
 
@@ -168,8 +168,12 @@ def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
 
 
 def _info(w, w_hat, h, extra):
+  """The info dict; layer_loss = tr(E H E^T) comes from the solver where it reports one (GPTQ: from its errors,
+  no [out, in] x [in, in] product), else from layer_errors."""
   info = dict(extra)
-  if h is not None:
+  if h is not None and "layer_loss" in info:
+    info["relative_output_error"] = info["layer_loss"] / float(output_energy(w, h))
+  elif h is not None:
     loss, rel = layer_errors(w, w_hat, h)
     info["layer_loss"], info["relative_output_error"] = float(loss), float(rel)
   return info

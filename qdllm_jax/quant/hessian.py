@@ -180,6 +180,13 @@ def layer_errors(w, w_hat, h):
 
 
 @jax.jit
+def output_energy(w, h):
+  """tr(W H W^T) for W [out, in], H [in, in] (the denominator of the relative output error); float32 scalar."""
+  w32 = w.astype(jnp.float32)
+  return jnp.sum(jnp.matmul(w32, h.astype(jnp.float32), precision=_HI) * w32)
+
+
+@jax.jit
 def relative_output_error(w, w_hat, h):
   """tr((W - W^) H (W - W^)^T) / tr(W H W^T): the relative squared output error on the calibration set."""
   w32 = w.astype(jnp.float32)
@@ -190,5 +197,5 @@ def relative_output_error(w, w_hat, h):
 __all__ = [
     "PreparedHessian", "hessian_update", "fix_dead_columns", "tri_inv_lower", "chol_upper", "chol_inverse_upper",
     "prepare_hessian",
-    "layer_loss", "relative_output_error", "layer_errors",
+    "layer_loss", "relative_output_error", "layer_errors", "output_energy",
 ]

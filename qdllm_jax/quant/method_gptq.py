@@ -34,6 +34,12 @@ def _gptq_batch(w, v, cs, cz, *, bits, group_size, sym, scale_dtype, per_channel
   return jax.vmap(f)(w, cs, cz)
 
 
+@jax.jit
+def _sq_dist(a, b):
+  """||a - b||_F^2 (float32 scalar) of two [out, in] matrices."""
+  return jnp.sum(jnp.square(a - b))
+
+
 def solve(ws, h, bits, group_size, abmp_ratio, opt):
   """[(QuantizedWeight, w_hat float32 [out, in], info)] for matrices sharing H (abmp_ratio unused)."""
   del abmp_ratio
@@ -75,7 +81,10 @@ def solve(ws, h, bits, group_size, abmp_ratio, opt):
     for j, i in enumerate(idx):
       outs[i] = jax.tree.map(lambda x: x[j], r)
   results = []
-  for r in outs:
+  for w, r in zip(ws, outs):
+    # tr(E H E^T) from the solve: with H + delta I = V V^T the scaled errors are e = E V, so
+    # tr(E H E^T) = ||e||^2 - delta ||E||^2 = 2 loss - delta ||E||^2 (dead columns: E = 0 there, H's row is 0)
+    err_h = 2.0 * r["loss"] - ph.delta * _sq_dist(prep(w), r["w_hat"])
     codes, w_hat, g_idx = r["codes"], r["w_hat"], None
     if perm is not None:
       codes, w_hat = codes[:, inv], w_hat[:, inv]
@@ -83,7 +92,8 @@ def solve(ws, h, bits, group_size, abmp_ratio, opt):
     qw = packed.from_uniform(codes, r["scales"], r["zeros"], bits=bits, group_size=group_size, sym=sym,
                              g_idx=g_idx, scale_dtype=sd, method="gptq")
     results.append((qw, w_hat, dict(method="gptq", percdamp=ph.percdamp, delta=ph.delta,
-                                    dead_columns=int(jnp.sum(ph.dead)), solver_loss=float(r["loss"]))))
+                                    dead_columns=int(jnp.sum(ph.dead)), solver_loss=float(r["loss"]),
+                                    layer_loss=float(err_h))))
   return results
 
 
