@@ -222,12 +222,13 @@ def _hms(s: float) -> str:
 
 
 def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardware, times=None,
-              mesh: dict | None = None) -> RunPlan:
+              mesh: dict | None = None, time_kernels: bool = False) -> RunPlan:
   """Plan a run of `spec` (RunSpec) on model `cfg` (ModelConfig) with the resolved `rules_plan` (rules.Plan).
 
   itemsize: bytes of a param (2 bf16, 4 f32). hw: the Hardware planned for. times: plan_timing.KernelTimes for
   the durations (default: measured now when hw_name is "local", else plan_timing.MEASURED[hw_name] or none:
-  the plan then prints no duration). mesh: {axis: size} (default: choose_mesh).
+  the plan then prints no duration). mesh: {axis: size} (default: choose_mesh). time_kernels: time the kernels
+  on this backend for a "local" plan (the dry run does; a run logs its own progress instead).
   """
   c = spec.calib
   n, seq, d, f, h = c.nsamples * c.timesteps_per_sample, c.seqlen, cfg.d_model, cfg.mlp_hidden, cfg.n_heads
@@ -311,12 +312,17 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
     notes.append(f"{n} calibration sequences do not divide over data={mesh.get('data', 1)}: kept replicated")
   nd_eff = mesh.get("data", 1) if n % mesh.get("data", 1) == 0 else 1  # chunks split over the data axis
   nm_eff = mesh.get("model", 1)  # the solvers split each matrix's rows over the model axis
-  if times is None and hw_name == "local":
+  if times is None and hw_name == "local" and time_kernels:
     times = plan_timing.measure_for(cfg, rules_plan, itemsize, n, seq, max(c.chunk_size, 1), CALIB_PASSES)
   elif times is None:
     times = plan_timing.MEASURED.get(hw_name)
   est = None if times is None else plan_timing.durations(times, cfg, rules_plan, nd_eff, nm_eff)
-  timing_source = f"not measured on this hardware ({hw_name})" if times is None else times.source
+  if times is not None:
+    timing_source = times.source
+  elif hw_name == "local":
+    timing_source = "kernels not timed for this run (the dry run times them: --dry_run)"
+  else:
+    timing_source = f"not measured on this hardware ({hw_name})"
   nq = len(rules_plan.quantized())
   predicted = {"linear_bits_per_weight": 8 * q_bytes / max(q_params, 1), "checkpoint_bytes": ckpt,
                "model_bits_per_weight": 8 * ckpt / transformer.num_params(cfg), "fp_bytes": fp_total}
@@ -359,7 +365,7 @@ def dry_run(spec) -> tuple[str, RunPlan]:
   leaves = jax.tree_util.tree_leaves(params)
   n_params = sum(math.prod(x.shape) for x in leaves)
   hw_name, hw = get_hardware(spec)
-  plan = make_plan(spec, cfg, rules_plan, itemsize=dtype.itemsize, hw_name=hw_name, hw=hw)
+  plan = make_plan(spec, cfg, rules_plan, itemsize=dtype.itemsize, hw_name=hw_name, hw=hw, time_kernels=True)
   head = [f"DRY RUN (no weights read): {spec.model_preset or spec.model_path}, {cfg.arch}, {cfg.n_layers} blocks, "
           f"d_model {cfg.d_model}, mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}",
           f"jax.eval_shape: {n_params / 1e9:.3f} B params in {len(leaves)} arrays, {dtype.name} = "
