@@ -5,7 +5,7 @@ What is timed (after one compile, 3 runs each; the range is the fastest to the s
                  scaled by (c / c_probe)^3, the Cholesky's flops); GPTQ factor "cholesky", Quant-dLLM "inverse"
   solver         the method's solver (gptq_quantize / daq_quantize / rtn_quantize) on a [r, c] matrix, plus the
                  diagnostics the pipeline reports for it (layer_errors, scaled by r c^2), at the
-                 real shape when r, c <= PROBE_SOLVE; larger shapes from two probes [r0, c1] and [r0, c2]
+                 real shape up to DIRECT_SOLVE weights; larger shapes from two probes [r0, c1] and [r0, c2]
                  (r0 = PROBE_SOLVE): t = r / r0 (a c + b c^2), the per-column loop plus the cross-block update
   calibration    one block forward (plain, and with its taps and the four Hessian updates) at the model's real
                  widths on the run's chunk (at most PROBE_CHUNK_TOKENS tokens, else one sequence of PROBE_TOKENS,
@@ -25,8 +25,9 @@ import numpy as np
 from qdllm_jax.models import transformer
 from qdllm_jax.quant import daq, gptq, hessian, rtn
 
-PROBE_CHOL = 2048
+PROBE_CHOL = 4096
 PROBE_SOLVE = 1024
+DIRECT_SOLVE = 4096 * 4096  # solver shapes with at most this many weights (and <= 4096 a side) are timed as they are
 PROBE_TOKENS = 256
 PROBE_CHUNK_TOKENS = 2048
 REPEATS = 3
@@ -118,7 +119,7 @@ def measure(widths: dict, solves: set, calibration=lambda: (0.0, 0.0)) -> Kernel
     method, bits, g, opts, r, c = key
     o = dict(opts)
     diag = _diagnostics_times(method, r, c)
-    if r <= PROBE_SOLVE and c <= PROBE_SOLVE:
+    if r * c <= DIRECT_SOLVE and max(r, c) <= 4096:
       t = _times(solver_fn(method, bits, g, o, r, c))
       solve[key] = (t[0] + diag[0], t[1] + diag[1])
       continue
