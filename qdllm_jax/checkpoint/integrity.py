@@ -84,6 +84,23 @@ def manifest_json(directory: str) -> dict:
   return {"format": FORMAT, "algorithm": "sha256", "files": files}
 
 
+def check_sizes(directory: str, read_json) -> None:
+  """Without hashing: every file listed in checksums.json exists with its recorded size (no-op without the
+  manifest). Run before Orbax reads anything even when the full check is skipped: a restore that fails inside
+  TensorStore leaves read callbacks that fire on Orbax's closed event loop and flood stderr with "Event loop is
+  closed" tracebacks, so missing or truncated files are refused here first."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    return
+  for rel, rec in sorted(read_json(path, "checksum manifest").get("files", {}).items()):
+    f = os.path.join(directory, rel)
+    size = os.path.getsize(f) if os.path.isfile(f) else None
+    if size != rec.get("size"):
+      raise CheckpointError(f"{f}: {'missing' if size is None else f'{size} bytes'}, recorded {rec.get('size')} "
+                            f"bytes in {MANIFEST}; the checkpoint is incomplete or damaged. Re-save it (rerun the "
+                            "command that wrote it) or restore a good copy")
+
+
 def check_files(directory: str, read_json) -> dict:
   """Check every file listed in `directory`/checksums.json (size, then sha256); returns the manifest.
 

@@ -208,6 +208,8 @@ def iter_parts(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, verify
   if verify:
     integrity.check_files(os.fspath(path), store.read_json)
     digests = _recorded_digests(side, path)
+  else:
+    integrity.check_sizes(os.fspath(path), store.read_json)
   stored = tree.stored_arrays(side["tree"])
   shard = None if mesh is None else tree.shardings(side["tree"], mesh, rules)
   for name in side["parts"]:

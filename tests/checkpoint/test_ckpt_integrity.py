@@ -98,9 +98,10 @@ def test_missing_manifest_names_the_fix_and_verify_false_skips(saved, tmp_path):
 
 
 def test_failed_loads_leave_no_event_loop_noise(saved, tmp_path):
-  """Loads that fail inside Orbax (a damaged OCDBT manifest, missing data files), host and sharded, close their
-  checkpointer: the next loads in the same process write nothing to stderr. (Before, the sharded loads after
-  these failures printed dozens of "RuntimeError: Event loop is closed" tracebacks.)"""
+  """Loads of a checkpoint with a truncated OCDBT manifest or missing data files, host and sharded, even with
+  verify=False, are refused before Orbax reads them, and nothing is written to stderr by them or by the next loads
+  in the same process. (Before, TensorStore's read callbacks of the failed restore fired on Orbax's closed event
+  loop: dozens of "RuntimeError: Event loop is closed" tracebacks.)"""
   bad1, bad2 = tmp_path / "b1", tmp_path / "b2"
   shutil.copytree(saved, bad1)
   shutil.copytree(saved, bad2)
