@@ -18,6 +18,9 @@ Method presets (`--config configs/<model>.py:<preset>[,<preset>...]`):
   block_comp         extension: exact block OBS compensation E = (W1 - W^1) U_bb^-1 instead of the released
                      diagonal form (not in the paper; see docs/results.md)
   order1 / order3    uniform DAQ order 1 / 3 (1 / 3 planes per weight)
+  global_2p6         extension: global ABMP under a 2.6 true-bits/weight budget (orders 2 and 3, the most
+                     salient blocks model-wide get a third plane); with block_comp it is the best 2-bit MiniLM
+                     result in docs/results.md
 Ablations combine with a method: `configs/llada8b.py:no_mcs,no_dor`. Baselines keep the MCS calibration of the
 model config unless `no_mcs` is added (Quant-dLLM's baselines were calibrated on the same C4 windows).
 """
@@ -50,6 +53,7 @@ PRESETS = {
     "no_abmp": _set(quant__abmp_ratio=0.0),
     "no_comp": _set(quant__compensation=False),
     "block_comp": _set(quant__comp_mode="block"),
+    "global_2p6": _set(quant__abmp_scope="global", quant__abmp_ratio=0.0, quant__target_bpw=2.6),
     "order1": _set(quant__method="quant_dllm", quant__bits=1),
     "order3": _set(quant__method="quant_dllm", quant__bits=3),
 }
