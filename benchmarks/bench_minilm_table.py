@@ -26,7 +26,8 @@ import numpy as np
 
 from qdllm_jax import checkpoint as ckpt_lib
 from qdllm_jax import config as config_lib
-from qdllm_jax import launch, run
+from qdllm_jax import launch
+from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.eval import fidelity, protocols
 from qdllm_jax.models import checkpoint_io
 from qdllm_jax.models.model import Model
@@ -49,6 +50,9 @@ ROWS = {
     "global_abmp": ("Quant-dLLM W2 + global ABMP", None, ("quant.abmp_scope=global",)),
     "block_comp_global": ("Quant-dLLM W2 + block comp. + global ABMP", "block_comp", ("quant.abmp_scope=global",)),
     "order3": ("Quant-dLLM 3 planes (W3)", "order3", ()),
+    "global_2p6": ("Quant-dLLM W2 + global ABMP at 2.6 bits/weight (`global_2p6`)", "global_2p6", ()),
+    "global_2p6_block": ("Quant-dLLM W2 + block comp. + global ABMP at 2.6 bits/weight (`block_comp,global_2p6`)",
+                         "block_comp,global_2p6", ()),
 }
 # Attribution rows (--rows gptq2_only_qkv,...): GPTQ-W2 on one kind of linear in every block, the rest FP
 _ONLY = {"qkv": r"attention\.self\.(query|key|value)$", "o": r"attention\.output\.dense$",
@@ -84,7 +88,7 @@ def quantize_row(presets, overrides, reader, tok, workdir, table=None):
   spec = config_lib.validate(c, workdir=workdir)
   cfg = reader.config
   plan = config_lib.check_model(spec, cfg) if table is None else rules_lib.resolve_rules(list(table), cfg)
-  _, ids, _ = run.calibration(spec, tok, cfg)
+  _, ids, _ = calibration(spec.calib, spec.seed, tok, cfg)
   q = spec.quant
   glob = ({"ratio": q.abmp_ratio or None, "target_bits": q.target_bpw or None}
           if q.abmp_scope == "global" else None)
