@@ -115,6 +115,7 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   --no-spill), to measure the final save of a full-depth run without quantizing every block."""
   import jax
 
+  from qdllm_jax import checkpoint
   from qdllm_jax.calib import mcs, windows
   from qdllm_jax.models.checkpoint_io import open_checkpoint
   from qdllm_jax.quant import pipeline, rules
@@ -149,9 +150,9 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   work = tempfile.mkdtemp(prefix="bench_mem_")
   t0 = time.perf_counter()
   _reset_hwm()
-  params, report = pipeline.quantize_model(reader, ids, table,
-                                           chunk_size=chunk_size, callback=on_block, offload_activations=offload,
-                                           spill_dir=os.path.join(work, "spill") if spill else None)
+  hook = checkpoint.spilling_hook(os.path.join(work, "spill"), "bench", then=on_block) if spill else on_block
+  params, report = pipeline.quantize_model(reader, ids, table, chunk_size=chunk_size, offload_activations=offload,
+                                           hooks=pipeline.BlockHooks(on_block=hook))
   quant_s = time.perf_counter() - t0
   # with spill, params hold references (top tensors of the source, blocks on disk) that the save reads one by one
   save_peak = _hwm_bytes()

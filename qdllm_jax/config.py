@@ -13,6 +13,7 @@ import os
 
 import ml_collections as mlc
 
+from qdllm_jax.calib.calibration import CALIB_SUFFIXES
 from qdllm_jax.config_schema import RunSpec, build, defaults, non_semantic_keys
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.quant import methods
@@ -21,7 +22,6 @@ from qdllm_jax.quant.methods import SCALE_DTYPES
 MODEL_PRESETS = ("", "llada_8b", "dream_7b", "tiny_llada")
 DTYPES = ("auto", "float32", "bfloat16")
 CALIB_NAMED = ("corpus", "c4", "wikitext2")
-CALIB_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz", ".parquet")
 MESH_AXES = ("data", "model")
 # Keys that do not change the quantized checkpoint (left out of the workdir fingerprint).
 NON_SEMANTIC = non_semantic_keys(RunSpec)

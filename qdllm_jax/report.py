@@ -27,7 +27,7 @@ PLOTS = {"layer_errors": "plots/layer_errors.png", "abmp_orders": "plots/abmp_or
          "metrics": "plots/metrics.png"}
 
 
-def _json_default(o):
+def json_default(o):
   if isinstance(o, (np.integer,)):
     return int(o)
   if isinstance(o, (np.floating,)):
@@ -43,7 +43,7 @@ def write_json(path: str, data: dict) -> None:
   """Write `data` as indented JSON atomically (temporary file + rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=1, default=_json_default, allow_nan=True)
+    json.dump(data, f, indent=1, default=json_default, allow_nan=True)
     f.write("\n")
   os.replace(tmp, path)
 

@@ -15,6 +15,7 @@ Logical names:
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import jax
@@ -23,6 +24,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qdllm_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"), ("embed", None), ("heads", "model"), ("kv", None), ("mlp", "model"),
@@ -99,3 +102,22 @@ def host_array(a) -> np.ndarray:
 def host_tree(tree):
   """`host_array` over every array leaf of a pytree (QuantizedWeight fields included)."""
   return jax.tree.map(lambda a: host_array(a) if isinstance(a, (jax.Array, np.ndarray)) else a, tree)
+
+
+def shard_rows(x, mesh):
+  """x [N, ...] placed on `mesh` with rows over the data axis (replicated when N does not divide)."""
+  sh = named(mesh, ("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x))
+  if isinstance(x, jax.Array):
+    return jax.device_put(x, sh)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+
+def make_run_mesh(axes: dict):
+  """The run's mesh over the first prod(sizes) devices (all of them on multi-host runs)."""
+  need = int(np.prod(list(axes.values())))
+  devices = jax.devices()
+  if need < len(devices) and jax.process_count() == 1:
+    log.info("mesh %s uses %d of the %d local devices", axes, need, len(devices))
+    devices = devices[:need]
+  return make_mesh(tuple(axes.values()), tuple(axes), devices=devices)

@@ -31,11 +31,17 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from qdllm_jax import cli, config_schema, run_configs
+from qdllm_jax import cli, config_schema, run_configs, sharding
 from qdllm_jax import config as config_lib
 from qdllm_jax import report as report_lib
 from qdllm_jax import workdir as workdir_lib
+from qdllm_jax.baselines import actquant, awq, duquant, quarot, smoothquant
+from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import ConfigError, QdllmError
+from qdllm_jax.eval import protocols, run_eval
+from qdllm_jax.key_tree import purpose_key
+from qdllm_jax.models import checkpoint_io
+from qdllm_jax.quant import pipeline, rules
 
 log = logging.getLogger("qdllm_jax.study")
 
@@ -115,8 +121,6 @@ def validate(c: mlc.ConfigDict, workdir: str | None = None) -> tuple[dict, list[
 
 def build(entry: Entry, model, ids: np.ndarray, d: dict, key):
   """The Model of one entry from the FP model and plain calibration windows ids int32 [N, L]."""
-  from qdllm_jax.baselines import actquant, awq, duquant, quarot, smoothquant
-  from qdllm_jax.quant import pipeline, rules
   params, cfg, wo, w = model.params, model.config, d["weight_only"], entry.w_bits
   if entry.method == "fp":
     return model
@@ -218,9 +222,6 @@ def plot(rows: list[dict], path: str) -> None:
 
 def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   """Validate, load, calibrate once, then build and evaluate every entry (cached per entry). Returns study.json."""
-  from qdllm_jax import run as run_lib
-  from qdllm_jax.eval import protocols
-  from qdllm_jax.models import checkpoint_io
   d, entries = validate(c, workdir)
   proto = protocols.get_protocol(d["eval"]["protocol"])  # unknown protocol -> ConfigError before loading
   wd = d["workdir"]
@@ -232,11 +233,10 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   calib = config_schema.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
                                nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
                                prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")
-  spec = argparse.Namespace(calib=calib, seed=d["seed"], eval=argparse.Namespace(protocol=proto.name, **{
-      k: d["eval"][k] for k in ("limit", "ignore_cfg", "include_path", "task_map")}))
-  _, ids, cinfo = run_lib.calibration(spec, tok, model.config)
+  eval_spec = config_schema.build(config_schema.StudyEvalSpec, dict(d["eval"], protocol=proto.name))
+  _, ids, cinfo = calibration(calib, d["seed"], tok, model.config)
   log.info("calibration: %d plain windows x %d tokens of %s", ids.shape[0], ids.shape[1], calib.source)
-  mesh = run_lib.make_run_mesh({})
+  mesh = sharding.make_run_mesh({})
   rows = []
   for i, e in enumerate(entries):
     fp_path, fpr = os.path.join(wd, "entries", e.slug + ".json"), _fingerprint(e, d, digest)
@@ -248,12 +248,12 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
         rows.append(row)
         continue
     t0 = time.time()
-    key = jax.random.fold_in(run_lib.purpose_key(d["seed"], "baselines"), zlib.crc32(e.slug.encode()) & 0x7FFFFFFF)
+    key = jax.random.fold_in(purpose_key(d["seed"], "baselines"), zlib.crc32(e.slug.encode()) & 0x7FFFFFFF)
     qmodel = build(e, model, ids, d, key)
     jax.block_until_ready(qmodel.params)
     t1 = time.time()
-    res = run_lib.evaluate(qmodel, tok, spec, mesh)
-    det = res.get("details") or {}  # run_lib.evaluate keeps only paired.DETAIL_KEYS
+    res = run_eval.evaluate(qmodel, tok, eval_spec, d["seed"], mesh)
+    det = res.get("details") or {}  # run_eval.evaluate keeps only paired.DETAIL_KEYS
     row = dict(entry=dataclasses.asdict(e), setting=e.setting, fingerprint=fpr, metrics=res["metrics"],
                quantize_s=round(t1 - t0, 2), eval_s=round(time.time() - t1, 2),
                paired=dict(det, key_data=res["result"].get("key_data"))

@@ -45,14 +45,17 @@ SETTINGS = [  # (label, quantize_weight kwargs)
 def tiny_hessians():
   """[(name, W float32 [out, in], H float32 [in, in])] for the 28 linears, H from the FP model's own inputs."""
   import jax
-  from qdllm_jax import config as config_lib, launch, run
+
+  from qdllm_jax import config as config_lib
+  from qdllm_jax import launch
   from qdllm_jax.calib import capture
+  from qdllm_jax.calib.calibration import calibration
   from qdllm_jax.models import checkpoint_io, transformer
   spec = config_lib.validate(launch.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")),
                              workdir=tempfile.mkdtemp(prefix="layer-error-sweep-"))
   model = checkpoint_io.load_pretrained(spec.model_path, "float32")
   tok = checkpoint_io.load_tokenizer(spec.model_path)
-  _, ids, _ = run.calibration(spec, tok, model.config)
+  _, ids, _ = calibration(spec.calib, spec.seed, tok, model.config)
   x = transformer.embed(model.params, jax.numpy.asarray(ids))
   out = []
   for i, p in enumerate(model.params["blocks"]):

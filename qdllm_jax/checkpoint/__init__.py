@@ -20,8 +20,8 @@ from qdllm_jax.checkpoint.quantized import (
            size_summary,
            verify,
 )
-from qdllm_jax.checkpoint.state import SpilledBlock, load_block, load_state, save_state, spill
+from qdllm_jax.checkpoint.state import SpilledBlock, load_block, load_state, save_state, spill, spilling_hook
 
 __all__ = ["save_quantized", "load_quantized", "read_sidecar", "checkpoint_nbytes", "size_summary", "save_state",
-           "load_state", "spill", "load_block", "SpilledBlock", "export_hf", "export_packed_safetensors",
-           "load_packed_safetensors", "verify"]
+           "load_state", "spill", "spilling_hook", "load_block", "SpilledBlock", "export_hf",
+           "export_packed_safetensors", "load_packed_safetensors", "verify"]

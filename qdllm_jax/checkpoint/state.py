@@ -2,8 +2,7 @@
 
     fp = run_fingerprint(...)                                  # any string naming the run's inputs
     state = load_state(dir, fp)                                # None on a fresh start
-    quantize_model(src, ids, plan, resume=state,
-                   callback=lambda s, rep: save_state(dir, s, fingerprint=fp))
+    quantize_model(src, ids, plan, resume=state, hooks=BlockHooks(on_block=spilling_hook(dir, fp)))
 
 Layout (version 2):
   dir/blocks/block-<i:06d>/   one finished block, written once: `arrays/` (Orbax: its params with the packed
@@ -186,6 +185,19 @@ def spill(directory: str, state: PipelineState, *, fingerprint: str) -> Pipeline
       raise ConfigError(f"spill: block {i} is not saved in {directory}; call save_state first")
     refs.append(blk if isinstance(blk, SpilledBlock) else SpilledBlock(_block_dir(directory, i), i, fingerprint))
   return dataclasses.replace(state, blocks=refs)
+
+
+def spilling_hook(directory: str, fingerprint: str, then=None):
+  """A `BlockHooks.on_block` for `quantize_model`: after every block, `save_state` then `spill` (the finished
+  blocks wait on disk; the host holds one block and the activations), then `then(state, block_report)` if given
+  (it sees the spilled state)."""
+  def on_block(state: PipelineState, block_report: list) -> PipelineState:
+    save_state(directory, state, fingerprint=fingerprint)
+    state = spill(directory, state, fingerprint=fingerprint)
+    if then is not None:
+      then(state, block_report)
+    return state
+  return on_block
 
 
 def load_state(directory: str, fingerprint: str, *, lazy: bool = False) -> PipelineState | None:

@@ -37,20 +37,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.calib import capture
+from qdllm_jax.calib import capture, salience
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import hf, transformer
-from qdllm_jax.models.checkpoint_io import CheckpointReader
+from qdllm_jax.models import transformer
 from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.families import family_of
 from qdllm_jax.models.family import Family
 from qdllm_jax.quant import api, methods
 from qdllm_jax.quant import rules as rules_lib
+from qdllm_jax.quant.block_source import ReaderSource, as_source, embed_inputs, release_host_memory  # noqa: F401
 from qdllm_jax.sharding import host_tree
 
 log = logging.getLogger(__name__)
 
-STANDARD_ORDER = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+STANDARD_ORDER = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # the decoder families' own order
 LLADA_RUNNER_ORDER = (("o",), ("down",), ("q",), ("k",), ("v",), ("gate",), ("up",))
 MODULE_ORDERS = {"standard": STANDARD_ORDER, "llada_runner": LLADA_RUNNER_ORDER}
 
@@ -62,8 +62,8 @@ class PipelineState:
   Attributes:
     next_block: index of the next block to quantize.
     x: its input activations [N, L, D] (model dtype; device or host array).
-    blocks: quantized params of blocks 0..next_block-1 (QuantizedWeight leaves; host arrays), or
-      `checkpoint.state.SpilledBlock` references to them on disk (`spill_dir`).
+    blocks: quantized params of blocks 0..next_block-1 (QuantizedWeight leaves; host arrays), or references
+      to them on disk (objects with .load(), e.g. `checkpoint.state.SpilledBlock`) handed back by a hook.
     report: per-matrix report entries so far.
     orders: {(layer, name): int orders per column block} fixed by global ABMP, or None.
     global_bits: the true bits per weight of the global ABMP allocation, or None.
@@ -76,73 +76,20 @@ class PipelineState:
   global_bits: float | None = None
 
 
-class _ModelSource:
-  """A `Model` (or params + config) seen through the checkpoint-reader interface."""
+@dataclasses.dataclass(frozen=True)
+class BlockHooks:
+  """What a caller plugs into the block loop of `quantize_model` (all optional).
 
-  def __init__(self, params: dict, config: ModelConfig):
-    self.params, self.config = params, config
-
-  def block(self, i: int) -> dict:
-    return dict(self.params["blocks"][i])
-
-  def top(self) -> dict:
-    return {k: v for k, v in self.params.items() if k != "blocks"}
-
-  def embedding(self):
-    return self.params["embed"]
-
-
-class ReaderSource:
-  """A CheckpointReader seen with params cast to `dtype` (None: as stored), as host NumPy arrays: one block at a
-  time, the embedding alone for the calibration inputs, the top params (embedding, head, final norm) at the end;
-  host arrays avoid a second (device) copy of the 2 x 1 GiB embedding/head of an 8B model."""
-
-  def __init__(self, reader, dtype=None):
-    self.reader, self.config, self.dtype = reader, reader.config, dtype
-
-  def block(self, i: int) -> dict:
-    return self.reader.block(i, self.dtype, numpy=True)
-
-  def top(self) -> dict:
-    return self.reader.top(self.dtype, numpy=True)
-
-  def embedding(self):
-    return self.reader.read(hf.top_names(self.config)["embed"], self.dtype, numpy=True)
-
-  def lazy_top(self) -> dict:
-    return self.reader.lazy_top(self.dtype)
-
-
-def release_host_memory() -> None:
-  """Hand freed host memory back to the OS between blocks: gc, then glibc's malloc_trim(0) where it exists.
-  Without it the heap keeps the freed per-block buffers (W copies, Hessians, Orbax serialisation buffers)
-  fragmented, and resident memory creeps up block after block. QDLLM_NO_TRIM=1 skips the trim (to measure it).
+  Attributes:
+    place: x -> x, where a block's inputs live between blocks (e.g. host memory, or rows sharded over the data
+      axis); applied to the embedded inputs, to a resumed state's inputs and to every block's outputs.
+    on_matrix: entry -> None after every quantized matrix (its report entry), e.g. a progress bar.
+    on_block: (state, block_report) -> state or None after every block: save the state, spill the finished
+      blocks to disk (checkpoint.state.spilling_hook), synchronise hosts; a returned state replaces the loop's.
   """
-  import ctypes
-  import gc
-  import os
-  gc.collect()
-  if os.environ.get("QDLLM_NO_TRIM"):
-    return
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-    pass
-
-
-def as_source(source):
-  """A reader (`.config`, `.block(i)`, `.top()`, `.embedding()`) from a CheckpointReader, a Model or a
-  (params, cfg) pair."""
-  if isinstance(source, CheckpointReader):
-    return ReaderSource(source)
-  if hasattr(source, "block") and hasattr(source, "top") and hasattr(source, "config"):
-    return source
-  if hasattr(source, "params") and hasattr(source, "config"):
-    return _ModelSource(source.params, source.config)
-  if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], ModelConfig):
-    return _ModelSource(*source)
-  raise ConfigError(f"quantize_model: source of type {type(source).__name__}; expected a CheckpointReader "
-                    "(models.checkpoint_io.open_checkpoint), a Model, or (params, ModelConfig)")
+  place: Callable | None = None
+  on_matrix: Callable | None = None
+  on_block: Callable | None = None
 
 
 def module_groups(module_order, family: Family | None = None) -> tuple:
@@ -241,7 +188,7 @@ def check_plan(plan: rules_lib.Plan, cfg: ModelConfig) -> None:
 
 def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Plan, *, groups=None,
                    chunk_size: int = 8, key_mask=None, orders: dict | None = None, row_sharding=None,
-                   chunk_sharding=None):
+                   chunk_sharding=None, on_matrix: Callable | None = None):
   """Quantize one block group by group; return (quantized params, outputs [N, L, D], report entries).
 
   Args:
@@ -252,6 +199,7 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
     orders: {(layer, name): orders} fixed by global ABMP, or None.
     row_sharding: None, or (mesh, axis): GPTQ / DAQ solve the output rows split over that mesh axis.
     chunk_sharding: NamedSharding for the calibration chunks of host activations (capture.capture_block).
+    on_matrix: called with every report entry as soon as its matrix is quantized.
   Returns:
     (params with QuantizedWeight for quantized linears, the block's outputs on x with every quantized weight
      in place (dequantized, model dtype), [report dict per quantized matrix]).
@@ -290,43 +238,20 @@ def quantize_block(p: dict, x, cfg: ModelConfig, layer: int, plan: rules_lib.Pla
         report.append(entry)
         log.info("block %d %-5s %s w%s g%s rel_err=%.4f loss=%s %.2fs", layer, n, rule.method, rule.bits,
                  rule.group_size, entry["rel_err"], "-" if entry["loss"] is None else f"{entry['loss']:.4g}", dt)
+        if on_matrix is not None:
+          on_matrix(entry)
       done.update(names)
   outputs = capture.block_outputs(work, x, cfg, chunk_size=chunk_size, key_mask=key_mask,
                                   chunk_sharding=chunk_sharding)
   return qparams, outputs, report
 
 
-def embed_inputs(source, calib_ids, *, offload_activations: bool = False):
-  """x_0 = the family's embedding of calib_ids (LLaDA/Dream: Embed[ids]; BERT: LN(word + position + type)):
-  int32 [N, L] -> [N, L, D] (model dtype); host NumPy when offloading."""
-  src = as_source(source)
-  ids = np.asarray(calib_ids)
-  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-    raise ConfigError(f"calib_ids has shape {ids.shape} dtype {ids.dtype}; expected int [N, L] token ids")
-  v = src.config.vocab_size
-  if ids.size and (ids.min() < 0 or ids.max() >= v):
-    raise ConfigError(f"calib_ids hold ids in [{ids.min()}, {ids.max()}], outside the vocabulary [0, {v}); "
-                      "tokenize with this model's tokenizer and mask with its mask id")
-  family = family_of(src.config)
-  if family.embed_keys == ("embed",):
-    emb = src.embedding() if hasattr(src, "embedding") else src.top()["embed"]
-    if isinstance(emb, np.ndarray):  # a host table: gather the rows on the host, never copy the whole table
-      x = np.take(emb, ids.astype(np.int64), axis=0)
-      return x if offload_activations else jnp.asarray(x)
-    emb = {"embed": emb}
-  else:
-    top = src.top()
-    emb = {k: jnp.asarray(top[k]) for k in family.embed_keys}
-  x = family.embed(emb, jnp.asarray(ids, jnp.int32), src.config)
-  return np.asarray(x) if offload_activations else x
-
-
 def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_size: int = 8, key_mask=None,
-                   global_abmp: dict | None = None, callback: Callable | None = None,
-                   resume: PipelineState | None = None, offload_activations: bool = False,
-                   dequantize: bool = False, row_sharding=None, spill_dir: str | None = None,
-                   spill_fingerprint: str = "quantize_model"):
-  """Quantize every block linear of a model, streaming block by block (see module docstring).
+                   global_abmp: dict | None = None, resume: PipelineState | None = None,
+                   offload_activations: bool = False, dequantize: bool = False, row_sharding=None,
+                   chunk_sharding=None, hooks: BlockHooks | None = None):
+  """Quantize every block linear of a model, streaming block by block (see module docstring): the one block loop
+  of the package (the launch and the study plug saving, spilling, multi-host sync and progress in as `hooks`).
 
   Args:
     source: a CheckpointReader (only one block is read at a time), a Model, or (params, ModelConfig).
@@ -338,19 +263,20 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
     global_abmp: None (per-matrix ABMP from each rule's abmp_ratio) or kwargs of
       `calib.salience.global_orders` ({"ratio": 0.05} and/or {"target_bits": b}) to allocate the orders of all
       quant_dllm 2-bit linears model-wide first (module docstring).
-    callback: `callback(state, block_report)` after every block (progress, resume checkpoints).
     resume: a PipelineState to continue from (its x are the inputs of block `resume.next_block`).
-    offload_activations: keep the [N, L, D] activations in host memory (chunks move to the device).
+    offload_activations: keep the [N, L, D] activations in host memory (chunks move to the device); the
+      default placement when `hooks.place` is not given.
     dequantize: return dense fake-quantized weights (model dtype) instead of QuantizedWeight leaves.
     row_sharding: None, or (mesh, axis) to split each GPTQ / DAQ solve over the output rows (shard_map).
-    spill_dir: None, or a directory where the state is saved after every block (`checkpoint.save_state` under
-      `spill_fingerprint`, resumable with `checkpoint.load_state`) and where the finished blocks stay instead
-      of in host memory (peak memory one block + activations, whatever the depth): params["blocks"] then holds
-      `checkpoint.SpilledBlock` references, which `checkpoint.save_quantized` writes one at a time.
+    chunk_sharding: NamedSharding of the calibration chunks of host activations (capture.capture_block).
+    hooks: BlockHooks (placement, per-matrix and per-block callbacks).
   Returns:
     (params, report): the params pytree with quantized linears replaced (other leaves unchanged) and the
-    list of per-matrix report dicts.
+    list of per-matrix report dicts. When a hook left the finished blocks on disk (references with .load()),
+    params["blocks"] keeps the references and the top params stay lazy where the source allows, so that
+    `checkpoint.save_quantized` streams them part by part.
   """
+  hooks = hooks or BlockHooks()
   src = as_source(source)
   cfg = src.config
   plan = rules_lib.resolve_rules(plan, cfg)
@@ -358,48 +284,46 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
   groups = module_groups(module_order, family_of(cfg))
   if chunk_size < 1:
     raise ConfigError(f"chunk_size={chunk_size}; expected >= 1")
+  place = hooks.place or (np.asarray if offload_activations else (lambda x: x))
   n, seqlen = np.shape(calib_ids)[:2] if np.ndim(calib_ids) == 2 else (None, None)
   if resume is None:
-    x = embed_inputs(src, calib_ids, offload_activations=offload_activations)
+    if hooks.place is None:
+      x = embed_inputs(src, calib_ids, offload_activations=offload_activations)
+    else:
+      x = place(embed_inputs(src, calib_ids, offload_activations=True))
     orders = bits = None
     if global_abmp is not None:
-      from qdllm_jax.calib import salience  # the FP salience pass, beside the other calibration passes
       orders, bits = salience.global_orders(src, x, plan, chunk_size=chunk_size, key_mask=key_mask,
                                             **dict(global_abmp))
     state = PipelineState(next_block=0, x=x, blocks=[], report=[], orders=orders, global_bits=bits)
   else:
-    state = resume
     want = (n, seqlen, cfg.d_model)
-    if tuple(np.shape(state.x)) != want or len(state.blocks) != state.next_block or \
-        not 0 <= state.next_block <= cfg.n_layers:
-      raise ConfigError(f"resume state does not fit: x {tuple(np.shape(state.x))} (expected {want}), "
-                        f"{len(state.blocks)} done blocks for next_block={state.next_block} of {cfg.n_layers}; "
+    if tuple(np.shape(resume.x)) != want or len(resume.blocks) != resume.next_block or \
+        not 0 <= resume.next_block <= cfg.n_layers:
+      raise ConfigError(f"resume state does not fit: x {tuple(np.shape(resume.x))} (expected {want}), "
+                        f"{len(resume.blocks)} done blocks for next_block={resume.next_block} of {cfg.n_layers}; "
                         "resume with the state saved by the same run")
-    if offload_activations and not isinstance(state.x, np.ndarray):
-      state = dataclasses.replace(state, x=np.asarray(state.x))
+    state = dataclasses.replace(resume, x=place(resume.x))
   for b in range(state.next_block, cfg.n_layers):
     p = {k: jnp.asarray(v) for k, v in src.block(b).items()}
     qp, out, rep = quantize_block(p, state.x, cfg, b, plan, groups=groups, chunk_size=chunk_size,
-                                  key_mask=key_mask, orders=state.orders, row_sharding=row_sharding)
+                                  key_mask=key_mask, orders=state.orders, row_sharding=row_sharding,
+                                  chunk_sharding=chunk_sharding, on_matrix=hooks.on_matrix)
     del p
-    # a new state per block (lists are not mutated), so states handed to callbacks stay valid snapshots
-    state = dataclasses.replace(state, next_block=b + 1, x=out, blocks=state.blocks + [host_tree(qp)],
+    # a new state per block (lists are not mutated), so states handed to hooks stay valid snapshots
+    state = dataclasses.replace(state, next_block=b + 1, x=place(out), blocks=state.blocks + [host_tree(qp)],
                                 report=state.report + rep)
-    if spill_dir is not None:
-      from qdllm_jax.checkpoint import state as state_lib  # the checkpoint package imports this module
-      state_lib.save_state(spill_dir, state, fingerprint=spill_fingerprint)
-      state = state_lib.spill(spill_dir, state, fingerprint=spill_fingerprint)
+    if hooks.on_block is not None:
+      state = hooks.on_block(state, rep) or state
     release_host_memory()
-    if callback is not None:
-      callback(state, rep)
-  # with spill_dir the top params of a checkpoint stay LazyTensors too (read while save_quantized writes them)
-  params = dict(src.lazy_top() if spill_dir is not None and hasattr(src, "lazy_top") else src.top())
-  # with spill_dir the blocks stay references (save_quantized streams them; checkpoint.load_block reads one)
+  # every block on disk (spilled by a hook) or dropped on a non-writing host; a lazily resumed state is loaded
+  spilled = bool(state.blocks) and all(not isinstance(b, dict) for b in state.blocks)
+  params = dict(src.lazy_top() if spilled and hasattr(src, "lazy_top") else src.top())
   load = lambda b: b.load() if hasattr(b, "load") else b  # noqa: E731  (also a lazily resumed state's blocks)
   if dequantize:
     params["blocks"] = [dense_block(load(b)) for b in state.blocks]
   else:
-    params["blocks"] = list(state.blocks) if spill_dir is not None else [load(b) for b in state.blocks]
+    params["blocks"] = list(state.blocks) if spilled else [load(b) for b in state.blocks]
   return params, state.report
 
 

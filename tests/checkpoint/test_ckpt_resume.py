@@ -13,15 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from ckpt_common import CFG
+from test_ckpt_roundtrip import assert_bitwise_equal
+
 from qdllm_jax.checkpoint import checkpoint_nbytes, load_state, save_quantized, save_state, size_summary
 from qdllm_jax.checkpoint.state import PipelineState
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import packed, pipeline, rules
-from test_ckpt_roundtrip import assert_bitwise_equal
 
 IDS = np.random.default_rng(7).integers(0, CFG.vocab_size, (4, 16)).astype(np.int32)
 
@@ -47,7 +47,7 @@ def test_resume_is_bit_exact(tmp_path, method):
     if state.next_block == 1:
       live["x"] = np.asarray(state.x)
       save_state(tmp_path / "after0", state, fingerprint=fp)
-  full, report = pipeline.quantize_model(model, IDS, plan, callback=callback)
+  full, report = pipeline.quantize_model(model, IDS, plan, hooks=pipeline.BlockHooks(on_block=callback))
   # only the newest state is kept
   assert sorted(os.listdir(tmp_path / "every")) == ["blocks", "state-000002"]
   final = load_state(tmp_path / "every", fp)
@@ -156,10 +156,10 @@ def test_checkpoint_bytes_match_reported_bits(tmp_path):
 
 
 def test_spilled_blocks_equal_in_memory_and_are_written_once(tmp_path):
-  """spill_dir: the callback sees only SpilledBlock references (no finished block in memory), each block
+  """checkpoint.spilling_hook: the next hook sees only SpilledBlock references (no finished block in memory), each block
   directory is written once (its files keep their first inode and mtime), and the params equal the in-memory
   run bit for bit; a lazy resume from the spilled state ends the same; a deleted block is reported."""
-  from qdllm_jax.checkpoint import SpilledBlock, load_block
+  from qdllm_jax.checkpoint import SpilledBlock, load_block, spilling_hook
   model = Model(params=transformer.init_params(CFG, jax.random.key(3), std=0.2), config=CFG)
   plan = rules.default_rules("gptq", 2, 32)
   ref, _ = pipeline.quantize_model(model, IDS, plan)
@@ -174,7 +174,8 @@ def test_spilled_blocks_equal_in_memory_and_are_written_once(tmp_path):
     if state.next_block == 1:
       live["after0"] = load_state(tmp_path, "fp", lazy=True)
   live = {}
-  got, _ = pipeline.quantize_model(model, IDS, plan, spill_dir=tmp_path, spill_fingerprint="fp", callback=callback)
+  got, _ = pipeline.quantize_model(model, IDS, plan, hooks=pipeline.BlockHooks(
+      on_block=spilling_hook(str(tmp_path), "fp", then=callback)))
   assert len(stamps) == CFG.n_layers and all(isinstance(b, SpilledBlock) for b in got["blocks"])
   # save_quantized streams the references: the same checkpoint content as from the in-memory blocks
   from qdllm_jax.workdir import content_digest

@@ -5,9 +5,10 @@ import os
 import shutil
 
 import pytest
-
 from launch_common import ROOT, fast_argv
-from qdllm_jax import config as config_lib, launch
+
+from qdllm_jax import config as config_lib
+from qdllm_jax import launch
 from qdllm_jax.errors import ConfigError
 
 CONFIGS = ["tiny", "llada8b", "llada8b_instruct", "llada15", "dream7b", "dream7b_instruct"]
@@ -175,13 +176,15 @@ def test_lm_eval_settings_reach_the_adapter(monkeypatch):
   import argparse
   import sys
   import types
+
   import qdllm_jax.eval
-  from qdllm_jax import run as run_lib
+  from qdllm_jax import sharding
+  from qdllm_jax.eval import run_eval
   seen = {}
   fake = types.SimpleNamespace(run_protocol=lambda model, tok, proto, **kw: seen.update(kw) or {"results": {}})
   monkeypatch.setitem(sys.modules, "qdllm_jax.eval.lm_eval_adapter", fake)  # lm-eval is an optional extra
   monkeypatch.setattr(qdllm_jax.eval, "lm_eval_adapter", fake, raising=False)
   ev = argparse.Namespace(protocol="qdlm_dream", limit=0, ignore_cfg=True, include_path="/tasks",
                           task_map=("gsm8k=gsm8k_local",))
-  run_lib.evaluate(None, None, argparse.Namespace(seed=3, eval=ev), run_lib.make_run_mesh({}))
+  run_eval.evaluate(None, None, ev, 3, sharding.make_run_mesh({}))
   assert seen == dict(limit=None, seed=3, ignore_cfg=True, include_path="/tasks", task_map={"gsm8k": "gsm8k_local"})

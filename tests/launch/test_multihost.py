@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_common import ROOT, fast_argv
+
 from qdllm_jax import launch
 
 MESH = "--config.mesh.shape=(2,1)"
@@ -55,12 +55,13 @@ def test_hosts_must_resume_from_the_same_state(seen, monkeypatch):
   """A pod whose hosts do not share the workdir would resume from different blocks and hang in the first
   collective: refused with a message naming the fix instead (process_allgather stubbed)."""
   from jax.experimental import multihost_utils
-  from qdllm_jax import run as run_lib
+
+  from qdllm_jax import multihost
   from qdllm_jax.errors import ConfigError
-  monkeypatch.setattr(run_lib.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost.jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: [[s] for s in seen])
   if seen[0] == seen[1]:
-    run_lib._same_on_every_host(seen[0], "/wd/state")
+    multihost.same_on_every_host(seen[0], "/wd/state")
   else:
     with pytest.raises(ConfigError, match="filesystem every host sees"):
-      run_lib._same_on_every_host(seen[0], "/wd/state")
+      multihost.same_on_every_host(seen[0], "/wd/state")

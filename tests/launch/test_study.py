@@ -5,11 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from launch_common import ROOT
 
 from qdllm_jax import study
 from qdllm_jax.errors import ConfigError
-
-from launch_common import ROOT
 
 CFG = os.path.join(ROOT, "configs", "study_tiny.py")
 
@@ -60,8 +59,8 @@ def test_table_arithmetic():
 
 
 def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
-  from qdllm_jax import run as run_lib
   from qdllm_jax.eval import suite
+  from qdllm_jax.key_tree import purpose_key
   from qdllm_jax.models import checkpoint_io
   entries = "fp,gptq:w3a16,smoothquant:w8a8,duquant:w4a4"
   assert study.main(_argv(model_dir, tmp_path, entries)) == 0
@@ -72,7 +71,7 @@ def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
   assert md.count("\n| ") == 1 + 4 and "duquant | W4A4" in md
   # The FP row is exactly what the suite gives the loaded model under the same key and limit.
   model, tok = checkpoint_io.load_pretrained(model_dir, "float32"), checkpoint_io.load_tokenizer(model_dir)
-  ref = suite.evaluate(model, tok, "tiny_smoke", key=run_lib.purpose_key(0, "eval"), limit=2)["metrics"]
+  ref = suite.evaluate(model, tok, "tiny_smoke", key=purpose_key(0, "eval"), limit=2)["metrics"]
   assert rows["fpFP"]["metrics"] == pytest.approx(ref, rel=1e-6)
   for r in out["rows"]:
     assert np.isfinite(list(r["metrics"].values())).all()

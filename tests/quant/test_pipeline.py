@@ -122,7 +122,8 @@ def test_resume_and_skip_rules():
   model, ids = _model(), _ids()
   table = [(r"blocks\.1\.ff_out$", "skip"), (".*", {"method": "rtn", "bits": 2, "group_size": G})]
   states = []
-  full, rep = pipeline.quantize_model(model, ids, table, callback=lambda s, r: states.append(s))
+  full, rep = pipeline.quantize_model(model, ids, table,
+                                      hooks=pipeline.BlockHooks(on_block=lambda s, r: states.append(s)))
   assert [s.next_block for s in states] == [1, 2] and len(rep) == 13
   assert full["blocks"][1]["down"] is model.params["blocks"][1]["down"] or \
       np.array_equal(full["blocks"][1]["down"], model.params["blocks"][1]["down"])
