@@ -1,6 +1,6 @@
 """Packed matmul (`qdllm_jax.kernels.qmatmul`) against dense float32 and bfloat16 matmuls of the same shape.
 
-    python3 benchmarks/bench_kernels.py                               # 4096x4096, 12288x4096, 4096x12288; tokens 1,8,512
+    python3 benchmarks/bench_kernels.py                         # 4096x4096, 12288x4096, 4096x12288; tokens 1,8,512
     python3 benchmarks/bench_kernels.py --shapes 4096x4096 --tokens 1,8 --formats binary_planes,int2
     python3 benchmarks/bench_kernels.py --path interpret --shapes 256x512 --tokens 1      # kernel smoke run
     python3 benchmarks/bench_kernels.py --tokens 1 --rotate 8          # weights streamed from DRAM, as in decode

@@ -253,7 +253,8 @@ def check_model(spec: RunSpec, cfg):
   group sizes dividing every linear's in_features, calibration seqlen within the model context, a [MASK] id
   for MCS, the evaluation protocol's architecture, and the full rules table (resolve_rules + check_plan).
   """
-  from qdllm_jax.quant import pipeline, rules as rules_lib
+  from qdllm_jax.quant import pipeline
+  from qdllm_jax.quant import rules as rules_lib
   q = spec.quant
   widths = {"q/k/v/gate/up (d_model)": cfg.d_model, "o (heads x head_dim)": cfg.q_dim, "down (mlp)": cfg.mlp_hidden}
   if not q.rules and q.group_size != -1:

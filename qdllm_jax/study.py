@@ -38,7 +38,7 @@ from qdllm_jax import workdir as workdir_lib
 from qdllm_jax.baselines import actquant, awq, duquant, quarot, smoothquant
 from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import ConfigError, QdllmError
-from qdllm_jax.eval import protocols, run_eval
+from qdllm_jax.eval import paired, protocols, run_eval
 from qdllm_jax.key_tree import purpose_key
 from qdllm_jax.models import checkpoint_io
 from qdllm_jax.quant import pipeline, rules
@@ -167,7 +167,6 @@ def _paired_cells(fp: dict, r: dict) -> list[str]:
   draws (eval.paired; rows evaluated with one key); '–' for rows without per-item results (older caches)."""
   if r is fp or not (fp.get("paired") and r.get("paired")):
     return ["–", "–"]
-  from qdllm_jax.eval import paired
   wrap = lambda row: {"protocol": "study", "key_data": row["paired"]["key_data"], "details": row["paired"]}  # noqa
   c = paired.compare(wrap(fp), wrap(r))
   cells = []

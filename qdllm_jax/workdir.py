@@ -17,8 +17,12 @@ import jax
 import numpy as np
 
 import qdllm_jax
+from qdllm_jax import checkpoint, fileio
 from qdllm_jax import report as report_lib
+from qdllm_jax.checkpoint import integrity, quantized
 from qdllm_jax.errors import CheckpointError, ConfigError
+from qdllm_jax.models import hf
+from qdllm_jax.quant import pipeline
 
 log = logging.getLogger("qdllm_jax.run")
 OUTPUTS = ("fingerprint.json", "state", "checkpoint", "hf", "plots", "quant_report.json", "eval_fp.json",
@@ -78,7 +82,6 @@ def content_digest(path: str) -> str:
   against its recorded sha256): the sorted (array path, array sha256) pairs, then the sidecar and config.json.
   Equal digests mean the same array contents, dtypes and shapes and the same sidecar (structure, metadata) and
   config, whatever the Orbax file names and timestamps. Reads one part (a block, the embedding, ...) at a time."""
-  from qdllm_jax.checkpoint import quantized
   arrays = {k: v for part in quantized.verify(path)["digests"].values() for k, v in part.items()}
   h = hashlib.sha256()
   for name in sorted(arrays):
@@ -92,7 +95,6 @@ def content_digest(path: str) -> str:
 def checkpoint_sizes(path: str) -> dict:
   """checkpoint.size_summary of a saved checkpoint plus checkpoint_nbytes (array bytes Orbax recorded),
   disk_bytes (files on disk) and checkpoint_sha256 (`content_digest`)."""
-  from qdllm_jax import checkpoint
   disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
   return dict(checkpoint.size_summary(path), checkpoint_nbytes=checkpoint.checkpoint_nbytes(path), disk_bytes=disk,
               checkpoint_sha256=content_digest(path))
@@ -128,7 +130,6 @@ class SourceDigests:
 
   def check(self, name: str, a: np.ndarray) -> None:
     """Digest HF tensor `name` (as stored); CheckpointError if it is non-finite or differs from the record."""
-    from qdllm_jax.checkpoint import integrity
     d = integrity.array_digest(a)
     old = self.tensors.get(name)
     bad = int(a.size - np.count_nonzero(np.isfinite(a))) if np.issubdtype(a.dtype, np.inexact) or \
@@ -176,8 +177,6 @@ class SourceDigests:
 def checked_source(reader, dtype, digests: SourceDigests):
   """`pipeline.ReaderSource(reader, dtype)` whose every tensor read is digested and checked by `digests` (the
   stored array is digested, then cast to `dtype`)."""
-  from qdllm_jax.models import hf
-  from qdllm_jax.quant import pipeline
 
   def cast(a):
     return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(np.dtype(dtype))
@@ -219,7 +218,6 @@ def checked_source(reader, dtype, digests: SourceDigests):
 def clean_stale(workdir: str, *, force: bool = False) -> list[str]:
   """Remove the temporary directories that killed writers left in the workdir, its state and blocks
   (`fileio.clean_stale`: only those whose owner process is gone, or all with force=True)."""
-  from qdllm_jax import fileio
   removed = []
   for d in (workdir, os.path.join(workdir, "state"), os.path.join(workdir, "state", "blocks")):
     removed += fileio.clean_stale(d, force=force)

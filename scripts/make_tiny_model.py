@@ -57,6 +57,7 @@ def build_tokenizer(splits, tok_dir: str, seed: int, vocab: int):
 def heldout_loss(params, cfg, tok, docs, seed: int, n_batches: int = 8, batch: int = 16, length: int = 128):
   """Mean L_pre on held-out chapter windows (fixed windows and noise): a Monte-Carlo NLL bound per token."""
   import jax
+
   from qdllm_jax.train import objective
   stream = windows.encode_stream(tok, docs)
   rng = np.random.default_rng([seed, 99])

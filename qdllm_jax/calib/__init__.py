@@ -6,8 +6,14 @@
 """
 from qdllm_jax.calib.capture import Capture, block_outputs, capture_block
 from qdllm_jax.calib.mcs import calibration_inputs, mcs_mask, mcs_timesteps
-from qdllm_jax.calib.windows import (docs_to_stream, load_dataset_texts, make_windows, read_text_files,
-                                     tokenize_documents, windows_from_texts)
+from qdllm_jax.calib.windows import (
+                                     docs_to_stream,
+                                     load_dataset_texts,
+                                     make_windows,
+                                     read_text_files,
+                                     tokenize_documents,
+                                     windows_from_texts,
+)
 
 __all__ = ["Capture", "block_outputs", "capture_block", "calibration_inputs", "mcs_mask", "mcs_timesteps",
            "docs_to_stream", "load_dataset_texts", "make_windows", "read_text_files", "tokenize_documents",

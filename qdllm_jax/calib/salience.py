@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from qdllm_jax.calib import capture
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models.families import family_of
+from qdllm_jax.quant import abmp, hessian
 
 log = logging.getLogger(__name__)
 SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
@@ -56,7 +57,6 @@ def global_orders(source, x0, plan, *, ratio: float | None = 0.05, target_bits: 
   Returns:
     ({(layer, name): int8 orders [in / group_size]}, achieved true bits per weight).
   """
-  from qdllm_jax.quant import abmp, hessian  # the quantizer package (written alongside)
   cfg = source.config
   family = family_of(cfg)
   parts = participants(plan, cfg)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 
+from qdllm_jax.data import corpus, windows
+from qdllm_jax.data.tokenizer import load_tokenizer
+from qdllm_jax.models.checkpoint_io import load_pretrained
+
 _TEMPLATE = """# tiny-llada: a {params_m:.2f} M-parameter masked-diffusion LM in the exact LLaDA format
 
 The model every quantization method of qdllm-jax is measured on when no hub checkpoint can be reached.
@@ -98,7 +102,6 @@ def _rows(kind: str, d: dict) -> str:
 def unigram_entropy(tok) -> float:
   """H = -sum_v f_v log f_v (nats) of the token frequencies f of the training stream (corpus.load_splits)."""
   import numpy as np
-  from qdllm_jax.data import corpus, windows
   f = np.bincount(windows.encode_stream(tok, corpus.load_splits()["train"]))
   f = f[f > 0] / f.sum()
   return float(-(f * np.log(f)).sum())
@@ -124,8 +127,6 @@ def _phase_note(phases: list) -> str:
 def write(out_dir: str, summary: dict, history: list[dict]) -> str:
   """Render README.md into out_dir from the summary dict of scripts/make_tiny_model.py; returns its path."""
   import jax
-  from qdllm_jax.data.tokenizer import load_tokenizer
-  from qdllm_jax.models.checkpoint_io import load_pretrained
   cfg = load_pretrained(out_dir).config
   tc, fl = dict(summary["train_config"]), summary["final_loss"]
   if "phases" not in tc:  # a summary written before runs had phases: one phase

@@ -180,8 +180,9 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
   if 4 * n * out * nu <= GEMV_DIRECT_BYTES:  # one loop per token: the pre-chunking code path, timed equal
     return jnp.stack([rows_product(xs[i:i + 1], xgs[i:i + 1], qw.qweight, s, sz)[0] for i in range(n)])
   rows = common.divisor_at_most(out, max(1, GEMV_CHUNK_BYTES // (4 * n * nu)))
-  y = lax.map(lambda a: rows_product(xs, xgs, *a), (qw.qweight.reshape(out // rows, rows, -1),
-                                                    s.reshape(out // rows, rows, ng), sz.reshape(out // rows, rows, ng)))
+  chunks = (qw.qweight.reshape(out // rows, rows, -1), s.reshape(out // rows, rows, ng),
+            sz.reshape(out // rows, rows, ng))
+  y = lax.map(lambda a: rows_product(xs, xgs, *a), chunks)
   return y.transpose(1, 0, 2).reshape(n, out)
 
 

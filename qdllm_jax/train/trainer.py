@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qdllm_jax.data import windows
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
 from qdllm_jax.models.config import ModelConfig
@@ -122,7 +123,6 @@ def train_step(params, opt_state, batch: dict, key: jax.Array, *, cfg: ModelConf
 def host_batch(tc: TrainConfig, step: int, stream: np.ndarray, tok, families) -> dict:
   """The numpy batch of global `step` from default_rng([seed, step]): the task rows of its phase (if any), then
   its corpus windows."""
-  from qdllm_jax.data import windows
   rng = np.random.default_rng([tc.seed, step])
   _, ph = tc.phase_at(step)
   if ph.task_batch == 0:

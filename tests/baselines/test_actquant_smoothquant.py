@@ -8,7 +8,6 @@ import pytest
 from qdllm_jax.baselines import actquant, smoothquant
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import transformer
-
 from tests.baselines import np_ref
 from tests.baselines.conftest import outlier_params
 

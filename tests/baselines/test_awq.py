@@ -6,7 +6,6 @@ import pytest
 from qdllm_jax.baselines import awq
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import layers, transformer
-
 from tests.baselines import np_ref
 from tests.baselines.conftest import outlier_params
 

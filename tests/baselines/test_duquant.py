@@ -6,7 +6,6 @@ import pytest
 
 from qdllm_jax.baselines import actquant, duquant, smoothquant
 from qdllm_jax.errors import QuantizationError
-
 from tests.baselines import np_ref
 from tests.baselines.conftest import residual_outlier_params
 

@@ -8,7 +8,6 @@ import scipy.linalg
 from qdllm_jax.baselines import actquant, quarot
 from qdllm_jax.errors import ConfigError, QuantizationError
 from qdllm_jax.models import transformer
-
 from tests.baselines import np_ref
 from tests.baselines.conftest import residual_outlier_params
 

@@ -1,10 +1,10 @@
 """capture_block: per-tap Hessians and outputs vs an independent NumPy re-run of the block."""
 import jax
 import jax.numpy as jnp
+import np_block_ref as ref
 import numpy as np
 import pytest
 
-import np_block_ref as ref
 from qdllm_jax.calib import capture
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer

@@ -9,8 +9,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from ckpt_common import CFG
+
 from qdllm_jax.checkpoint import load_quantized, save_quantized, store
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.models import transformer

@@ -206,8 +206,7 @@ def test_sizes_match_the_arrays(saved, qparams):
   q_bytes = q_params = d_bytes = d_params = 0
   for leaf in jax.tree.leaves(qparams, is_leaf=is_qw):
     if is_qw(leaf):
-      arrays = [np.asarray(getattr(leaf, f)) for f in ("planes", "a_r", "a_c", "orders", "plane_block", "qweight",
-                                                       "scales", "zeros", "g_idx") if getattr(leaf, f, None) is not None]
+      arrays = [np.asarray(getattr(leaf, f)) for f in leaf.ARRAY_FIELDS if getattr(leaf, f) is not None]
       q_bytes += sum(a.nbytes for a in arrays)
       q_params += leaf.shape[0] * leaf.shape[1]
     else:

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdllm_jax.kernels import common
-from qdllm_jax.kernels import qmatmul, xla
+from qdllm_jax.kernels import common, qmatmul, xla
 
 PLANE_SHAPES = [(72, 256, [1, 3]), (136, 640, [2, 1, 3, 2, 3]), (200, 384, [3, 1, 2])]
 CASES = [(s, b) for s in PLANE_SHAPES for b in [(1,), (3,), (2, 37)]] + [(PLANE_SHAPES[1], (8,))]

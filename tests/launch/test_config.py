@@ -30,8 +30,8 @@ def test_every_config_loads_and_validates_for_a_dry_run(name):
     assert (spec.calib.nsamples, spec.calib.seqlen, spec.quant.group_size) == (128, 4096, 128)
 
 
-@pytest.mark.parametrize("preset,method,bits", [("gptq_w3", "gptq", 3), ("rtn_w4", "rtn", 4), ("order1", "quant_dllm", 1),
-                                                ("quant_dllm_w2", "quant_dllm", 2)])
+@pytest.mark.parametrize("preset,method,bits", [("gptq_w3", "gptq", 3), ("rtn_w4", "rtn", 4),
+                                                ("order1", "quant_dllm", 1), ("quant_dllm_w2", "quant_dllm", 2)])
 def test_presets_set_the_method(preset, method, bits):
   spec = config_lib.validate(_cfg("llada8b", preset=preset), dry_run=True)
   assert (spec.quant.method, spec.quant.bits) == (method, bits)

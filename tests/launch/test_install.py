@@ -42,7 +42,8 @@ def _run(target, cwd, *args, timeout=300):
 
 def test_installed_package_carries_its_data(installed, tmp_path):
   code = ("import qdllm_jax, os; from qdllm_jax.data import shipped, corpus; "
-          "print(qdllm_jax.__file__); print(os.path.isfile(os.path.join(shipped.TINY_MODEL_DIR, 'model.safetensors'))); "
+          "print(qdllm_jax.__file__); "
+          "print(os.path.isfile(os.path.join(shipped.TINY_MODEL_DIR, 'model.safetensors'))); "
           "print(len(corpus.load_splits()['train']))")
   r = _run(installed, tmp_path, "-c", code)
   assert r.returncode == 0, r.stderr[-2000:]

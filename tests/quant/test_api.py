@@ -1,8 +1,8 @@
 """Public API: input validation before heavy work, method dispatch, diagnostics, shared-Hessian batching."""
 import numpy as np
 import pytest
-
 import quant_ref as ref
+
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.quant import quantize_weight, quantize_weights_shared
 from qdllm_jax.quant.packed import LAYOUT_VERSION

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import quant_ref as ref
+
 from qdllm_jax.quant import daq
 from qdllm_jax.quant.packed import from_binary_planes
 

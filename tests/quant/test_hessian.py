@@ -2,8 +2,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import quant_ref as ref
+
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.quant.hessian import hessian_update, layer_errors, layer_loss, prepare_hessian, relative_output_error
 

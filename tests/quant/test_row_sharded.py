@@ -2,8 +2,8 @@
 import jax
 import numpy as np
 import pytest
-
 import quant_ref as ref
+
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.quant import daq, gptq, row_sharded
 from qdllm_jax.sharding import make_mesh

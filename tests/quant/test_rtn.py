@@ -2,8 +2,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import quant_ref as ref
+
 from qdllm_jax.quant.rtn import find_params, rtn_quantize
 
 

@@ -14,9 +14,15 @@ import pytest
 import torch
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.sampling import (dream_generate, dream_step_noise, dream_transfer_factors,
-                                gumbel_precision_check, llada_generate, llada_step_noise,
-                                topk_row_mask)
+from qdllm_jax.sampling import (
+  dream_generate,
+  dream_step_noise,
+  dream_transfer_factors,
+  gumbel_precision_check,
+  llada_generate,
+  llada_step_noise,
+  topk_row_mask,
+)
 
 V, D, MASK = 32, 16, 31
 TRACES = []
