@@ -4,8 +4,8 @@
     python3 benchmarks/bench_decode.py --parts stack --blocks 2 --batches 1,8     # the 8B-shaped stack only
     python3 benchmarks/bench_decode.py --parts stack --formats int2 --steps 2     # a quick smoke run
 
-Part "tiny": the shipped tiny LLaDA (assets/tiny-llada, float32) against its quantized checkpoint (the launch's
-WORKDIR/checkpoint, packed weights on the backend's kernels). Part "stack": a random LLaDA-8B-shaped stack of
+Part "tiny": the shipped tiny LLaDA (qdllm_jax/shipped/tiny-llada, float32) against its quantized checkpoint
+(the launch's WORKDIR/checkpoint, packed weights on the backend's kernels). Part "stack": a random LLaDA-8B-shaped stack of
 --blocks blocks (d_model 4096, 32 heads, SwiGLU 12288; a --vocab-sized embedding and head instead of 126464, so the
 blocks dominate), dense bfloat16 against packed weights of every format (binary_planes: DAQ planes with ABMP
 orders, 2.26 bits; int2 / int3 / int4: uniform g128; bench_kernels.make_weight), activations bfloat16.
@@ -133,7 +133,7 @@ def bench(title, models: dict, base: str, args, prompt, gen, steps, rows: list):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--parts", default="tiny,stack")
-  ap.add_argument("--tiny_fp", default="assets/tiny-llada")
+  ap.add_argument("--tiny_fp", default="qdllm_jax/shipped/tiny-llada")
   ap.add_argument("--tiny_checkpoint", default="runs/tiny/checkpoint")
   ap.add_argument("--blocks", type=int, default=1)
   ap.add_argument("--vocab", type=int, default=4096)
@@ -153,7 +153,7 @@ def main(argv=None):
     models = {"fp32 dense": load_pretrained(args.tiny_fp), "packed": load_quantized(args.tiny_checkpoint)}
     print(f"tiny: {args.tiny_fp} vs {args.tiny_checkpoint}: "
           f"{engine_lib.describe_path(models['packed'].params, 'quantized', False)}")
-    bench("tiny LLaDA (assets/tiny-llada) fp32 vs its quantized checkpoint", models, "fp32 dense", args,
+    bench("tiny LLaDA (qdllm_jax/shipped/tiny-llada) fp32 vs its quantized checkpoint", models, "fp32 dense", args,
           args.prompt, 32, 32, rows)
   if "stack" in parts:
     models = stack_models(args.blocks, args.vocab, args.formats.split(","))

@@ -25,11 +25,11 @@ import time
 import numpy as np
 
 from qdllm_jax import checkpoint as ckpt_lib
-from qdllm_jax import config as config_lib
+from qdllm_jax import config_check as config_lib
 from qdllm_jax import launch
 from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.eval import fidelity, protocols
-from qdllm_jax.models import checkpoint_io
+from qdllm_jax.models import hf_checkpoint
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import pipeline
 from qdllm_jax.quant import rules as rules_lib
@@ -104,14 +104,14 @@ def run_table(rows, n_sentences=None, seed=0, on_row=None) -> list[dict]:
   """One dict per row: label, true_bits_per_weight, metrics, paired comparison vs FP, quantize / eval seconds;
   on_row(rows so far) after each row (the CLI rewrites its JSON, so a long run keeps what it finished)."""
   c = launch.load_config(CONFIG)
-  reader = checkpoint_io.open_checkpoint(c.model_path)
-  tok = checkpoint_io.load_tokenizer(c.model_path)
+  reader = hf_checkpoint.open_checkpoint(c.model_path)
+  tok = hf_checkpoint.load_tokenizer(c.model_path)
   spec = protocols.get_protocol(c.eval.protocol).fidelity
   if n_sentences:
     import dataclasses
     spec = dataclasses.replace(spec, n_sentences=n_sentences, jackknife_groups=min(spec.jackknife_groups,
                                                                                    n_sentences))
-  fp = checkpoint_io.load_pretrained(c.model_path, "float32")
+  fp = hf_checkpoint.load_pretrained(c.model_path, "float32")
   inputs = fidelity.fidelity_inputs(tok, spec, seed=seed, mask_id=reader.config.mask_id)
   t = time.perf_counter()
   ref = fidelity.encode_states(fidelity.model_states_fn(fp), inputs, spec.batch)

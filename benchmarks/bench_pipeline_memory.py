@@ -69,7 +69,7 @@ def write_checkpoint(path: str, shape: str, n_layers: int | None, dtype: str, sh
   import ml_dtypes
 
   from qdllm_jax.models import transformer
-  from qdllm_jax.models.checkpoint_io import save_pretrained
+  from qdllm_jax.models.hf_checkpoint import save_pretrained
   from qdllm_jax.models.llada import LLADA_8B, llada_config
   over = dict(SHAPES[shape])
   if n_layers:
@@ -116,8 +116,8 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   import jax
 
   from qdllm_jax import checkpoint
-  from qdllm_jax.calib import mcs, windows
-  from qdllm_jax.models.checkpoint_io import open_checkpoint
+  from qdllm_jax.calib import mcs, text_windows
+  from qdllm_jax.models.hf_checkpoint import open_checkpoint
   from qdllm_jax.quant import pipeline, rules
   jax.numpy.zeros(1).block_until_ready()
   rss0 = _rss_bytes()
@@ -125,7 +125,7 @@ def run_pipeline(ckpt: str, nsamples: int, seqlen: int, method: str, group_size:
   cfg = reader.config
   stream = np.random.default_rng(0).integers(0, min(cfg.vocab_size, cfg.mask_id or cfg.vocab_size),
                                              size=nsamples * seqlen * 2).astype(np.int32)
-  ids = mcs.calibration_inputs(windows.make_windows(stream, nsamples, seqlen, 0), cfg)
+  ids = mcs.calibration_inputs(text_windows.make_windows(stream, nsamples, seqlen, 0), cfg)
   trace = []
   table = rules.default_rules(method, 2, group_size)
   # the plan's prediction for this run, measured in this process on this backend before the run (plan_timing)

@@ -29,7 +29,7 @@ from qdllm_jax.quant import abmp  # noqa: E402
 from qdllm_jax.quant.api import quantize_weight  # noqa: E402
 from qdllm_jax.quant.daq import daq_quantize  # noqa: E402
 from qdllm_jax.quant.gptq import gptq_quantize  # noqa: E402
-from qdllm_jax.quant.hessian import hessian_update, layer_loss, prepare_hessian, relative_output_error  # noqa: E402
+from qdllm_jax.quant.hessian import hessian_update, layer_loss, prepare_hessian, relative_sq_output_error  # noqa: E402
 
 
 def make_layer(out: int, n: int, seed: int = 0, chunk: int = 2048):
@@ -83,7 +83,7 @@ def bench(out: int, n: int, repeats: int, methods):
     t_solve, c_solve, _ = timed(solve, repeats)
     w_hat = qw.dequantize()
     loss = float(layer_loss(wj, w_hat, hj))
-    rel = float(relative_output_error(wj, w_hat, hj))
+    rel = float(relative_sq_output_error(wj, w_hat, hj))
     print(f"  {name:5s} quantize_weight total {t_all:.3f} s (cpu {c_all:.2f}) | solver only {t_solve:.3f} s "
           f"(cpu {c_solve:.2f}) | "
           f"layer loss {loss:.4g} (relative {rel:.4f}) | {qw.bits_per_weight:.4f} bits/weight", flush=True)

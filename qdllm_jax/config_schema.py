@@ -1,7 +1,7 @@
 """The run config schema: typed frozen dataclasses with their defaults and one line of documentation per key.
 
 This is the single source of the schema. `defaults()` builds the `ml_collections.ConfigDict` that every
-`configs/<run>.py` starts from (`qdllm_jax.run_configs.model_config`), `qdllm_jax.config.validate` checks a
+`configs/<run>.py` starts from (`qdllm_jax.run_configs.model_config`), `qdllm_jax.config_check.validate` checks a
 ConfigDict against it and returns a `RunSpec`, and `describe()` lists every key with its default and meaning
 (`python -m qdllm_jax.launch --help_keys`, docs/launch.md). Keys whose field carries `non_semantic` do not
 change the quantized checkpoint and are left out of the workdir fingerprint, so changing them never blocks

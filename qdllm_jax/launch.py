@@ -84,7 +84,7 @@ def main(argv=None) -> int:
       return 0
     setup_logging(args.log_level)
     c = load_config(args.config, overrides)
-    from qdllm_jax import config as config_lib
+    from qdllm_jax import config_check as config_lib
     from qdllm_jax import plan as plan_lib
     from qdllm_jax import run as run_lib
     spec = config_lib.validate(c, workdir=args.workdir, dry_run=args.dry_run)

@@ -352,7 +352,7 @@ def dry_run(spec) -> tuple[str, RunPlan]:
   import jax
   import jax.numpy as jnp
 
-  from qdllm_jax import config as config_lib
+  from qdllm_jax import config_check as config_lib
   if spec.model_preset:
     cfg = model_preset_config(spec.model_preset)
   else:

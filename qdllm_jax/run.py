@@ -28,7 +28,7 @@ import numpy as np
 
 import qdllm_jax
 from qdllm_jax import checkpoint as ckpt_lib
-from qdllm_jax import config as config_lib
+from qdllm_jax import config_check as config_lib
 from qdllm_jax import multihost, sharding
 from qdllm_jax import plan as plan_lib
 from qdllm_jax import report as report_lib
@@ -37,7 +37,7 @@ from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.eval import paired as paired_lib
 from qdllm_jax.eval import protocols, run_eval
-from qdllm_jax.models import checkpoint_io, families, hf
+from qdllm_jax.models import families, hf, hf_checkpoint
 from qdllm_jax.progress import block_progress
 from qdllm_jax.quant import pipeline
 
@@ -86,10 +86,10 @@ def prepare(spec) -> Prepared:
   if spec.distributed:
     multihost.distributed_initialize()
   _step(0, "model %s", spec.model_path)
-  reader = checkpoint_io.open_checkpoint(spec.model_path)
+  reader = hf_checkpoint.open_checkpoint(spec.model_path)
   cfg = reader.config
   rules_plan = config_lib.check_model(spec, cfg)
-  tok = checkpoint_io.load_tokenizer(spec.model_path)
+  tok = hf_checkpoint.load_tokenizer(spec.model_path)
   config_lib.check_tokenizer(tok, cfg, spec.model_path)
   if spec.eval.protocol and protocols.get_protocol(spec.eval.protocol).data != "shipped":  # lm-eval protocols
     if importlib.util.find_spec("lm_eval") is None:

@@ -32,15 +32,15 @@ import ml_collections as mlc
 import numpy as np
 
 from qdllm_jax import cli, config_schema, run_configs, sharding
-from qdllm_jax import config as config_lib
+from qdllm_jax import config_check as config_lib
 from qdllm_jax import report as report_lib
 from qdllm_jax import workdir as workdir_lib
-from qdllm_jax.baselines import actquant, awq, duquant, quarot, smoothquant
+from qdllm_jax.baselines import awq, duquant, quarot, smoothquant, weight_activation
 from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import ConfigError, QdllmError
 from qdllm_jax.eval import paired, protocols, run_eval
 from qdllm_jax.key_tree import purpose_key
-from qdllm_jax.models import checkpoint_io
+from qdllm_jax.models import hf_checkpoint
 from qdllm_jax.quant import pipeline, rules
 
 log = logging.getLogger("qdllm_jax.study")
@@ -125,25 +125,27 @@ def build(entry: Entry, model, ids: np.ndarray, d: dict, key):
   if entry.method == "fp":
     return model
   if entry.method == "rtn":
-    return actquant.make_model(actquant.fake_quant_weights(params, w, group_size=wo["group_size"], sym=wo["sym"]), cfg)
+    qp = weight_activation.fake_quant_weights(params, w, group_size=wo["group_size"], sym=wo["sym"])
+    return weight_activation.make_model(qp, cfg)
   if entry.method == "gptq":  # the packed streaming pipeline; calibration unmasked, as the study
     plan = rules.default_rules("gptq", w, wo["group_size"], sym=wo["sym"], percdamp=wo["percdamp"])
     qparams, _ = pipeline.quantize_model((params, cfg), ids, plan)
     return model.replace_params(qparams)
   if entry.method == "awq":
-    return actquant.make_model(awq.awq(params, cfg, ids, w_bits=w, group_size=wo["group_size"], **d["awq"])[0], cfg)
+    qp = awq.awq(params, cfg, ids, w_bits=w, group_size=wo["group_size"], **d["awq"])[0]
+    return weight_activation.make_model(qp, cfg)
   if entry.method == "smoothquant":
     qp = smoothquant.smoothquant(params, cfg, ids, w_bits=w, alpha=d["smoothquant"]["alpha"])
-    return actquant.make_model(qp, cfg, entry.a_bits)
+    return weight_activation.make_model(qp, cfg, entry.a_bits)
   if entry.method == "quarot":
     q = d["quarot"]
     qp, rots, _ = quarot.quarot(params, cfg, key, w_bits=w, rotate_ov=q["rotate_ov"], online_down=q["online_down"],
                                 w_method=q["w_method"], calib_ids=ids)
-    return actquant.make_model(qp, cfg, entry.a_bits, a_sym=True, rots=rots)
+    return weight_activation.make_model(qp, cfg, entry.a_bits, a_sym=True, rots=rots)
   dq = d["duquant"]
   qp, rots = duquant.duquant(params, cfg, ids, key, w_bits=w, alpha=dq["alpha"], block_size=dq["block_size"],
                              max_steps=dq["max_steps"], w_clip=dq["w_clip"])
-  return actquant.make_model(qp, cfg, entry.a_bits, a_clip=dq["a_clip"], rots=rots)
+  return weight_activation.make_model(qp, cfg, entry.a_bits, a_clip=dq["a_clip"], rots=rots)
 
 
 def _fingerprint(entry: Entry, d: dict, model_digest: str) -> str:
@@ -225,10 +227,10 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   proto = protocols.get_protocol(d["eval"]["protocol"])  # unknown protocol -> ConfigError before loading
   wd = d["workdir"]
   os.makedirs(os.path.join(wd, "entries"), exist_ok=True)
-  model = checkpoint_io.load_pretrained(d["model_path"], d["dtype"])
-  tok = checkpoint_io.load_tokenizer(d["model_path"])
+  model = hf_checkpoint.load_pretrained(d["model_path"], d["dtype"])
+  tok = hf_checkpoint.load_tokenizer(d["model_path"])
   config_lib.check_tokenizer(tok, model.config, d["model_path"])
-  digest = workdir_lib.model_identity(checkpoint_io.open_checkpoint(d["model_path"]))
+  digest = workdir_lib.model_identity(hf_checkpoint.open_checkpoint(d["model_path"]))
   calib = config_schema.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
                                nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
                                prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")

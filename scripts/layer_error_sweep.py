@@ -46,15 +46,15 @@ def tiny_hessians():
   """[(name, W float32 [out, in], H float32 [in, in])] for the 28 linears, H from the FP model's own inputs."""
   import jax
 
-  from qdllm_jax import config as config_lib
+  from qdllm_jax import config_check as config_lib
   from qdllm_jax import launch
   from qdllm_jax.calib import capture
   from qdllm_jax.calib.calibration import calibration
-  from qdllm_jax.models import checkpoint_io, transformer
+  from qdllm_jax.models import hf_checkpoint, transformer
   spec = config_lib.validate(launch.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")),
                              workdir=tempfile.mkdtemp(prefix="layer-error-sweep-"))
-  model = checkpoint_io.load_pretrained(spec.model_path, "float32")
-  tok = checkpoint_io.load_tokenizer(spec.model_path)
+  model = hf_checkpoint.load_pretrained(spec.model_path, "float32")
+  tok = hf_checkpoint.load_tokenizer(spec.model_path)
   _, ids, _ = calibration(spec.calib, spec.seed, tok, model.config)
   x = transformer.embed(model.params, jax.numpy.asarray(ids))
   out = []
@@ -78,7 +78,7 @@ def sweep(layers, settings):
     t0, errs, bpw, n = time.time(), [], 0.0, 0
     for _, w, h in layers:
       qw, info = quantize_weight(w, h, return_info=True, **kw)
-      errs.append(float(np.sqrt(info["relative_output_error"])))
+      errs.append(float(np.sqrt(info["relative_sq_output_error"])))
       bpw, n = bpw + qw.bits_per_weight * w.size, n + w.size
     rows.append(dict(label=label, bpw=bpw / n, errs=np.asarray(errs), seconds=time.time() - t0))
   return rows

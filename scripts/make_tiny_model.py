@@ -1,11 +1,12 @@
-"""Reproduce the shipped tiny LLaDA (assets/tiny-llada) from a seed, on CPU.
+"""Reproduce the shipped tiny LLaDA (qdllm_jax/shipped/tiny-llada) from a seed, on CPU.
 
-  python3 scripts/make_tiny_model.py --out assets/tiny-llada --seed 0 --steps 900
+  python3 scripts/make_tiny_model.py --out qdllm_jax/shipped/tiny-llada --seed 0 --steps 900
   python3 scripts/make_tiny_model.py --out runs/m2 --phases 900:8:96:1.0,1200:16:32:0.5   # several phases
 
 --steps N [--batch B --task_batch T] is one phase N:B:T:1.0 (the shipped model's command).
 
-Steps: read the shipped corpus (assets/corpus/kjv.txt; --extract rebuilds it from the Debian `bible` program),
+Steps: read the shipped corpus (qdllm_jax/shipped/corpus/kjv.txt; --extract rebuilds it from the Debian `bible`
+program),
 split it by chapter hash, train the byte-level BPE on the train split + training-pool task text, export the
 fixed eval sets, train with LLaDA's objective (trainer.py), save the HF checkpoint with the tokenizer, then
 score the tasks and write the model card README.md and training_summary.json.
@@ -26,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from qdllm_jax.data import corpus, task_eval, tasks, tokenizer, windows  # noqa: E402
-from qdllm_jax.models import checkpoint_io, transformer  # noqa: E402
+from qdllm_jax.data import corpus, sequences, task_eval, tasks, tokenizer  # noqa: E402
+from qdllm_jax.models import hf_checkpoint, transformer  # noqa: E402
 from qdllm_jax.models.llada import LLADA_8B, llada_config  # noqa: E402
 from qdllm_jax.train import trainer  # noqa: E402
 
@@ -59,17 +60,17 @@ def heldout_loss(params, cfg, tok, docs, seed: int, n_batches: int = 8, batch: i
   import jax
 
   from qdllm_jax.train import objective
-  stream = windows.encode_stream(tok, docs)
+  stream = sequences.encode_stream(tok, docs)
   rng = np.random.default_rng([seed, 99])
   f = jax.jit(objective.pretrain_loss, static_argnums=1)
-  vals = [float(f(params, cfg, windows.corpus_batch(stream, rng, batch, length), jax.random.PRNGKey(1000 + i)))
+  vals = [float(f(params, cfg, sequences.corpus_batch(stream, rng, batch, length), jax.random.PRNGKey(1000 + i)))
           for i in range(n_batches)]
   return float(np.mean(vals))
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", default="assets/tiny-llada")
+  ap.add_argument("--out", default="qdllm_jax/shipped/tiny-llada")
   ap.add_argument("--workdir", default="runs/tiny-llada-work")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--phases", default=PHASES, help="comma list of steps:batch:task_batch:task_weight (corpus "
@@ -86,7 +87,7 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=100)
   ap.add_argument("--vocab", type=int, default=2048)
   ap.add_argument("--eval_every", type=int, default=300)
-  ap.add_argument("--extract", action="store_true", help="rebuild assets/corpus/kjv.txt from `bible` first")
+  ap.add_argument("--extract", action="store_true", help="rebuild qdllm_jax/shipped/corpus/kjv.txt from `bible` first")
   args = ap.parse_args(argv)
   if args.steps is not None:
     args.phases = f"{args.steps}:{args.batch}:{args.task_batch}:1.0"
@@ -112,7 +113,7 @@ def main(argv=None):
   log(f"corpus: {len(splits['train'])} train / {len(splits['heldout'])} held-out chapters")
   tok_dir = os.path.join(args.workdir, "tokenizer")
   if args.init_from:  # the tokenizer of the run being resumed
-    init = checkpoint_io.load_pretrained(args.init_from)
+    init = hf_checkpoint.load_pretrained(args.init_from)
     os.makedirs(tok_dir, exist_ok=True)
     for f in tokenizer.TOKENIZER_FILES:
       shutil.copyfile(os.path.join(args.init_from, f), os.path.join(tok_dir, f))
@@ -123,7 +124,7 @@ def main(argv=None):
   log(f"tokenizer: {len(tok)} ids; eval sets {paths}")
   cfg = llada_config(LLADA_8B, **arch, **tokenizer.config_overrides(tok))
   log(f"model: {transformer.num_params(cfg)} params, {cfg}")
-  stream = windows.encode_stream(tok, splits["train"])
+  stream = sequences.encode_stream(tok, splits["train"])
   tc = trainer.TrainConfig(seed=args.seed, phases=[trainer.Phase.parse(p) for p in args.phases.split(",")],
                            task_width=args.task_width, lr=args.lr, warmup=args.warmup)
   log(f"train: {stream.shape[0]} corpus tokens; {tc}")
@@ -131,7 +132,7 @@ def main(argv=None):
   ckpt = os.path.join(args.workdir, "ckpt")
 
   def eval_fn(params, step):
-    checkpoint_io.save_pretrained(params, cfg, ckpt, tokenizer_from=tok_dir, overwrite=True)
+    hf_checkpoint.save_pretrained(params, cfg, ckpt, tokenizer_from=tok_dir, overwrite=True)
     return {"gen": task_eval.eval_generation(params, cfg, tok, gen_set),
             "mc": task_eval.eval_multiple_choice(params, cfg, tok, mc_set)}
 
@@ -140,8 +141,8 @@ def main(argv=None):
                                   eval_every=args.eval_every, params=init.params if args.init_from else None,
                                   start_phase=args.start_phase)
   train_s = time.time() - t_train
-  checkpoint_io.save_pretrained(params, cfg, args.out, tokenizer_from=tok_dir, overwrite=True)
-  model = checkpoint_io.load_pretrained(args.out)  # score what was shipped
+  hf_checkpoint.save_pretrained(params, cfg, args.out, tokenizer_from=tok_dir, overwrite=True)
+  model = hf_checkpoint.load_pretrained(args.out)  # score what was shipped
   gen = task_eval.eval_generation(model.params, cfg, tok, gen_set)
   mc = task_eval.eval_multiple_choice(model.params, cfg, tok, mc_set)
   held = heldout_loss(model.params, cfg, tok, splits["heldout"], args.seed)

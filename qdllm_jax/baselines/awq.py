@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.baselines import actquant
+from qdllm_jax.baselines import weight_activation
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import layers, transformer
 
@@ -183,11 +183,11 @@ def awq(params: dict, cfg, calib_ids, *, w_bits: int = 4, group_size: int = 128,
   Returns (params with every block linear scaled, clipped and (if quantize) pseudo-quantized,
   list per block of {group: chosen a}).
   """
-  actquant.require_prenorm_decoder(
+  weight_activation.require_prenorm_decoder(
       cfg, "AWQ",
       "its scales are folded into the RMSNorm weight before q/k/v and gate/up and into v before o (arXiv "
       "2306.00978 §3.2); a post-LN block has no norm in front of its linears")
-  actquant.check_bits(w_bits, "w_bits", allow_none=False)
+  weight_activation.check_bits(w_bits, "w_bits", allow_none=False)
   if w_bits > 8:
     raise QuantizationError(f"w_bits={w_bits} is not supported by AWQ; expected 2..8.")
   ids = jnp.asarray(calib_ids)

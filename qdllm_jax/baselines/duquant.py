@@ -11,7 +11,7 @@ Per block and tap (qkv, o, gate_up, down), from the FP calibration inputs X [T, 
      0..n-1, ... so outlier mass is balanced across blocks;
   4. a second greedy block rotation R2 on X R1 P.
 The online transform of the tap is T = diag(s)^-1 R1 P R2 (applied in the forward by
-`actquant.forward_actquant(rots=...)`), and each linear reading it becomes W <- W diag(s) R1 P R2, so
+`weight_activation.forward_actquant(rots=...)`), and each linear reading it becomes W <- W diag(s) R1 P R2, so
 X W^T = (X T)(W')^T exactly. Weights: per output channel asymmetric with the range clipped by `w_clip`
 (0.8); activations: per token asymmetric with `a_clip` (0.9) in the forward.
 Not implemented: quantizing the QK^T and PV matmul inputs (DuQuant does it when activations are quantized).
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.baselines import actquant, quarot, smoothquant
+from qdllm_jax.baselines import quarot, smoothquant, weight_activation
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import layers, transformer
 
@@ -94,15 +94,15 @@ def duquant(params: dict, cfg, calib_ids, key, *, w_bits: int = 4, alpha: float 
             max_steps: int = 256, w_clip: float = 0.8, n_rot_tokens: int = 2048):
   """DuQuant W{w_bits} (module docstring) on calibration windows int [N, L].
 
-  Run with `actquant.forward_actquant(qp, cfg, ids, a_bits, a_clip=0.9, rots=rots)`.
+  Run with `weight_activation.forward_actquant(qp, cfg, ids, a_bits, a_clip=0.9, rots=rots)`.
   Returns (params with transformed (and, for w_bits < 16, fake-quantized) linears, rots: list per block of
   {tap: T float32 [C, C]}).
   """
-  actquant.require_prenorm_decoder(
+  weight_activation.require_prenorm_decoder(
       cfg, "DuQuant",
       "its smoothing and rotations are fused into the pre-norm weights and the RoPE decoder block (arXiv "
       "2406.01721 §3)")
-  actquant.check_bits(w_bits, "w_bits", allow_none=False)
+  weight_activation.check_bits(w_bits, "w_bits", allow_none=False)
   if not 0.0 < w_clip <= 1.0:
     raise QuantizationError(f"w_clip={w_clip} must lie in (0, 1] (the study uses 0.8).")
   ids = jnp.asarray(calib_ids)
@@ -126,7 +126,7 @@ def duquant(params: dict, cfg, calib_ids, key, *, w_bits: int = 4, alpha: float 
       for n in names:
         w = jnp.matmul(p[n].astype(jnp.float32) * s[None, :], m, precision=jax.lax.Precision.HIGHEST)
         if w_bits < 16:
-          w = actquant.fake_quant_per_token(w, w_bits, sym=False, clip=w_clip)
+          w = weight_activation.fake_quant_per_token(w, w_bits, sym=False, clip=w_clip)
         p[n] = w.astype(p[n].dtype)
     blocks.append(p)
     rots.append(tr)

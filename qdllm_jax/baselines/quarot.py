@@ -11,7 +11,7 @@
 4. Online Hadamard before the down projection: act <- act R_F in the forward (`rots` = [{"down": R_F}] per
    block), W_down <- W_down R_F.
 Then RTN (or GPTQ, `w_method="gptq"`, as the study's code) per output channel, symmetric, on every block
-linear, and symmetric per-token activations in `actquant.forward_actquant(..., a_sym=True, rots=...)`.
+linear, and symmetric per-token activations in `weight_activation.forward_actquant(..., a_sym=True, rots=...)`.
 Hadamard orders: 2^k (Sylvester) times 1 or q+1 with q a prime = 3 mod 4 (Paley I), e.g. 12288 = 12 * 1024;
 other sizes fall back to a random orthogonal matrix (QR of a Gaussian), reported by `rotation`'s flag.
 """
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.baselines import actquant
+from qdllm_jax.baselines import weight_activation
 from qdllm_jax.errors import ConfigError, QuantizationError
-from qdllm_jax.models import act_quant, layers, transformer
+from qdllm_jax.models import act_fake_quant, layers, transformer
 from qdllm_jax.quant.api import quantize_weights_shared
 
 IN_SIDE = ("q", "k", "v", "gate", "up")
@@ -88,7 +88,7 @@ def _mm(a, b):
 
 def fuse_norms(params: dict, cfg) -> dict:
   """Step 1: W <- W diag(g) for the linears after each RMSNorm; the norm weights become ones."""
-  actquant.require_prenorm_decoder(
+  weight_activation.require_prenorm_decoder(
       cfg, "QuaRot",
       "its rotation fusion assumes RMSNorm pre-norm blocks, whose scale-free norm commutes with an orthogonal "
       "rotation of the residual stream (arXiv 2404.00456 §4); LayerNorm mean-centering and biases on a post-LN "
@@ -117,7 +117,7 @@ def _blockdiag(h, reps):
 def rotate_params(params: dict, cfg, key: jax.Array, *, rotate_ov: bool = True, online_down: bool = True):
   """Steps 1-4 on an FP params pytree. Returns (rotated params, rots (list of {"down": R_F} per block, or None),
   info {"residual_hadamard": bool, "down_hadamard": bool})."""
-  actquant.require_prenorm_decoder(
+  weight_activation.require_prenorm_decoder(
       cfg, "QuaRot",
       "its rotation fusion assumes RMSNorm pre-norm blocks, whose scale-free norm commutes with an orthogonal "
       "rotation of the residual stream (arXiv 2404.00456 §4); LayerNorm mean-centering and biases on a post-LN "
@@ -159,7 +159,7 @@ def _taps(p, x, cfg, rots):
   b, t, _ = x.shape
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-  p = dict(p, **({act_quant.ONLINE: rots} if rots else {}))
+  p = dict(p, **({act_fake_quant.ONLINE: rots} if rots else {}))
   return transformer.block_forward(p, x, cfg, cos, sin, None, return_taps=True)
 
 
@@ -197,10 +197,10 @@ def quarot(params: dict, cfg, key: jax.Array, *, w_bits: int = 4, rotate: bool =
            online_down: bool = True, w_method: str = "rtn", calib_ids=None):
   """QuaRot W{w_bits} (per output channel, symmetric; "rtn" or "gptq" on calib_ids) after the rotation.
 
-  Run with `actquant.forward_actquant(qp, cfg, ids, a_bits, a_sym=True, rots=rots)`.
+  Run with `weight_activation.forward_actquant(qp, cfg, ids, a_bits, a_sym=True, rots=rots)`.
   Returns (fake-quantized params, rots or None, info).
   """
-  actquant.check_bits(w_bits, "w_bits", allow_none=False)
+  weight_activation.check_bits(w_bits, "w_bits", allow_none=False)
   if w_method not in ("rtn", "gptq"):
     raise QuantizationError(f"w_method={w_method!r} is unknown; expected 'rtn' or 'gptq'.")
   if w_method == "gptq" and calib_ids is None:
@@ -212,7 +212,7 @@ def quarot(params: dict, cfg, key: jax.Array, *, w_bits: int = 4, rotate: bool =
     return params, rots, info
   if w_method == "gptq":
     return gptq_weights(params, cfg, calib_ids, rots, w_bits=w_bits), rots, info
-  return actquant.fake_quant_weights(params, w_bits, group_size=-1, sym=True), rots, info
+  return weight_activation.fake_quant_weights(params, w_bits, group_size=-1, sym=True), rots, info
 
 
 __all__ = ["hadamard_matrix", "rotation", "fuse_norms", "rotate_params", "gptq_weights", "quarot"]

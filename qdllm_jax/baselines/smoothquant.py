@@ -11,7 +11,7 @@ W_v[c, :] /= s_c (and its bias), W_o[:, c] *= s_c; attention mixes tokens, not c
 by s exactly. q -> k smoothing only matters when QK^T is quantized, which this study's setting does not do.
 max|X_j| is taken over all calibration tokens (plain unmasked text, one bidirectional pass each).
 The folded model computes the same function in exact arithmetic. Weights are then RTN-quantized per
-output channel and activations per token (asymmetric) with `actquant.forward_actquant`.
+output channel and activations per token (asymmetric) with `weight_activation.forward_actquant`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qdllm_jax.baselines import actquant
+from qdllm_jax.baselines import weight_activation
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import layers, transformer
 
@@ -57,7 +57,7 @@ def collect_act_absmax(params: dict, cfg, calib_ids, batch_size: int = 8, attent
   Returns:
     list (n_layers) of {"qkv": [D], "o": [Hq*d], "gate_up": [D], "down": [F]} float32 arrays.
   """
-  actquant.require_prenorm_decoder(
+  weight_activation.require_prenorm_decoder(
       cfg, "SmoothQuant",
       "its per-channel scales are folded into the RMSNorm before each linear group (arXiv 2211.10438 §4) and its "
       "activation pass runs the decoder block")
@@ -134,13 +134,13 @@ def smoothquant(params: dict, cfg, calib_ids, *, w_bits: int = 8, alpha: float =
                 batch_size: int = 8) -> dict:
   """SmoothQuant W{w_bits}: smoothing (optional) then per-channel asymmetric RTN of every block linear.
 
-  Run the result with `actquant.forward_actquant(qparams, cfg, ids, a_bits)` (per-token asymmetric A).
+  Run the result with `weight_activation.forward_actquant(qparams, cfg, ids, a_bits)` (per-token asymmetric A).
   Returns the fake-quantized params pytree (same structure and dtypes as `params`).
   """
-  actquant.check_bits(w_bits, "w_bits", allow_none=False)
+  weight_activation.check_bits(w_bits, "w_bits", allow_none=False)
   if smooth:
     params, _ = smooth_params(params, collect_act_absmax(params, cfg, calib_ids, batch_size), alpha, cfg)
-  return actquant.fake_quant_weights(params, w_bits, group_size=-1, sym=False)
+  return weight_activation.fake_quant_weights(params, w_bits, group_size=-1, sym=False)
 
 
 __all__ = ["SMOOTH_GROUPS", "collect_act_absmax", "smooth_scales", "smooth_params", "smoothquant"]

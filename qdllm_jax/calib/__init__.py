@@ -6,7 +6,7 @@
 """
 from qdllm_jax.calib.capture import Capture, block_outputs, capture_block
 from qdllm_jax.calib.mcs import calibration_inputs, mcs_mask, mcs_timesteps
-from qdllm_jax.calib.windows import (
+from qdllm_jax.calib.text_windows import (
                                      docs_to_stream,
                                      load_dataset_texts,
                                      make_windows,

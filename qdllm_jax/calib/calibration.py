@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from qdllm_jax.calib import mcs
-from qdllm_jax.calib import windows as windows_lib
+from qdllm_jax.calib import text_windows as windows_lib
 from qdllm_jax.data import corpus
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.key_tree import purpose_key

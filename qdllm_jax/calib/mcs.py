@@ -22,10 +22,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qdllm_jax.calib.windows import as_key
+from qdllm_jax.calib.text_windows import as_key
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.families import family_of
+from qdllm_jax.models.model_config import ModelConfig
 
 MODES = ("mcs", "plain")
 

@@ -25,10 +25,10 @@ from safetensors.numpy import save_file
 from qdllm_jax.checkpoint import quantized, store, tree
 from qdllm_jax.errors import CheckpointError, FormatError
 from qdllm_jax.models import hf
-from qdllm_jax.models.checkpoint_io import _np_dtype, save_pretrained
-from qdllm_jax.models.config import ModelConfig, config_to_hf
 from qdllm_jax.models.families import config_from_hf
+from qdllm_jax.models.hf_checkpoint import _np_dtype, save_pretrained
 from qdllm_jax.models.model import Model
+from qdllm_jax.models.model_config import ModelConfig, config_to_hf
 
 PACKED_WEIGHTS = "model.safetensors"
 QUANT_CONFIG = "quantization_config.json"

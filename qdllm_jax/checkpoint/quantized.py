@@ -30,10 +30,10 @@ import jax.numpy as jnp
 from qdllm_jax import sharding as sharding_lib
 from qdllm_jax.checkpoint import integrity, store, tree
 from qdllm_jax.errors import CheckpointError
-from qdllm_jax.models.checkpoint_io import _TOKENIZER_CORE, TOKENIZER_FILES
-from qdllm_jax.models.config import ModelConfig, config_to_hf
 from qdllm_jax.models.families import config_from_hf, param_shapes
+from qdllm_jax.models.hf_checkpoint import _TOKENIZER_CORE, TOKENIZER_FILES
 from qdllm_jax.models.model import Model
+from qdllm_jax.models.model_config import ModelConfig, config_to_hf
 
 SIDECAR = "qdllm_checkpoint.json"
 CONFIG = "config.json"

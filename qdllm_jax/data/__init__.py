@@ -1,11 +1,11 @@
 """Data for the shipped tiny LLaDA: corpus, tokenizer, synthetic tasks, batches and task scoring.
 
-  corpus.load_splits()                      -> {'train': [chapter], 'heldout': [chapter]} (assets/corpus/kjv.txt)
+  corpus.load_splits()                      -> {'train': [chapter], 'heldout': [chapter]} (shipped/corpus/kjv.txt)
   tokenizer.load_tokenizer(dir)             -> HF tokenizer; special ids EOS=pad 0, BOS 1, <|mdm_mask|> 2
   tasks.load_eval_set('gen' | 'mc')         -> fixed eval instances (qdllm_jax/data/eval_sets/{gen,mc}.jsonl)
-  windows.gen_prompt_ids(tok, ex)           -> [BOS] + prompt ids; generate windows.GEN_LEN (8) tokens
-  windows.decode_answer(tok, gen_ids)       -> text up to the first EOS, stripped; == ex.answer.strip()
-  windows.mc_ids(tok, ex.prompt, choice)    -> (context ids, continuation ids) for a likelihood query
-  windows.encode_stream(tok, docs)          -> [BOS] doc [EOS] ... token stream (held-out perplexity)
+  sequences.gen_prompt_ids(tok, ex)         -> [BOS] + prompt ids; generate sequences.GEN_LEN (8) tokens
+  sequences.decode_answer(tok, gen_ids)     -> text up to the first EOS, stripped; == ex.answer.strip()
+  sequences.mc_ids(tok, ex.prompt, choice)  -> (context ids, continuation ids) for a likelihood query
+  sequences.encode_stream(tok, docs)        -> [BOS] doc [EOS] ... token stream (held-out perplexity)
   task_eval.eval_generation / eval_multiple_choice(params, cfg, tok, examples) -> accuracies per family
 """

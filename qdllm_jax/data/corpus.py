@@ -1,7 +1,8 @@
 """The shipped public-domain English corpus: King James Version chapters, split train / held-out by hash.
 
 Source: Debian package `bible-kjv-text` 4.38 (text) read with the `bible` program of `bible-kjv` 4.38;
-see `assets/corpus/SOURCE.md`. The shipped file `assets/corpus/kjv.txt` holds one document per chapter:
+see `qdllm_jax/shipped/corpus/SOURCE.md`. The shipped file `qdllm_jax/shipped/corpus/kjv.txt` holds one document
+per chapter:
 
     <Book> <chapter>\n<verse 1>\n<verse 2>\n...      (documents separated by one blank line)
 
@@ -65,7 +66,7 @@ def extract_kjv(out_path: str = CORPUS_PATH, books=BOOKS, bible_bin: str = "bibl
 def read_documents(path: str = CORPUS_PATH) -> list[str]:
   """All chapters of the corpus file, in file order (each 'Title\\nverse\\nverse...')."""
   if not os.path.exists(path):
-    raise ConfigError(f"corpus file {path} not found; expected the shipped assets/corpus/kjv.txt. "
+    raise ConfigError(f"corpus file {path} not found; expected the shipped qdllm_jax/shipped/corpus/kjv.txt. "
                       "Rebuild it with qdllm_jax.data.corpus.extract_kjv()")
   with open(path, encoding="utf-8") as f:
     docs = [d.strip("\n") for d in f.read().split("\n\n") if d.strip()]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from qdllm_jax.data import corpus, windows
+from qdllm_jax.data import corpus, sequences
 from qdllm_jax.data.tokenizer import load_tokenizer
-from qdllm_jax.models.checkpoint_io import load_pretrained
+from qdllm_jax.models.hf_checkpoint import load_pretrained
 
 _TEMPLATE = """# tiny-llada: a {params_m:.2f} M-parameter masked-diffusion LM in the exact LLaDA format
 
@@ -23,8 +23,8 @@ half-split RoPE with theta 500000, bidirectional attention, untied head) scaled 
 | max_sequence_length | {max_len} |
 | weights | float32 safetensors, {size_mb:.1f} MB |
 
-Load it with `qdllm_jax.models.checkpoint_io.load_pretrained("assets/tiny-llada")` and the tokenizer with
-`transformers.AutoTokenizer.from_pretrained("assets/tiny-llada", local_files_only=True)`.
+Load it with `qdllm_jax.models.hf_checkpoint.load_pretrained("qdllm_jax/shipped/tiny-llada")` and the tokenizer with
+`transformers.AutoTokenizer.from_pretrained("qdllm_jax/shipped/tiny-llada", local_files_only=True)`.
 
 ## Reproduce
 
@@ -39,8 +39,8 @@ The run is a pure function of the seed (keys `fold_in(PRNGKey(seed), step)`, hos
 
 ## Data
 
-* Corpus: {n_train_tok} training tokens of King James Version chapters (`assets/corpus/kjv.txt`, public domain,
-  see `assets/corpus/SOURCE.md`); a chapter is held out iff sha256("kjv:" + title) mod 20 == 0.
+* Corpus: {n_train_tok} training tokens of King James Version chapters (`qdllm_jax/shipped/corpus/kjv.txt`, public domain,
+  see `qdllm_jax/shipped/corpus/SOURCE.md`); a chapter is held out iff sha256("kjv:" + title) mod 20 == 0.
   Documents are packed as `[BOS] text [EOS]`, and training reads random windows of {seq_len} tokens.
 * Tokenizer: byte-level BPE (`tokenizers`), trained on the train chapters + 20000 training-pool task strings.
 * Tasks (`qdllm_jax/data/tasks.py`): generation `shift` (4 letters, each to its successor) and `increment`
@@ -102,7 +102,7 @@ def _rows(kind: str, d: dict) -> str:
 def unigram_entropy(tok) -> float:
   """H = -sum_v f_v log f_v (nats) of the token frequencies f of the training stream (corpus.load_splits)."""
   import numpy as np
-  f = np.bincount(windows.encode_stream(tok, corpus.load_splits()["train"]))
+  f = np.bincount(sequences.encode_stream(tok, corpus.load_splits()["train"]))
   f = f[f > 0] / f.sum()
   return float(-(f * np.log(f)).sum())
 

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.data import windows
+from qdllm_jax.data import sequences
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
-from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.model_config import ModelConfig
 
 
 def greedy_generate(params, cfg: ModelConfig, prompts: np.ndarray, gen_len: int) -> np.ndarray:
@@ -45,15 +45,15 @@ def eval_generation(params, cfg: ModelConfig, tok, examples, batch: int = 128) -
   """Exact-match accuracy per family and overall: {'shift': acc, ..., 'all': acc} (floats in [0, 1])."""
   by_len = collections.defaultdict(list)
   for ex in examples:
-    by_len[len(windows.gen_prompt_ids(tok, ex))].append(ex)
+    by_len[len(sequences.gen_prompt_ids(tok, ex))].append(ex)
   hits = collections.defaultdict(list)
   for _, exs in sorted(by_len.items()):
     for i in range(0, len(exs), batch):
       chunk = exs[i:i + batch]
-      prompts = np.asarray([windows.gen_prompt_ids(tok, ex) for ex in chunk], np.int32)
-      gen = greedy_generate(params, cfg, prompts, windows.GEN_LEN)
+      prompts = np.asarray([sequences.gen_prompt_ids(tok, ex) for ex in chunk], np.int32)
+      gen = greedy_generate(params, cfg, prompts, sequences.GEN_LEN)
       for ex, g in zip(chunk, gen):
-        hits[ex.family].append(windows.decode_answer(tok, g) == ex.answer.strip())
+        hits[ex.family].append(sequences.decode_answer(tok, g) == ex.answer.strip())
   out = {f: float(np.mean(h)) for f, h in sorted(hits.items())}
   out["all"] = float(np.mean([h for v in hits.values() for h in v]))
   return out
@@ -63,8 +63,8 @@ def mc_choice_scores(params, cfg: ModelConfig, tok, examples, batch: int = 256) 
   """Exact log p(choice | [BOS] prompt) for single-token choices: one float array [K] per example."""
   by_len = collections.defaultdict(list)
   for j, ex in enumerate(examples):
-    ctx, _ = windows.mc_ids(tok, ex.prompt, ex.choices[0])
-    cids = [windows.mc_ids(tok, ex.prompt, c)[1] for c in ex.choices]
+    ctx, _ = sequences.mc_ids(tok, ex.prompt, ex.choices[0])
+    cids = [sequences.mc_ids(tok, ex.prompt, c)[1] for c in ex.choices]
     if any(len(c) != 1 for c in cids):
       raise ConfigError(f"{ex.family} example {ex.key!r} has a multi-token choice; this scorer needs one token "
                         "per choice: use qdllm_jax.eval's Monte-Carlo estimator")

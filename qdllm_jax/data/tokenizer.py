@@ -3,7 +3,7 @@
 Special tokens take the first ids: `<|endoftext|>` 0 (EOS and pad, as in LLaDA where EOS = pad),
 `<|bos|>` 1, `<|mdm_mask|>` 2 (the diffusion mask). The saved directory loads offline with
 `transformers.AutoTokenizer.from_pretrained(dir, local_files_only=True)`. The tokenizer adds no special
-tokens by itself; `encode_*` helpers in `qdllm_jax.data.windows` put BOS/EOS where the format needs them.
+tokens by itself; `encode_*` helpers in `qdllm_jax.data.sequences` put BOS/EOS where the format needs them.
 """
 from __future__ import annotations
 

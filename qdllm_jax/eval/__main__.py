@@ -14,7 +14,7 @@ import sys
 import jax
 
 from qdllm_jax import cli, config_schema
-from qdllm_jax import config as config_lib
+from qdllm_jax import config_check as config_lib
 from qdllm_jax.errors import QdllmError
 from qdllm_jax.eval.suite import evaluate, gumbel_precision_report
 from qdllm_jax.models import load_pretrained, load_tokenizer

@@ -1,7 +1,7 @@
 """lm-evaluation-harness (lm-eval 0.4.x) model class for qdllm-jax LLaDA / Dream models (float or quantized).
 
     pip install lm-eval            # optional extra: qdllm-jax[eval]
-    lm_eval --model qdllm_llada --model_args pretrained=assets/tiny-llada,mc_num=128 --tasks arc_easy
+    lm_eval --model qdllm_llada --model_args pretrained=qdllm_jax/shipped/tiny-llada,mc_num=128 --tasks arc_easy
     run_protocol(model, tok, "quant_dllm_llada", include_path=...)   # every task of a paper protocol
 
 Request types (lm-eval `LM` contract):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from qdllm_jax.data.sequences import GEN_LEN
 from qdllm_jax.data.tasks import GEN_FAMILIES, MC_FAMILIES
-from qdllm_jax.data.windows import GEN_LEN
 from qdllm_jax.errors import ConfigError
 
 SAMPLERS = ("llada", "dream")

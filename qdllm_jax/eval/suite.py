@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.data import corpus, tasks, windows
+from qdllm_jax.data import corpus, sequences, tasks
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import protocols as protocols_lib
 from qdllm_jax.eval.elbo import ElboResult, elbo_nll
@@ -31,8 +31,8 @@ from qdllm_jax.sampling.llada import gumbel_precision_check, llada_generate
 # ------------------------------------------------------------------------------------------ ELBO perplexity
 def corpus_windows(tok, spec: protocols_lib.PerplexitySpec) -> np.ndarray:
   """int32 [W, window]: `spec.n_windows` evenly spaced non-overlapping windows of the encoded corpus split
-  (windows.encode_stream: [BOS] doc [EOS] ...); window k of the stream is tokens [k w, (k + 1) w)."""
-  stream = windows.encode_stream(tok, corpus.load_splits()[spec.corpus_split])
+  (sequences.encode_stream: [BOS] doc [EOS] ...); window k of the stream is tokens [k w, (k + 1) w)."""
+  stream = sequences.encode_stream(tok, corpus.load_splits()[spec.corpus_split])
   n_all = stream.size // spec.window
   if n_all < 1:
     raise ConfigError(f"the {spec.corpus_split} stream has {stream.size} tokens, fewer than window={spec.window}.")
@@ -106,7 +106,7 @@ def score_multiple_choice(model, tok, examples_by_task: dict, task_specs, *, mas
     for n in names:
       for j, ex in enumerate(examples_by_task[n]):
         for ch in ex.choices:
-          p, c = windows.mc_ids(tok, ex.prompt, ch)
+          p, c = sequences.mc_ids(tok, ex.prompt, ch)
           ctx.append(p), cont.append(c), owner.append((n, j))
     n_calls = -(-len(ctx) * b // rows_per_call)
     ll = llada_loglikelihood(model, ctx, cont, mask_id=mask_id, key=jax.random.fold_in(key, g), mc_num=mc_num,
@@ -138,7 +138,7 @@ def generate_answers(model, tok, examples_by_task: dict, task_specs, *, mask_id,
   fields = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
   for g, ((gen_length, steps, block, temp, cfg, remask), names) in enumerate(_groups(task_specs, fields)):
     exs = [(n, e) for n in names for e in examples_by_task[n]]
-    ids, am = left_pad([windows.gen_prompt_ids(tok, e) for _, e in exs], tok.eos_token_id)
+    ids, am = left_pad([sequences.gen_prompt_ids(tok, e) for _, e in exs], tok.eos_token_id)
     x = np.asarray(llada_generate(model, ids, mask_id=mask_id, steps=steps, gen_length=gen_length,
                                   block_length=block, temperature=temp, cfg_scale=cfg, remasking=remask,
                                   attention_mask=am, key=jax.random.fold_in(key, g), gumbel_dtype="float32"))
@@ -159,7 +159,7 @@ def answer_nll(model, tok, examples_by_task: dict, task_specs, *, mask_id, key) 
     if too_long:
       raise ConfigError(f"answers {too_long[:3]} have more than gen_length={gen_length} tokens; raise gen_length.")
     answers = [a + [tok.eos_token_id] * (gen_length - len(a)) for a in answers]
-    res = elbo_nll(model, [windows.gen_prompt_ids(tok, e) for _, e in exs], answers, mask_id=mask_id,
+    res = elbo_nll(model, [sequences.gen_prompt_ids(tok, e) for _, e in exs], answers, mask_id=mask_id,
                    key=jax.random.fold_in(key, g), n_mc=n_mc, mc_batch=b, pad_id=tok.eos_token_id, rows_per_call=1024)
     sel = {n: np.array([m == n for m, _ in exs]) for n in names}
     sums.update({n: (float(res.nll_bound[k].sum()), int(res.n_tokens[k].sum())) for n, k in sel.items()})
@@ -243,7 +243,7 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
     chosen = _select(tasks.load_eval_set("gen"), [t.name for t in proto.generation], limit)
     gen = generate_answers(model, tokenizer, chosen, proto.generation, mask_id=mask_id,
                            key=jax.random.fold_in(key, 2))
-    preds = {n: [windows.decode_answer(tokenizer, g) for g in gen[n]] for n in gen}
+    preds = {n: [sequences.decode_answer(tokenizer, g) for g in gen[n]] for n in gen}
     hits = {n: [exact_match(p, e.answer) for p, e in zip(preds[n], chosen[n])] for n in chosen}
     em = _by_family(hits)
     result["generation"] = {"exact_match": em, "n": {n: len(h) for n, h in hits.items()}}
@@ -262,7 +262,7 @@ def evaluate(model, tokenizer, protocol="tiny", *, seed=0, key=None, limit=None,
 
 
 def gumbel_precision_report(model, tok, *, key, temperatures=(0.5, 1.0), source="tasks", limit=None, mask_id=None,
-                            gen_length=windows.GEN_LEN, steps=None, block_length=None, prompt_len=32):
+                            gen_length=sequences.GEN_LEN, steps=None, block_length=None, prompt_len=32):
   """float64 vs float32 Gumbel arithmetic (sampling.gumbel_precision_check) on shipped prompts.
 
   source "tasks": the generation eval prompts (`limit` per family), left-padded, gen_length GEN_LEN.
@@ -273,7 +273,7 @@ def gumbel_precision_report(model, tok, *, key, temperatures=(0.5, 1.0), source=
   mask_id = _mask_id(model, tok, mask_id)
   if source == "tasks":
     exs = [e for v in _select(tasks.load_eval_set("gen"), tasks.GEN_FAMILIES, limit).values() for e in v]
-    ids, am = left_pad([windows.gen_prompt_ids(tok, e) for e in exs], tok.eos_token_id)
+    ids, am = left_pad([sequences.gen_prompt_ids(tok, e) for e in exs], tok.eos_token_id)
   elif source == "corpus":
     spec = protocols_lib.PerplexitySpec(window=prompt_len, n_windows=32 if limit is None else limit)
     ids, am = corpus_windows(tok, spec), None

@@ -8,7 +8,9 @@
 
 The family of a checkpoint comes from config.json `model_type` (models/families.py, one module per family).
 """
-from qdllm_jax.models.checkpoint_io import (
+from qdllm_jax.models.dream import DREAM_7B, dream_config
+from qdllm_jax.models.families import FAMILIES, config_from_hf, family_for_model_type, get_family
+from qdllm_jax.models.hf_checkpoint import (
                                            CheckpointReader,
                                            load_pretrained,
                                            load_tokenizer,
@@ -17,9 +19,7 @@ from qdllm_jax.models.checkpoint_io import (
                                            save_pretrained,
                                            stream_blocks,
 )
-from qdllm_jax.models.config import ModelConfig, config_to_hf
-from qdllm_jax.models.dream import DREAM_7B, dream_config
-from qdllm_jax.models.families import FAMILIES, config_from_hf, family_for_model_type, get_family
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.models.model import Model
+from qdllm_jax.models.model_config import ModelConfig, config_to_hf
 from qdllm_jax.models.transformer import block_forward, forward, init_params, num_params

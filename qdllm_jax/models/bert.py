@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from qdllm_jax.errors import CheckpointError, ConfigError
-from qdllm_jax.models import act_quant, layers
-from qdllm_jax.models.config import ModelConfig, freeze, get_field, refuse_value
+from qdllm_jax.models import act_fake_quant, layers
 from qdllm_jax.models.family import Family
+from qdllm_jax.models.model_config import ModelConfig, freeze, get_field, refuse_value
 
 LINEAR_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "up": ("up",), "down": ("down",)}
 UPSTREAM = {"qkv": (), "o": ("q", "k", "v"), "up": ("q", "k", "v", "o"), "down": ("q", "k", "v", "o", "up")}
@@ -181,11 +181,11 @@ def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, key_mask, return_taps
   Args: p block params (linears may be QuantizedWeight); x [B, T, D]; key_mask bool [B, T] or None.
   Returns: [B, T, D] (and the taps dict when return_taps).
   """
-  online = p.get(act_quant.ONLINE, {})
+  online = p.get(act_fake_quant.ONLINE, {})
   taps = {}
 
   def read(tap, a):
-    a = act_quant.online_transform(a, online.get(tap))
+    a = act_fake_quant.online_transform(a, online.get(tap))
     taps[tap] = a
     return a if act is None else act(a)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from qdllm_jax.errors import CheckpointError
-from qdllm_jax.models.config import ModelConfig, freeze, get_field
 from qdllm_jax.models.llada import decoder_family
+from qdllm_jax.models.model_config import ModelConfig, freeze, get_field
 
 DREAM_7B = {
     "model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": 3584, "intermediate_size": 18944,

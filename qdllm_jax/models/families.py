@@ -13,8 +13,8 @@ import jax
 
 from qdllm_jax.errors import CheckpointError
 from qdllm_jax.models import bert, dream, llada
-from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.family import Family
+from qdllm_jax.models.model_config import ModelConfig
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llada.FAMILY, dream.FAMILY, bert.FAMILY)}
 _BY_MODEL_TYPE = {mt: f for f in FAMILIES.values() for mt in f.model_types}

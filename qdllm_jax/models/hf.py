@@ -6,8 +6,8 @@ and a round trip is bit-exact. The name tables live in the family modules (llada
 """
 from __future__ import annotations
 
-from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.families import family_of
+from qdllm_jax.models.model_config import ModelConfig
 
 
 def block_names(cfg: ModelConfig, layer: int) -> dict[str, str]:

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 from qdllm_jax.errors import CheckpointError
 from qdllm_jax.models import transformer
-from qdllm_jax.models.config import ModelConfig, freeze, get_field, refuse_value
 from qdllm_jax.models.family import Family
+from qdllm_jax.models.model_config import ModelConfig, freeze, get_field, refuse_value
 
 LLADA_8B = {
     "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 4096, "n_heads": 32,

@@ -9,8 +9,8 @@ import jax
 from flax import struct
 
 from qdllm_jax.models import families
-from qdllm_jax.models.act_quant import ActQuant
-from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.act_fake_quant import ActQuant
+from qdllm_jax.models.model_config import ModelConfig
 
 
 @struct.dataclass

@@ -22,8 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qdllm_jax.models import act_quant, layers
-from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models import act_fake_quant, layers
+from qdllm_jax.models.model_config import ModelConfig
 
 # Linear layers of a block, in canonical names, grouped by the activation they read.
 LINEAR_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -69,22 +69,22 @@ def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: 
 
   Each linear group reads its input through  a -> Q(a M_tap)  with M_tap = p["online"][tap] (an online
   transform [C, C], QuaRot/DuQuant) where present, else I, and Q = `act` (per-token activation fake
-  quantization, models/act_quant.py), else the identity. A plain FP block has neither.
+  quantization, models/act_fake_quant.py), else the identity. A plain FP block has neither.
   Args:
     p: the block's params (see module docstring); linears may be QuantizedWeight.
     x: [B, T, D] residual stream (param dtype).
     cos, sin: float32 [B, T, head_dim] from `layers.rope_tables`.
     key_mask: optional bool [B, T].
     return_taps: also return the dict of linear-group inputs (after M_tap, before Q).
-    act: optional `act_quant.ActQuant` (static).
+    act: optional `act_fake_quant.ActQuant` (static).
   Returns:
     x_out [B, T, D] (and taps).
   """
-  online = p.get(act_quant.ONLINE, {})
+  online = p.get(act_fake_quant.ONLINE, {})
   taps = {}
 
   def read(tap, a):
-    a = act_quant.online_transform(a, online.get(tap))
+    a = act_fake_quant.online_transform(a, online.get(tap))
     taps[tap] = a
     return a if act is None else act(a)
 

@@ -172,10 +172,10 @@ def _info(w, w_hat, h, extra):
   no [out, in] x [in, in] product), else from layer_errors."""
   info = dict(extra)
   if h is not None and "layer_loss" in info:
-    info["relative_output_error"] = info["layer_loss"] / float(output_energy(w, h))
+    info["relative_sq_output_error"] = info["layer_loss"] / float(output_energy(w, h))
   elif h is not None:
     loss, rel = layer_errors(w, w_hat, h)
-    info["layer_loss"], info["relative_output_error"] = float(loss), float(rel)
+    info["layer_loss"], info["relative_sq_output_error"] = float(loss), float(rel)
   return info
 
 
@@ -207,7 +207,7 @@ def quantize_weight(w, hessian, method: str = "quant_dllm", bits: int = 2, group
       dor, compensation, comp_mode ("diag": released code | "block": exact block OBS update), rsr_iters, rsr_tol,
       z_diag ("chol" | "inv_diag"), orders (explicit per-block orders), row_sharding (None, or (mesh, axis):
       gptq / quant_dllm solve the output rows split over that mesh axis with shard_map; quant/row_sharded.py).
-    return_info: also return a dict with layer_loss = tr((W - W^) H (W - W^)^T), relative_output_error,
+    return_info: also return a dict with layer_loss = tr((W - W^) H (W - W^)^T), relative_sq_output_error,
       percdamp (damping used), delta, dead_columns, solver_loss, orders, bits_per_weight, solve_time_s and
       w_hat (float32 [out, in], equal to qw.dequantize()).
   Returns:

@@ -11,9 +11,9 @@ import numpy as np
 
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import hf
-from qdllm_jax.models.checkpoint_io import CheckpointReader
-from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.families import family_of
+from qdllm_jax.models.hf_checkpoint import CheckpointReader
+from qdllm_jax.models.model_config import ModelConfig
 
 
 class _ModelSource:

@@ -187,7 +187,7 @@ def output_energy(w, h):
 
 
 @jax.jit
-def relative_output_error(w, w_hat, h):
+def relative_sq_output_error(w, w_hat, h):
   """tr((W - W^) H (W - W^)^T) / tr(W H W^T): the relative squared output error on the calibration set."""
   w32 = w.astype(jnp.float32)
   den = jnp.sum(jnp.matmul(w32, h.astype(jnp.float32), precision=_HI) * w32)
@@ -197,5 +197,5 @@ def relative_output_error(w, w_hat, h):
 __all__ = [
     "PreparedHessian", "hessian_update", "fix_dead_columns", "tri_inv_lower", "chol_upper", "chol_inverse_upper",
     "prepare_hessian",
-    "layer_loss", "relative_output_error", "layer_errors", "output_energy",
+    "layer_loss", "relative_sq_output_error", "layer_errors", "output_energy",
 ]

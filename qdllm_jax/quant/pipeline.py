@@ -40,9 +40,9 @@ import numpy as np
 from qdllm_jax.calib import capture, salience
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
-from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.families import family_of
 from qdllm_jax.models.family import Family
+from qdllm_jax.models.model_config import ModelConfig
 from qdllm_jax.quant import api, methods
 from qdllm_jax.quant import rules as rules_lib
 from qdllm_jax.quant.block_source import ReaderSource, as_source, embed_inputs, release_host_memory  # noqa: F401
@@ -124,8 +124,8 @@ def relative_output_error(w, w_hat, h) -> float:
 
 
 def _rel_err(info, w, w_hat, h) -> float:
-  """sqrt of the quantizer's relative_output_error (its tr(E H E^T) / tr(W H W^T)) when it reports one."""
-  r = (info or {}).get("relative_output_error")
+  """sqrt of the quantizer's relative_sq_output_error (tr(E H E^T) / tr(W H W^T)) when it reports one."""
+  r = (info or {}).get("relative_sq_output_error")
   return float(np.sqrt(max(float(r), 0.0))) if r is not None else relative_output_error(w, w_hat, h)
 
 

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import hf
-from qdllm_jax.models.config import ModelConfig
 from qdllm_jax.models.families import family_of
+from qdllm_jax.models.model_config import ModelConfig
 from qdllm_jax.quant import methods
 
 SKIP = "skip"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from qdllm_jax.models import transformer
-from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.model_config import ModelConfig
 
 EPS = 1e-3
 

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qdllm_jax.data import windows
+from qdllm_jax.data import sequences
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
-from qdllm_jax.models.config import ModelConfig
+from qdllm_jax.models.model_config import ModelConfig
 from qdllm_jax.train import objective
 
 
@@ -126,9 +126,9 @@ def host_batch(tc: TrainConfig, step: int, stream: np.ndarray, tok, families) ->
   rng = np.random.default_rng([tc.seed, step])
   _, ph = tc.phase_at(step)
   if ph.task_batch == 0:
-    return {"ids": windows.corpus_batch(stream, rng, ph.batch, tc.seq_len)}
-  tb = windows.task_batch(tok, rng, ph.task_batch, tc.task_width, families)
-  return {"ids": windows.corpus_batch(stream, rng, ph.batch, tc.seq_len), "task_ids": tb["ids"],
+    return {"ids": sequences.corpus_batch(stream, rng, ph.batch, tc.seq_len)}
+  tb = sequences.task_batch(tok, rng, ph.task_batch, tc.task_width, families)
+  return {"ids": sequences.corpus_batch(stream, rng, ph.batch, tc.seq_len), "task_ids": tb["ids"],
           "task_key_mask": tb["key_mask"], "task_loss_mask": tb["loss_mask"]}
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdllm_jax.baselines import actquant, smoothquant
+from qdllm_jax.baselines import smoothquant, weight_activation
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import transformer
 from tests.baselines import np_ref
@@ -17,7 +17,7 @@ from tests.baselines.conftest import outlier_params
 def test_fake_quant_per_token_matches_numpy(bits, sym, clip):
   x = np.random.default_rng(0).normal(size=(3, 5, 24)).astype(np.float32)
   x[..., 2] *= 40.0
-  got = np.asarray(actquant.fake_quant_per_token(jnp.asarray(x), bits, sym, clip))
+  got = np.asarray(weight_activation.fake_quant_per_token(jnp.asarray(x), bits, sym, clip))
   want = np_ref.fq_token(x, bits, sym, clip)
   np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(x).max())
   if clip < 1.0:
@@ -30,10 +30,10 @@ def test_fake_quant_per_token_matches_numpy(bits, sym, clip):
 
 def test_forward_actquant_matches_numpy(cfg, ids):
   params = outlier_params(cfg, seed=1)
-  fp = np.asarray(actquant.forward_actquant(params, cfg, jnp.asarray(ids), None))
+  fp = np.asarray(weight_activation.forward_actquant(params, cfg, jnp.asarray(ids), None))
   np.testing.assert_allclose(fp, np.asarray(transformer.forward(params, cfg, jnp.asarray(ids))), atol=1e-5)
   np.testing.assert_allclose(fp, np_ref.forward(params, cfg, ids), atol=2e-4)
-  got = np.asarray(actquant.forward_actquant(params, cfg, jnp.asarray(ids), 4))
+  got = np.asarray(weight_activation.forward_actquant(params, cfg, jnp.asarray(ids), 4))
   want = np_ref.forward(params, cfg, ids, hook=lambda x: np_ref.fq_token(x, 4))
   assert np.abs(got - fp).max() > 1e-2  # the quantizer does act
   np.testing.assert_allclose(got, want, atol=5e-3)
@@ -42,7 +42,7 @@ def test_forward_actquant_matches_numpy(cfg, ids):
 def test_fake_quant_weights_matches_numpy(cfg):
   params = outlier_params(cfg, seed=2)
   for sym in (False, True):
-    q = actquant.fake_quant_weights(params, 4, group_size=-1, sym=sym)
+    q = weight_activation.fake_quant_weights(params, 4, group_size=-1, sym=sym)
     for n in ("q", "o", "down"):
       w = np.asarray(params["blocks"][1][n], np.float64)
       got, want = np.asarray(q["blocks"][1][n]), np_ref.rtn_channel(w, 4, sym)
@@ -55,9 +55,9 @@ def test_fake_quant_weights_matches_numpy(cfg):
 
 def test_bad_bits_raise(cfg, ids):
   with pytest.raises(QuantizationError, match="a_bits"):
-    actquant.forward_actquant(outlier_params(cfg), cfg, jnp.asarray(ids), 1)
+    weight_activation.forward_actquant(outlier_params(cfg), cfg, jnp.asarray(ids), 1)
   with pytest.raises(QuantizationError, match="w_bits"):
-    actquant.fake_quant_weights(outlier_params(cfg), 0)
+    weight_activation.fake_quant_weights(outlier_params(cfg), 0)
   with pytest.raises(QuantizationError, match="alpha"):
     smoothquant.smooth_scales(jnp.ones(4), [jnp.ones((2, 4))], alpha=1.5)
   with pytest.raises(QuantizationError, match="calib_ids"):
@@ -107,6 +107,6 @@ def test_smoothquant_beats_plain_rtn_on_outliers(cfg, ids, bits):
   errs = {}
   for smooth in (False, True):
     q = smoothquant.smoothquant(params, cfg, ids, w_bits=bits, smooth=smooth)
-    out = np.asarray(actquant.forward_actquant(q, cfg, x, bits))
+    out = np.asarray(weight_activation.forward_actquant(q, cfg, x, bits))
     errs[smooth] = float(np.mean((out - ref) ** 2))
   assert errs[True] < 0.7 * errs[False], errs

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdllm_jax.baselines import actquant, duquant, smoothquant
+from qdllm_jax.baselines import duquant, smoothquant, weight_activation
 from qdllm_jax.errors import QuantizationError
 from tests.baselines import np_ref
 from tests.baselines.conftest import residual_outlier_params
@@ -53,15 +53,15 @@ def test_duquant_fp_function_unchanged_and_w4a4(cfg, ids):
   x = jnp.asarray(ids)
   tp, rots = duquant.duquant(params, cfg, ids, jax.random.PRNGKey(0), w_bits=16, block_size=8, max_steps=16)
   np.testing.assert_allclose(np_ref.forward(tp, cfg, ids, rots=rots), ref, atol=1e-4 * np.abs(ref).max())
-  np.testing.assert_allclose(np.asarray(actquant.forward_actquant(tp, cfg, x, None, rots=rots)), ref,
+  np.testing.assert_allclose(np.asarray(weight_activation.forward_actquant(tp, cfg, x, None, rots=rots)), ref,
                              atol=2e-4 * np.abs(ref).max())
   # the study's clip ratios (w 0.8, a 0.9) were set for 4096-wide rows and hurt on this 32-wide toy model,
   # so the mechanism (smoothing + rotation + permutation) is compared without clipping
   qp, rots = duquant.duquant(params, cfg, ids, jax.random.PRNGKey(0), w_bits=4, block_size=8, max_steps=16,
                              w_clip=1.0)
-  e_dq = float(np.mean((np.asarray(actquant.forward_actquant(qp, cfg, x, 4, rots=rots)) - ref) ** 2))
+  e_dq = float(np.mean((np.asarray(weight_activation.forward_actquant(qp, cfg, x, 4, rots=rots)) - ref) ** 2))
   sq = smoothquant.smoothquant(params, cfg, ids, w_bits=4)
-  e_sq = float(np.mean((np.asarray(actquant.forward_actquant(sq, cfg, x, 4)) - ref) ** 2))
+  e_sq = float(np.mean((np.asarray(weight_activation.forward_actquant(sq, cfg, x, 4)) - ref) ** 2))
   assert e_dq < 0.8 * e_sq, (e_dq, e_sq)
   # the clipped weights are the per-row asymmetric grid on [0.8 min, 0.8 max] of the transformed weights
   qc, _ = duquant.duquant(params, cfg, ids, jax.random.PRNGKey(0), w_bits=4, block_size=8, max_steps=16)

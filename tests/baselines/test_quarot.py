@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from qdllm_jax.baselines import actquant, quarot
+from qdllm_jax.baselines import quarot, weight_activation
 from qdllm_jax.errors import ConfigError, QuantizationError
 from qdllm_jax.models import transformer
 from tests.baselines import np_ref
@@ -41,10 +41,10 @@ def test_rotated_fp_model_is_unchanged(cfg, ids):
   ref = np_ref.forward(params, cfg, ids)
   np.testing.assert_allclose(np_ref.forward(rot, cfg, ids, down_rot=np.asarray(down_rots[0]["down"], np.float64)), ref,
                              atol=1e-4 * np.abs(ref).max())
-  got = np.asarray(actquant.forward_actquant(rot, cfg, jnp.asarray(ids), None, rots=down_rots))
+  got = np.asarray(weight_activation.forward_actquant(rot, cfg, jnp.asarray(ids), None, rots=down_rots))
   np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max())
   # without the online rotation in the forward the function changes (it really is applied)
-  bad = np.asarray(actquant.forward_actquant(rot, cfg, jnp.asarray(ids), None))
+  bad = np.asarray(weight_activation.forward_actquant(rot, cfg, jnp.asarray(ids), None))
   assert np.abs(bad - ref).max() > 1e-2
 
 
@@ -67,7 +67,7 @@ def test_quarot_w4a4_beats_unrotated(cfg, ids, bits):
   e = {}
   for rotate in (False, True):
     qp, dr, _ = quarot.quarot(params, cfg, jax.random.PRNGKey(0), w_bits=bits, rotate=rotate)
-    out = np.asarray(actquant.forward_actquant(qp, cfg, x, bits, a_sym=True, rots=dr))
+    out = np.asarray(weight_activation.forward_actquant(qp, cfg, x, bits, a_sym=True, rots=dr))
     e[rotate] = float(np.mean((out - ref) ** 2))
   assert e[True] < 0.7 * e[False], e
 
@@ -87,7 +87,7 @@ def test_quarot_gptq_beats_rtn(cfg, ids):
   for m in ("rtn", "gptq"):
     qp, dr, _ = quarot.quarot(params, cfg, jax.random.PRNGKey(0), w_bits=3, w_method=m, calib_ids=ids)
     assert np.abs(np.asarray(qp["blocks"][0]["q"])).max() > 0
-    out = np.asarray(actquant.forward_actquant(qp, cfg, x, None, rots=dr))
+    out = np.asarray(weight_activation.forward_actquant(qp, cfg, x, None, rots=dr))
     e[m] = float(np.mean((out - ref) ** 2))
   assert e["gptq"] < 0.8 * e["rtn"], e
   with pytest.raises(QuantizationError, match="calib_ids"):

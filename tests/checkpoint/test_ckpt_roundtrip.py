@@ -83,7 +83,7 @@ def test_layout_and_sidecar(saved, qparams):
 def test_lazy_top_params_save_the_same_checkpoint(qparams, tmp_path):
   """Top params given as LazyTensors of a safetensors checkpoint (read while their part is written) give the
   same content as the loaded arrays."""
-  from qdllm_jax.models.checkpoint_io import open_checkpoint, save_pretrained
+  from qdllm_jax.models.hf_checkpoint import open_checkpoint, save_pretrained
   from qdllm_jax.workdir import content_digest
   top = {k: v for k, v in qparams.items() if k != "blocks"}
   dense_blocks = [{k: np.asarray(v.dequantize(jnp.float32)) if is_qw(v) else np.asarray(v) for k, v in b.items()}

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from qdllm_jax.data import task_eval, tasks, tokenizer, windows
+from qdllm_jax.data import sequences, task_eval, tasks, tokenizer
 from qdllm_jax.data.shipped import TINY_MODEL_DIR
 from qdllm_jax.models.llada import LLADA_8B
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL_DIR, "mode
 
 @pytest.fixture(scope="module")
 def shipped():
-  from qdllm_jax.models.checkpoint_io import load_pretrained
+  from qdllm_jax.models.hf_checkpoint import load_pretrained
   return load_pretrained(MODEL_DIR), tokenizer.load_tokenizer(MODEL_DIR)
 
 
@@ -53,8 +53,8 @@ def test_mc_scores_match_official_estimator(shipped):
   exs = tasks.load_eval_set("mc")[::130]
   mine = task_eval.mc_choice_scores(model.params, model.config, tok, exs)
   for ex, s in zip(exs, mine):
-    ctx, _ = windows.mc_ids(tok, ex.prompt, ex.choices[0])
-    ans = [windows.mc_ids(tok, ex.prompt, c)[1] for c in ex.choices]
+    ctx, _ = sequences.mc_ids(tok, ex.prompt, ex.choices[0])
+    ans = [sequences.mc_ids(tok, ex.prompt, c)[1] for c in ex.choices]
     ref = lik.llada_loglikelihood(model, [ctx] * len(ans), ans, mask_id=model.config.mask_id,
                                   key=jax.random.PRNGKey(0), mc_num=1, batch_size=1)
     np.testing.assert_allclose(np.asarray(ref), s, rtol=1e-4, atol=1e-4)
@@ -71,12 +71,12 @@ def test_generation_matches_official_sampler(shipped):
   sampling = pytest.importorskip("qdllm_jax.sampling.llada")
   model, tok = shipped
   gen = tasks.load_eval_set("gen")
-  plen = len(windows.gen_prompt_ids(tok, gen[0]))
-  exs = [e for e in gen if len(windows.gen_prompt_ids(tok, e)) == plen][:16]
-  prompts = np.asarray([windows.gen_prompt_ids(tok, e) for e in exs], np.int32)
-  mine = task_eval.greedy_generate(model.params, model.config, prompts, windows.GEN_LEN)
-  ref = np.asarray(sampling.llada_generate(model, prompts, mask_id=model.config.mask_id, steps=windows.GEN_LEN,
-                                           gen_length=windows.GEN_LEN, block_length=windows.GEN_LEN))
+  plen = len(sequences.gen_prompt_ids(tok, gen[0]))
+  exs = [e for e in gen if len(sequences.gen_prompt_ids(tok, e)) == plen][:16]
+  prompts = np.asarray([sequences.gen_prompt_ids(tok, e) for e in exs], np.int32)
+  mine = task_eval.greedy_generate(model.params, model.config, prompts, sequences.GEN_LEN)
+  ref = np.asarray(sampling.llada_generate(model, prompts, mask_id=model.config.mask_id, steps=sequences.GEN_LEN,
+                                           gen_length=sequences.GEN_LEN, block_length=sequences.GEN_LEN))
   np.testing.assert_array_equal(ref[:, prompts.shape[1]:], mine)
-  hits = [windows.decode_answer(tok, g) == e.answer.strip() for e, g in zip(exs, mine)]
+  hits = [sequences.decode_answer(tok, g) == e.answer.strip() for e, g in zip(exs, mine)]
   assert np.mean(hits) >= 0.5, hits

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from qdllm_jax.data import tasks, tokenizer, windows
+from qdllm_jax.data import sequences, tasks, tokenizer
 from qdllm_jax.errors import ConfigError
 
 TEXTS = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light."] * 20
@@ -46,24 +46,24 @@ def test_tokenizer_errors(tmp_path):
 
 def test_stream_and_windows(tok):
   t, _ = tok
-  stream = windows.encode_stream(t, TEXTS[:2])
+  stream = sequences.encode_stream(t, TEXTS[:2])
   a = t(TEXTS[0], add_special_tokens=False).input_ids
   b = t(TEXTS[1], add_special_tokens=False).input_ids
   assert stream.tolist() == [1] + a + [0] + [1] + b + [0]
   rng = np.random.default_rng(0)
-  w = windows.corpus_batch(stream, rng, 5, 7)
+  w = sequences.corpus_batch(stream, rng, 5, 7)
   assert w.shape == (5, 7) and w.dtype == np.int32
   joined = ",".join(map(str, stream.tolist()))
   for row in w:  # every window is a contiguous slice of the stream
     assert ",".join(map(str, row.tolist())) in joined
   with pytest.raises(ConfigError, match="shorter"):
-    windows.corpus_batch(stream, rng, 1, len(stream))
+    sequences.corpus_batch(stream, rng, 1, len(stream))
 
 
 def test_task_rows_layout(tok):
   t, _ = tok
   rng = np.random.default_rng(1)
-  b = windows.task_batch(t, rng, 40, 24)
+  b = sequences.task_batch(t, rng, 40, 24)
   for r in range(40):
     n = int(b["key_mask"][r].sum())
     assert b["key_mask"][r, :n].all() and not b["key_mask"][r, n:].any()
@@ -71,13 +71,13 @@ def test_task_rows_layout(tok):
     ans = np.flatnonzero(b["loss_mask"][r])
     assert ans[-1] == n - 1 and np.all(np.diff(ans) == 1)  # a suffix of the real tokens
     region = b["ids"][r, ans[0]:n]
-    text = windows.decode_answer(t, region)
-    if len(ans) == windows.GEN_LEN and 0 in region.tolist():  # generation rows: answer, then EOS fill only
+    text = sequences.decode_answer(t, region)
+    if len(ans) == sequences.GEN_LEN and 0 in region.tolist():  # generation rows: answer, then EOS fill only
       assert np.all(region[region.tolist().index(0):] == 0)
     assert text and not text.startswith("=>")
   gen = tasks.load_eval_set("gen")[0]
-  ids, plen = windows.task_row(t, gen)
-  assert ids[:plen] == windows.gen_prompt_ids(t, gen) and len(ids) == plen + windows.GEN_LEN
-  assert windows.decode_answer(t, ids[plen:]) == gen.answer.strip()
+  ids, plen = sequences.task_row(t, gen)
+  assert ids[:plen] == sequences.gen_prompt_ids(t, gen) and len(ids) == plen + sequences.GEN_LEN
+  assert sequences.decode_answer(t, ids[plen:]) == gen.answer.strip()
   with pytest.raises(ConfigError, match="width"):
-    windows.task_batch(t, rng, 4, 5)
+    sequences.task_batch(t, rng, 4, 5)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from qdllm_jax.data import corpus, windows
+from qdllm_jax.data import corpus, sequences
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.elbo import ElboResult
 from qdllm_jax.eval.protocols import PerplexitySpec
@@ -62,7 +62,7 @@ def test_left_pad_brute_force():
 
 
 def test_corpus_windows_are_evenly_spaced_stream_slices(small_tok):
-  stream = windows.encode_stream(small_tok, corpus.load_splits()["heldout"])
+  stream = sequences.encode_stream(small_tok, corpus.load_splits()["heldout"])
   n_all = stream.size // 64
   wins = corpus_windows(small_tok, PerplexitySpec(window=64, n_windows=5, n_mc=8, mc_batch=8))
   ks = [int(np.floor(i * (n_all - 1) / 4)) for i in range(5)]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qdllm_jax.data import tasks, windows
+from qdllm_jax.data import sequences, tasks
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.protocols import PROTOCOLS, GenerationTask, LikelihoodTask, get_protocol
 
@@ -59,7 +59,7 @@ def test_tiny_matches_the_shipped_tasks():
   p = get_protocol("tiny")
   assert {t.name for t in p.likelihood} == set(tasks.MC_FAMILIES)
   assert {t.name for t in p.generation} == set(tasks.GEN_FAMILIES)
-  assert all((t.gen_length, t.steps, t.block_length, t.temperature) == (windows.GEN_LEN,) * 3 + (0.0,)
+  assert all((t.gen_length, t.steps, t.block_length, t.temperature) == (sequences.GEN_LEN,) * 3 + (0.0,)
              for t in p.generation)
   s = get_protocol("tiny_smoke")
   assert s.limit and s.perplexity.n_windows < p.perplexity.n_windows

@@ -1,7 +1,7 @@
 """Issue 3's decision, as tests that must pass: a quantized model is judged against FP by the paired statistics
 (eval/paired.py, eval/fidelity.py) on the same items and random draws, and 2-bit damage is resolved.
 
-  tiny LLaDA (needs assets/tiny-llada): RTN-W2 g128 is worse than FP on generation exact match, paired t < -3
+  tiny LLaDA (needs qdllm_jax/shipped/tiny-llada): RTN-W2 g128 is worse than FP on generation exact match, paired t < -3
     (docs/results.md measured t -6.4 under `tiny`; the ELBO and choice NLL of this unigram-level model do not move,
     docs/evaluation.md). The real-encoder half is test_sensitivity_encoder.py.
 """
@@ -15,7 +15,7 @@ from qdllm_jax.eval import compare, protocols
 from qdllm_jax.eval.suite import evaluate
 from qdllm_jax.models.transformer import LINEARS
 
-pytestmark = [pytest.mark.skipif(not HAS_SHIPPED, reason="assets/tiny-llada/model.safetensors not built yet")]
+pytestmark = [pytest.mark.skipif(not HAS_SHIPPED, reason="the shipped tiny model is not built")]
 
 # `tiny`'s generation tasks only (all 400 items, the same sampler settings), without the answer-NLL scoring:
 # the part of the suite that 2-bit damage moves on this model, in seconds instead of a minute.

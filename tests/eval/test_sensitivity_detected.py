@@ -1,4 +1,4 @@
-"""What the suite does detect of 2-bit RTN on the shipped model (needs assets/tiny-llada). The stricter
+"""What the suite does detect of 2-bit RTN on the shipped model (needs qdllm_jax/shipped/tiny-llada). The stricter
 "worse on every metric" test is test_sensitivity.py (xfail while the shipped model cannot show it)."""
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from qdllm_jax.eval import compare
 from qdllm_jax.eval.suite import evaluate
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not HAS_SHIPPED, reason="assets/tiny-llada/model.safetensors not built yet")]
+              pytest.mark.skipif(not HAS_SHIPPED, reason="the shipped tiny model is not built")]
 
 
 def test_rtn2_is_detected_and_never_looks_better(shipped):

@@ -55,11 +55,11 @@ def test_choice_scores_match_exact_single_token_loglik(runs, small_model, small_
 
 def test_generation_matches_unpadded_greedy_decoding(runs, small_model, small_tok):
   a = runs[0]
-  from qdllm_jax.data import windows
+  from qdllm_jax.data import sequences
   for n, exs in _chosen("gen", tasks.GEN_FAMILIES).items():
     for e, got in zip(exs, a["details"]["generated_ids"][n]):
-      prompt = np.asarray([windows.gen_prompt_ids(small_tok, e)], np.int32)
-      ref = task_eval.greedy_generate(small_model.params, small_model.config, prompt, windows.GEN_LEN)[0]
+      prompt = np.asarray([sequences.gen_prompt_ids(small_tok, e)], np.int32)
+      ref = task_eval.greedy_generate(small_model.params, small_model.config, prompt, sequences.GEN_LEN)[0]
       np.testing.assert_array_equal(got, ref)
     preds = a["details"]["predictions"][n]
     assert a["generation"]["exact_match"][n] == np.mean([exact_match(p, e.answer) for p, e in zip(preds, exs)])

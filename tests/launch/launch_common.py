@@ -22,12 +22,12 @@ def make_model(out_dir, tok_dir, seed=0, **arch):
   import jax
 
   from qdllm_jax.data import tokenizer
-  from qdllm_jax.models import checkpoint_io, transformer
+  from qdllm_jax.models import hf_checkpoint, transformer
   from qdllm_jax.models.llada import LLADA_8B, llada_config
   tok = tokenizer.load_tokenizer(tok_dir)
   cfg = llada_config(LLADA_8B, **{**tokenizer.config_overrides(tok), **ARCH, **arch})
   params = transformer.init_params(cfg, jax.random.key(seed), std=0.1)
-  checkpoint_io.save_pretrained(params, cfg, str(out_dir), tokenizer_from=tok_dir, overwrite=True)
+  hf_checkpoint.save_pretrained(params, cfg, str(out_dir), tokenizer_from=tok_dir, overwrite=True)
   return cfg
 
 

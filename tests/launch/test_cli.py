@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from qdllm_jax import cli, config_schema, launch, study
-from qdllm_jax import config as config_lib
+from qdllm_jax import config_check as config_lib
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import __main__ as eval_cli
 

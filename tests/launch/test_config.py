@@ -7,7 +7,7 @@ import shutil
 import pytest
 from launch_common import ROOT, fast_argv
 
-from qdllm_jax import config as config_lib
+from qdllm_jax import config_check as config_lib
 from qdllm_jax import launch
 from qdllm_jax.errors import ConfigError
 

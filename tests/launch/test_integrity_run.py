@@ -19,7 +19,7 @@ from launch_common import ROOT, fast_argv
 from safetensors.numpy import load_file
 
 from qdllm_jax import launch
-from qdllm_jax.calib import windows
+from qdllm_jax.calib import text_windows
 from qdllm_jax.errors import ConfigError
 
 NAN_TENSOR = "model.transformer.blocks.1.ff_out.weight"
@@ -114,7 +114,7 @@ def test_calibration_file_failures_name_file_line_and_fix(tmp_path, name, conten
   f = tmp_path / name
   f.write_bytes(content)
   with pytest.raises(ConfigError) as e:
-    windows.read_text_files([str(f)])
+    text_windows.read_text_files([str(f)])
   msg = str(e.value)
   assert str(f) in msg and where in msg and what in msg and "HF cache" not in msg
   assert "text_field" in msg or "iconv" in msg or "download it again" in msg
@@ -125,7 +125,7 @@ def test_gzipped_jsonl_is_read_line_by_line(tmp_path):
   f = tmp_path / "c.jsonl.gz"
   with gzip.open(f, "wb") as g:
     g.write(b'{"text": "first doc"}\n{"text": "second doc", "id": 2}\n')
-  assert windows.read_text_files([str(f)]) == ["first doc", "second doc"]
+  assert text_windows.read_text_files([str(f)]) == ["first doc", "second doc"]
 
 
 def test_bad_calibration_file_exits_2_before_writing(model_dir, tmp_path, capsys):

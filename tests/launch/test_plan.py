@@ -13,7 +13,7 @@ import pytest
 
 from qdllm_jax import launch, plan_timing, sharding
 from qdllm_jax import plan as plan_lib
-from qdllm_jax.models import checkpoint_io, transformer
+from qdllm_jax.models import hf_checkpoint, transformer
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
 from qdllm_jax.quant import api
 
@@ -49,8 +49,8 @@ def test_param_bytes_per_device_equals_the_placed_shards(axes):
 def _no_weights(monkeypatch):
   def refuse(*a, **k):
     raise AssertionError("the dry run read the checkpoint")
-  monkeypatch.setattr(checkpoint_io, "open_checkpoint", refuse)
-  monkeypatch.setattr(checkpoint_io, "safe_open", refuse)
+  monkeypatch.setattr(hf_checkpoint, "open_checkpoint", refuse)
+  monkeypatch.setattr(hf_checkpoint, "safe_open", refuse)
 
 
 def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch, capsys, tmp_path):
@@ -70,7 +70,7 @@ def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch,
   # no figure was measured on a TPU: the plan prints no duration for it, and says so
   line = next(ln for ln in out.splitlines() if ln.startswith("estimated duration"))
   assert "not measured on this hardware (tpu_v5e_8)" in line and not re.search(r"\d+m\d\ds|\d+h\d\dm", line)
-  from qdllm_jax import config as config_lib
+  from qdllm_jax import config_check as config_lib
   spec = config_lib.validate(launch.load_config(f"{plan_lib.__file__.rsplit('/qdllm_jax/', 1)[0]}/configs/llada8b.py",
                                                 [("plan.hardware", "tpu_v5e_8"), ("calib.chunk_size", "2")]),
                              dry_run=True)
@@ -85,7 +85,7 @@ def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch,
 
 
 def _spec(config, *overrides):
-  from qdllm_jax import config as config_lib
+  from qdllm_jax import config_check as config_lib
   root = plan_lib.__file__.rsplit("/qdllm_jax/", 1)[0]
   return config_lib.validate(launch.load_config(f"{root}/configs/{config}", list(overrides)), dry_run=True)
 
@@ -95,7 +95,7 @@ def test_a_measured_figure_table_entry_gives_durations_counted_by_hand(monkeypat
   1 s, 2 of 12288x4096 at 3 s, 1 of 4096x12288 at 3 s) and 4 factorisations (3 taps at width 4096: 1 s each,
   ff_out's 12288: 27 s); 32 blocks: 32 x (13 + 30) = 1376 s, split over the mesh's model axis of 2 (rows);
   calibration 800-1600 s over its data axis of 4 (chunks)."""
-  from qdllm_jax import config as config_lib
+  from qdllm_jax import config_check as config_lib
   spec = _spec("llada8b.py", ("plan.hardware", "tpu_v5e_8"), ("calib.chunk_size", "2"))
   cfg = plan_lib.model_preset_config("llada_8b")
   rules_plan = config_lib.check_model(spec, cfg)
@@ -118,7 +118,7 @@ def test_local_plan_solver_estimate_is_within_3x_of_the_measured_solves():
   the solves themselves, every block's quantize_weights_shared call per tap as the pipeline makes them (with the
   diagnostics, return_info=True; after
   one warm-up call per shape; random W, H = 2/n X^T X)."""
-  from qdllm_jax import config as config_lib
+  from qdllm_jax import config_check as config_lib
   from qdllm_jax.models import transformer as tr
   spec = _spec("tiny.py:gptq_w3")
   cfg = plan_lib.model_preset_config("tiny_llada")

@@ -61,7 +61,7 @@ def test_table_arithmetic():
 def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
   from qdllm_jax.eval import suite
   from qdllm_jax.key_tree import purpose_key
-  from qdllm_jax.models import checkpoint_io
+  from qdllm_jax.models import hf_checkpoint
   entries = "fp,gptq:w3a16,smoothquant:w8a8,duquant:w4a4"
   assert study.main(_argv(model_dir, tmp_path, entries)) == 0
   out = json.load(open(tmp_path / "study.json"))
@@ -70,7 +70,7 @@ def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
   md = open(tmp_path / "study.md").read()
   assert md.count("\n| ") == 1 + 4 and "duquant | W4A4" in md
   # The FP row is exactly what the suite gives the loaded model under the same key and limit.
-  model, tok = checkpoint_io.load_pretrained(model_dir, "float32"), checkpoint_io.load_tokenizer(model_dir)
+  model, tok = hf_checkpoint.load_pretrained(model_dir, "float32"), hf_checkpoint.load_tokenizer(model_dir)
   ref = suite.evaluate(model, tok, "tiny_smoke", key=purpose_key(0, "eval"), limit=2)["metrics"]
   assert rows["fpFP"]["metrics"] == pytest.approx(ref, rel=1e-6)
   for r in out["rows"]:
@@ -97,8 +97,8 @@ def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
     (["--config.bogus=1"], "unknown key"),
 ])
 def test_bad_input_refused_before_loading(model_dir, tmp_path, monkeypatch, capsys, extra, msg):
-  from qdllm_jax.models import checkpoint_io
-  monkeypatch.setattr(checkpoint_io, "load_pretrained", lambda *a, **k: pytest.fail("loaded before validating"))
+  from qdllm_jax.models import hf_checkpoint
+  monkeypatch.setattr(hf_checkpoint, "load_pretrained", lambda *a, **k: pytest.fail("loaded before validating"))
   argv = ["--config", CFG, "--workdir", str(tmp_path), f"--config.model_path={model_dir}", *extra]
   assert study.main(argv) == 2
   assert msg in capsys.readouterr().err

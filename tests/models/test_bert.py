@@ -9,7 +9,7 @@ import pytest
 from bert_fixtures import padded_ids, write_truncated
 
 from qdllm_jax.errors import CheckpointError, ConfigError
-from qdllm_jax.models import bert, checkpoint_io, families
+from qdllm_jax.models import bert, families, hf_checkpoint
 
 
 def np_layer_norm(x, w, b, eps):
@@ -38,7 +38,7 @@ def np_block(p, x, mask, n_heads, eps):
 
 
 def test_config_and_names(minilm2_dir):
-  reader = checkpoint_io.open_checkpoint(minilm2_dir)
+  reader = hf_checkpoint.open_checkpoint(minilm2_dir)
   cfg = reader.config
   assert (cfg.arch, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_hidden) == ("bert", 384, 2, 12, 1536)
   assert (cfg.mask_id, cfg.pad_id, cfg.norm_eps, cfg.has_head, cfg.tensor_prefix) == (103, 0, 1e-12, False, "")
@@ -51,7 +51,7 @@ def test_config_and_names(minilm2_dir):
 
 
 def test_embed_and_block_match_numpy(minilm2_dir):
-  model = checkpoint_io.load_pretrained(minilm2_dir)
+  model = hf_checkpoint.load_pretrained(minilm2_dir)
   cfg, p = model.config, model.params
   ids, mask = padded_ids(np.random.default_rng(0), 3, 12)
   x0 = np.asarray(bert.embed(p, jnp.asarray(ids), cfg))
@@ -72,24 +72,24 @@ def test_embed_and_block_match_numpy(minilm2_dir):
 
 def test_bert_prefix_and_strictness(minilm_dir, tmp_path):
   d = write_truncated(minilm_dir, str(tmp_path / "pre"), n_layers=1, rename=lambda k: "bert." + k)
-  m = checkpoint_io.load_pretrained(d)
+  m = hf_checkpoint.load_pretrained(d)
   assert m.config.tensor_prefix == "bert." and m.config.n_layers == 1
-  plain = checkpoint_io.load_pretrained(write_truncated(minilm_dir, str(tmp_path / "plain"), n_layers=1))
+  plain = hf_checkpoint.load_pretrained(write_truncated(minilm_dir, str(tmp_path / "plain"), n_layers=1))
   ids, mask = padded_ids(np.random.default_rng(1), 2, 6)
   np.testing.assert_array_equal(np.asarray(m(ids, mask)), np.asarray(plain(ids, mask)))
   bad = write_truncated(minilm_dir, str(tmp_path / "bad"), n_layers=1,
                         extra={"encoder.layer.0.attention.self.rel_bias": np.zeros(3, np.float32)})
   with pytest.raises(CheckpointError, match="unexpected tensor 'encoder.layer.0.attention.self.rel_bias'"):
-    checkpoint_io.open_checkpoint(bad)
+    hf_checkpoint.open_checkpoint(bad)
   with pytest.raises(CheckpointError, match="hidden_act='relu'"):
-    checkpoint_io.open_checkpoint(write_truncated(minilm_dir, str(tmp_path / "act"), n_layers=1,
+    hf_checkpoint.open_checkpoint(write_truncated(minilm_dir, str(tmp_path / "act"), n_layers=1,
                                                   config={"hidden_act": "relu"}))
 
 
 def test_save_pretrained_roundtrip(minilm2_dir, tmp_path):
-  m = checkpoint_io.load_pretrained(minilm2_dir)
-  out = checkpoint_io.save_pretrained(m, None, str(tmp_path / "copy"), tokenizer_from=minilm2_dir)
-  m2 = checkpoint_io.load_pretrained(out)
+  m = hf_checkpoint.load_pretrained(minilm2_dir)
+  out = hf_checkpoint.save_pretrained(m, None, str(tmp_path / "copy"), tokenizer_from=minilm2_dir)
+  m2 = hf_checkpoint.load_pretrained(out)
   assert m2.config.mask_id == 103 and m2.config.has_head is False
   for k in ("embed", "pos_embed", "embed_norm_bias"):
     np.testing.assert_array_equal(np.asarray(m.params[k]), np.asarray(m2.params[k]))
@@ -118,13 +118,13 @@ def test_weight_activation_baselines_on_bert(minilm2_dir):
   """W8A8 RTN (actquant) runs on BERT and stays close to FP; the norm-folding baselines refuse it by name."""
   import jax
 
-  from qdllm_jax.baselines import actquant, awq, duquant, quarot, smoothquant
-  m = checkpoint_io.load_pretrained(minilm2_dir)
+  from qdllm_jax.baselines import awq, duquant, quarot, smoothquant, weight_activation
+  m = hf_checkpoint.load_pretrained(minilm2_dir)
   ids, mask = padded_ids(np.random.default_rng(3), 2, 10)
-  wq = actquant.fake_quant_weights(m.params, 8)
+  wq = weight_activation.fake_quant_weights(m.params, 8)
   assert not np.array_equal(np.asarray(wq["blocks"][0]["up"]), np.asarray(m.params["blocks"][0]["up"]))
   fp = np.asarray(m(ids, mask))
-  w8a8 = np.asarray(actquant.make_model(wq, m.config, a_bits=8)(ids, mask))
+  w8a8 = np.asarray(weight_activation.make_model(wq, m.config, a_bits=8)(ids, mask))
   rel = np.linalg.norm((w8a8 - fp)[mask == 1]) / np.linalg.norm(fp[mask == 1])
   assert 0 < rel < 0.05
   calib = jnp.asarray(ids)

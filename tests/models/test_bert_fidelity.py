@@ -13,23 +13,23 @@ import pytest
 from bert_fixtures import minilm2_dir, minilm_dir  # noqa: F401  (fixtures)
 
 from qdllm_jax.calib import mcs
-from qdllm_jax.calib import windows as windows_lib
+from qdllm_jax.calib import text_windows as windows_lib
 from qdllm_jax.data import corpus
 from qdllm_jax.eval import fidelity, protocols
-from qdllm_jax.models import checkpoint_io
+from qdllm_jax.models import hf_checkpoint
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import pipeline, rules
 
 
 def _rtn2_vs_gptq4(path, n_windows, seqlen, n_sentences, batch=64):
-  reader = checkpoint_io.open_checkpoint(path)
-  cfg, tok = reader.config, checkpoint_io.load_tokenizer(path)
+  reader = hf_checkpoint.open_checkpoint(path)
+  cfg, tok = reader.config, hf_checkpoint.load_tokenizer(path)
   docs = windows_lib.tokenize_documents(corpus.load_splits()["train"][::8], tok)
   ids = mcs.calibration_inputs(windows_lib.make_windows(docs, n_windows, seqlen, jax.random.key(0)), cfg)
   spec = dataclasses.replace(protocols.MINILM_FIDELITY.fidelity, n_sentences=n_sentences,
                              jackknife_groups=min(32, n_sentences), batch=batch)
   inputs = fidelity.fidelity_inputs(tok, spec, seed=0, mask_id=cfg.mask_id)
-  ref = fidelity.encode_states(fidelity.model_states_fn(checkpoint_io.load_pretrained(path)), inputs, spec.batch)
+  ref = fidelity.encode_states(fidelity.model_states_fn(hf_checkpoint.load_pretrained(path)), inputs, spec.batch)
   vals = {}
   for name, method, bits in (("rtn2", "rtn", 2), ("gptq4", "gptq", 4)):
     params, _ = pipeline.quantize_model(reader, ids, rules.default_rules(method, bits, 128), dequantize=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from bert_fixtures import padded_ids, write_truncated
 
-from qdllm_jax.models import checkpoint_io
+from qdllm_jax.models import hf_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.torch
 
 
 def test_minilm_matches_transformers(minilm_dir):
-  ours = checkpoint_io.load_pretrained(minilm_dir)
+  ours = hf_checkpoint.load_pretrained(minilm_dir)
   ref = transformers.BertModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
   ids, mask = padded_ids(np.random.default_rng(0), 4, 40)
   with torch.no_grad():
@@ -38,7 +38,7 @@ def test_masked_lm_head_matches_transformers(minilm_dir, tmp_path):
   mlm.save_pretrained(str(tmp_path / "mlm"), safe_serialization=True)
   for f in ("tokenizer.json", "vocab.txt"):
     (tmp_path / "mlm" / f).write_bytes((tmp_path / "src" / f).read_bytes())
-  ours = checkpoint_io.load_pretrained(str(tmp_path / "mlm"))
+  ours = hf_checkpoint.load_pretrained(str(tmp_path / "mlm"))
   assert ours.config.has_head and ours.config.tensor_prefix == "bert." and ours.config.mask_id == 103
   ids, mask = padded_ids(np.random.default_rng(1), 2, 16)
   with torch.no_grad():

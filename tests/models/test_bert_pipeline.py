@@ -10,7 +10,7 @@ from test_bert import np_block, np_layer_norm
 from qdllm_jax import checkpoint
 from qdllm_jax.calib import mcs
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import checkpoint_io
+from qdllm_jax.models import hf_checkpoint
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import pipeline, rules
 
@@ -32,7 +32,7 @@ def np_forward(params, cfg, ids, mask):
 
 
 def test_mcs_uses_the_tokenizer_mask(minilm1_dir):
-  cfg = checkpoint_io.open_checkpoint(minilm1_dir).config
+  cfg = hf_checkpoint.open_checkpoint(minilm1_dir).config
   ids = np.random.default_rng(0).integers(999, 30000, (16, 24)).astype(np.int32)
   got = np.asarray(mcs.calibration_inputs(ids, cfg))
   masked = got != ids
@@ -58,7 +58,7 @@ def _check_quantized(reader, table, tmp_path):
 
 
 def test_rtn_quantize_save_load(minilm1_dir, tmp_path):
-  report = _check_quantized(checkpoint_io.open_checkpoint(minilm1_dir), rules.default_rules("rtn", 3, 128),
+  report = _check_quantized(hf_checkpoint.open_checkpoint(minilm1_dir), rules.default_rules("rtn", 3, 128),
                             tmp_path)
   assert [e["name"] for e in report] == ["q", "k", "v", "o", "up", "down"]
 
@@ -66,14 +66,14 @@ def test_rtn_quantize_save_load(minilm1_dir, tmp_path):
 @pytest.mark.slow
 def test_quant_dllm_gptq_quantize_save_load(minilm2_dir, tmp_path):
   table = [(r"attention\.self", rules.Rule("quant_dllm", 2, 128)), (r".*", rules.Rule("gptq", 2, 128))]
-  report = _check_quantized(checkpoint_io.open_checkpoint(minilm2_dir), table, tmp_path)
+  report = _check_quantized(hf_checkpoint.open_checkpoint(minilm2_dir), table, tmp_path)
   assert [(e["layer"], e["name"], e["method"]) for e in report][:6] == [
       (0, "q", "quant_dllm"), (0, "k", "quant_dllm"), (0, "v", "quant_dllm"), (0, "o", "gptq"), (0, "up", "gptq"),
       (0, "down", "gptq")]
 
 
 def test_decoder_module_order_refused(minilm1_dir):
-  reader = checkpoint_io.open_checkpoint(minilm1_dir)
+  reader = hf_checkpoint.open_checkpoint(minilm1_dir)
   ids = np.zeros((2, 8), np.int32) + 1000
   with pytest.raises(ConfigError, match="module_order"):
     pipeline.quantize_model(reader, jnp.asarray(ids), rules.default_rules("rtn", 4, 128), module_order="llada_runner")

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from qdllm_jax.models import checkpoint_io as cio  # noqa: E402
+from qdllm_jax.models import hf_checkpoint as cio  # noqa: E402
 from qdllm_jax.models.dream import DREAM_TINY_TEST, dream_config  # noqa: E402
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config  # noqa: E402
 

@@ -58,7 +58,7 @@ def test_quant_dllm_end_to_end():
   assert np.array_equal(np.asarray(dq), np.asarray(info["w_hat"]))
   d = W.astype(np.float64) - np.asarray(dq, np.float64)
   np.testing.assert_allclose(info["layer_loss"], np.trace(d @ H.astype(np.float64) @ d.T), rtol=1e-3)
-  assert 0 < info["relative_output_error"] < 0.2 and info["percdamp"] == 0.01
+  assert 0 < info["relative_sq_output_error"] < 0.2 and info["percdamp"] == 0.01
   hand = 8 * 16 * 128 / 8 + 8 * (16 + 128) * 2 + 4 + 8 * 4  # planes, a_r + a_c fp16, orders, plane_block
   assert qw.nbytes == hand
   # explicit orders and order-1 planes

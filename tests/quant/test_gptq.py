@@ -90,5 +90,5 @@ def test_act_order_and_dead_columns_via_api():
   # layer_loss comes from the solve (2 loss - delta ||E||^2, permuted, dead column): the float64 trace
   d = w.astype(np.float64) - dq
   np.testing.assert_allclose(info["layer_loss"], np.trace(d @ h.astype(np.float64) @ d.T), rtol=1e-4)
-  np.testing.assert_allclose(info["relative_output_error"], info["layer_loss"] / np.trace(
+  np.testing.assert_allclose(info["relative_sq_output_error"], info["layer_loss"] / np.trace(
       w.astype(np.float64) @ h.astype(np.float64) @ w.astype(np.float64).T), rtol=1e-5)

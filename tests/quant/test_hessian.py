@@ -5,7 +5,7 @@ import pytest
 import quant_ref as ref
 
 from qdllm_jax.errors import QuantizationError
-from qdllm_jax.quant.hessian import hessian_update, layer_errors, layer_loss, prepare_hessian, relative_output_error
+from qdllm_jax.quant.hessian import hessian_update, layer_errors, layer_loss, prepare_hessian, relative_sq_output_error
 
 
 def test_u_matches_gptq_factor():
@@ -81,7 +81,7 @@ def test_layer_loss_and_relative_error():
   h = x.T @ x
   d = w - w_hat
   np.testing.assert_allclose(float(layer_loss(w, w_hat, h)), np.trace(d @ h @ d.T), rtol=1e-4)
-  np.testing.assert_allclose(float(relative_output_error(w, w_hat, h)),
+  np.testing.assert_allclose(float(relative_sq_output_error(w, w_hat, h)),
                              np.sum((x @ d.T) ** 2) / np.sum((x @ w.T) ** 2), rtol=1e-4)
   loss, rel = layer_errors(w, w_hat, h)
   np.testing.assert_allclose([float(loss), float(rel)], [np.sum((x @ d.T) ** 2),

@@ -1,6 +1,6 @@
 """Fixtures of the generate / chat / serve tests: a small LLaDA over the shipped tokenizer, saved twice.
 
-`tok_dir`: the shipped tiny tokenizer (assets/tiny-llada) plus the Llama-3-style chat template of
+`tok_dir`: the shipped tiny tokenizer (qdllm_jax/shipped/tiny-llada) plus the Llama-3-style chat template of
 launch/chat_template_llama3.jinja (LLaDA-8B-Instruct's format) in its tokenizer_config.json, so it acts as an
 instruct model's tokenizer.
 `fp_dir`: a random LLaDA (d_model 64, 1 block, the tokenizer's 2048 ids and special ids, context 256), saved as an

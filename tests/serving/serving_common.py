@@ -6,11 +6,12 @@ import jax
 import numpy as np
 
 from qdllm_jax.checkpoint import load_quantized
+from qdllm_jax.data.shipped import TINY_MODEL_DIR
 from qdllm_jax.models import transformer
 from qdllm_jax.sampling import llada_generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIPPED = os.path.join(ROOT, "assets", "tiny-llada")
+SHIPPED = TINY_MODEL_DIR
 SAMPLER = dict(gen_length=8, steps=8, block_length=4)
 FLAGS = [f"--sampler.{k}={v}" for k, v in SAMPLER.items()]
 

@@ -27,9 +27,9 @@ from safetensors.numpy import save_file
 from qdllm_jax import fileio
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.models import hf
-from qdllm_jax.models.config import ModelConfig, config_to_hf
 from qdllm_jax.models.families import config_from_hf, family_of
 from qdllm_jax.models.model import Model
+from qdllm_jax.models.model_config import ModelConfig, config_to_hf
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -187,7 +187,8 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
       _err("model_path", mp, "a local Hugging Face checkpoint directory",
            "set --config.model_path=/path/to/model (or plan without weights: --dry_run)")
     if not os.path.isdir(mp):
-      hint = ("the shipped tiny model is written by `python3 scripts/make_tiny_model.py --out assets/tiny-llada`"
+      hint = ("the shipped tiny model is written by "
+              "`python3 scripts/make_tiny_model.py --out qdllm_jax/shipped/tiny-llada`"
               if "tiny-llada" in mp else "download the checkpoint (safetensors) and point model_path at it")
       _err("model_path", mp, "an existing checkpoint directory", hint)
     if not d["workdir"]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qdllm_jax.errors import ConfigError, QuantizationError
-from qdllm_jax.models.act_quant import ONLINE, act_quant, check_bits, fake_quant_per_token, with_online
+from qdllm_jax.models.act_fake_quant import ONLINE, act_quant, check_bits, fake_quant_per_token, with_online
 from qdllm_jax.models.families import family_of
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant.rtn import rtn_quantize
