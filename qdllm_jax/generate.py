@@ -41,8 +41,8 @@ import sys
 
 from qdllm_jax import chat_template
 from qdllm_jax import engine as engine_lib
+from qdllm_jax.cli import split_overrides
 from qdllm_jax.errors import ConfigError, QdllmError
-from qdllm_jax.launch import split_overrides
 from qdllm_jax.models import load_tokenizer
 from qdllm_jax.sampling import settings as settings_lib
 

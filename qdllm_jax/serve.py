@@ -26,9 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from qdllm_jax import batcher as batcher_lib
 from qdllm_jax import engine as engine_lib
 from qdllm_jax import serve_api
+from qdllm_jax.cli import split_overrides
 from qdllm_jax.errors import ConfigError, QdllmError
 from qdllm_jax.generate import build_parser, prepare
-from qdllm_jax.launch import split_overrides
 
 PROG = "python -m qdllm_jax.serve"
 MAX_BODY = 1 << 20

@@ -1,7 +1,7 @@
 """Weight/activation PTQ baselines of the dLLM PTQ study (arXiv 2508.14896) on the params pytree of
 `qdllm_jax.models.transformer` (fake quantization: every result is a dense params pytree).
 
-  actquant:    fake_quant_per_token, fake_quant_weights, forward_actquant (W8A8 / W4A4 forward with
+  weight_activation: fake_quant_per_token, fake_quant_weights, forward_actquant (W8A8 / W4A4 forward with
                per-token activation quantizers and optional per-tap online transforms)
   smoothquant: collect_act_absmax, smooth_scales, smooth_params, smoothquant
   awq:         pseudo_quantize, scale_search, fold_scales, clip_search, awq

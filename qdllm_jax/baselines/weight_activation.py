@@ -1,7 +1,7 @@
 """Weight-activation fake quantization (W8A8 / W4A4) of a params pytree (any family: LLaDA, Dream, BERT).
 
 The activation quantizer (`fake_quant_per_token`, `ActQuant`) and the online input transforms live in
-`models/act_quant.py`, and `transformer.block_forward` applies them to every block linear's input, so a
+`models/act_fake_quant.py`, and `transformer.block_forward` applies them to every block linear's input, so a
 W-A model is an ordinary `Model(params, config, act=ActQuant(...))` that the samplers, likelihood estimators
 and the evaluation suite run unchanged. This module adds the weight side (`fake_quant_weights`: RTN per
 channel or group) and two conveniences: `forward_actquant` (logits of params + rots under a_bits) and
@@ -40,7 +40,7 @@ def require_prenorm_decoder(cfg, method: str, why: str) -> None:
   family = family_of(cfg)
   if family.norm_kind != "rms_pre":
     raise ConfigError(f"{method} does not apply to a {family.name!r} model (post-LN LayerNorm blocks): {why}. "
-                      "Use RTN, GPTQ or Quant-dLLM weights (W-A RTN: actquant.make_model) for this family.")
+                      "Use RTN, GPTQ or Quant-dLLM weights (W-A RTN: weight_activation.make_model) for this family.")
 
 
 def fake_quant_weights(params: dict, w_bits: int, *, group_size: int = -1, sym: bool = False,

@@ -73,7 +73,7 @@ def check_structure(spec: dict, cfg: ModelConfig, where: str) -> None:
 
 def _is_lazy(x) -> bool:
   """A value read only when its part is written: `checkpoint.state.SpilledBlock` (a block on disk) or
-  `models.checkpoint_io.LazyTensor` (a tensor of the source checkpoint); both have load() and spec()."""
+  `models.hf_checkpoint.LazyTensor` (a tensor of the source checkpoint); both have load() and spec()."""
   return hasattr(x, "load") and hasattr(x, "spec")
 
 

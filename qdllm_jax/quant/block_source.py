@@ -79,7 +79,7 @@ def as_source(source):
   if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], ModelConfig):
     return _ModelSource(*source)
   raise ConfigError(f"quantize_model: source of type {type(source).__name__}; expected a CheckpointReader "
-                    "(models.checkpoint_io.open_checkpoint), a Model, or (params, ModelConfig)")
+                    "(models.hf_checkpoint.open_checkpoint), a Model, or (params, ModelConfig)")
 
 
 def embed_inputs(source, calib_ids, *, offload_activations: bool = False):

@@ -115,7 +115,7 @@ def test_minilm_path_real(minilm_dir):
 
 
 def test_weight_activation_baselines_on_bert(minilm2_dir):
-  """W8A8 RTN (actquant) runs on BERT and stays close to FP; the norm-folding baselines refuse it by name."""
+  """W8A8 RTN (weight_activation) runs on BERT and stays close to FP; the norm-folding baselines refuse it by name."""
   import jax
 
   from qdllm_jax.baselines import awq, duquant, quarot, smoothquant, weight_activation
