@@ -3,11 +3,13 @@
 Generation: LLaDA low-confidence remasking at temperature 0 with one block (LLaDA, arXiv 2502.09992,
 its low-confidence remasking sampler; ML-GSAI/LLaDA generate.py) and
 steps = gen_length = GEN_LEN, i.e. every step commits the single most confident masked position
-(argmax token, confidence softmax(l)[argmax]); exact match of `decode_answer` with the stripped answer.
+(argmax token, confidence softmax(l)[argmax]), run by the package's sampler; exact match of `decode_answer`
+with the stripped answer.
 Multiple choice: every choice of the shipped families is one token, so the LLaDA conditional
 log-likelihood is exact with one forward: log p(c | prompt) = log_softmax(logits([BOS] prompt MASK))[-1, c]
 (with one answer token the estimator always masks l = 1 of L = 1 tokens). The official samplers and
-estimators (`qdllm_jax.sampling`, `qdllm_jax.eval`) compute the same numbers; this module only needs the model.
+estimator (`qdllm_jax.eval.likelihood`) computes the same numbers (tested); this closed form needs one forward
+per example instead of one per choice.
 """
 from __future__ import annotations
 
@@ -20,25 +22,18 @@ import numpy as np
 from qdllm_jax.data import sequences
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
+from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig
+from qdllm_jax.sampling.llada import llada_generate
 
 
 def greedy_generate(params, cfg: ModelConfig, prompts: np.ndarray, gen_len: int) -> np.ndarray:
-  """Low-confidence remasking, T=0, 1 block, gen_len steps: int32 prompts [B, P] -> generated [B, gen_len].
-
-  Each step: l = model(x); x0 = argmax l; conf = max softmax(l) at masked generated positions, -inf
-  elsewhere; commit x0 at argmax conf (one position per row per step). Committed tokens are final.
-  """
-  b, p = prompts.shape
-  x = jnp.concatenate([jnp.asarray(prompts, jnp.int32), jnp.full((b, gen_len), cfg.mask_id, jnp.int32)], 1)
-  for _ in range(gen_len):
-    logits = transformer.forward_jit(params, cfg, x)
-    x0 = jnp.argmax(logits, -1).astype(jnp.int32)
-    conf = jnp.max(jax.nn.softmax(logits, -1), -1)
-    conf = jnp.where((x == cfg.mask_id) & (jnp.arange(x.shape[1]) >= p), conf, -jnp.inf)
-    pick = jax.nn.one_hot(jnp.argmax(conf, -1), x.shape[1], dtype=bool)
-    x = jnp.where(pick, x0, x)
-  return np.asarray(x[:, p:])
+  """Low-confidence remasking at temperature 0 in one block of gen_len steps (one position committed per step):
+  int32 prompts [B, P] -> generated int32 [B, gen_len]. The package's sampler (`sampling.llada_generate`)."""
+  p = prompts.shape[1]
+  out = llada_generate(Model(params=params, config=cfg), np.asarray(prompts, np.int32), mask_id=cfg.mask_id,
+                       steps=gen_len, gen_length=gen_len, block_length=gen_len)
+  return np.asarray(out)[:, p:]
 
 
 def eval_generation(params, cfg: ModelConfig, tok, examples, batch: int = 128) -> dict:
