@@ -5,9 +5,9 @@
     python3 benchmarks/bench_decode.py --parts stack --formats int2 --steps 2     # a quick smoke run
 
 Part "tiny": the shipped tiny LLaDA (qdllm_jax/shipped/tiny-llada, float32) against its quantized checkpoint
-(the launch's WORKDIR/checkpoint, packed weights on the backend's kernels). Part "stack": a random LLaDA-8B-shaped stack of
---blocks blocks (d_model 4096, 32 heads, SwiGLU 12288; a --vocab-sized embedding and head instead of 126464, so the
-blocks dominate), dense bfloat16 against packed weights of every format (binary_planes: DAQ planes with ABMP
+(the launch's WORKDIR/checkpoint, packed weights on the backend's kernels). Part "stack": a random LLaDA-8B-shaped
+stack of --blocks blocks (d_model 4096, 32 heads, SwiGLU 12288; a --vocab-sized embedding and head instead of
+126464, so the blocks dominate), dense bfloat16 against packed weights of every format (binary_planes: DAQ planes with ABMP
 orders, 2.26 bits; int2 / int3 / int4: uniform g128; bench_kernels.make_weight), activations bfloat16.
 
 Each configuration decodes a random prompt of --prompt tokens plus --gen tokens in --steps steps (one block, so one

@@ -29,7 +29,7 @@ from qdllm_jax import config_check as config_lib
 from qdllm_jax import launch
 from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.eval import fidelity, protocols
-from qdllm_jax.models import hf_checkpoint
+from qdllm_jax.models import hf_checkpoint, hf_tokenizer
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import pipeline
 from qdllm_jax.quant import rules as rules_lib
@@ -105,7 +105,7 @@ def run_table(rows, n_sentences=None, seed=0, on_row=None) -> list[dict]:
   on_row(rows so far) after each row (the CLI rewrites its JSON, so a long run keeps what it finished)."""
   c = launch.load_config(CONFIG)
   reader = hf_checkpoint.open_checkpoint(c.model_path)
-  tok = hf_checkpoint.load_tokenizer(c.model_path)
+  tok = hf_tokenizer.load_tokenizer(c.model_path)
   spec = protocols.get_protocol(c.eval.protocol).fidelity
   if n_sentences:
     import dataclasses

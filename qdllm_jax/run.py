@@ -37,7 +37,7 @@ from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.eval import paired as paired_lib
 from qdllm_jax.eval import protocols, run_eval
-from qdllm_jax.models import families, hf, hf_checkpoint
+from qdllm_jax.models import families, hf, hf_checkpoint, hf_tokenizer
 from qdllm_jax.progress import block_progress
 from qdllm_jax.quant import pipeline
 
@@ -89,7 +89,7 @@ def prepare(spec) -> Prepared:
   reader = hf_checkpoint.open_checkpoint(spec.model_path)
   cfg = reader.config
   rules_plan = config_lib.check_model(spec, cfg)
-  tok = hf_checkpoint.load_tokenizer(spec.model_path)
+  tok = hf_tokenizer.load_tokenizer(spec.model_path)
   config_lib.check_tokenizer(tok, cfg, spec.model_path)
   if spec.eval.protocol and protocols.get_protocol(spec.eval.protocol).data != "shipped":  # lm-eval protocols
     if importlib.util.find_spec("lm_eval") is None:

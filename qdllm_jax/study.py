@@ -40,7 +40,7 @@ from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import ConfigError, QdllmError
 from qdllm_jax.eval import paired, protocols, run_eval
 from qdllm_jax.key_tree import purpose_key
-from qdllm_jax.models import hf_checkpoint
+from qdllm_jax.models import hf_checkpoint, hf_tokenizer
 from qdllm_jax.quant import pipeline, rules
 
 log = logging.getLogger("qdllm_jax.study")
@@ -228,7 +228,7 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   wd = d["workdir"]
   os.makedirs(os.path.join(wd, "entries"), exist_ok=True)
   model = hf_checkpoint.load_pretrained(d["model_path"], d["dtype"])
-  tok = hf_checkpoint.load_tokenizer(d["model_path"])
+  tok = hf_tokenizer.load_tokenizer(d["model_path"])
   config_lib.check_tokenizer(tok, model.config, d["model_path"])
   digest = workdir_lib.model_identity(hf_checkpoint.open_checkpoint(d["model_path"]))
   calib = config_schema.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],

@@ -50,11 +50,11 @@ def tiny_hessians():
   from qdllm_jax import launch
   from qdllm_jax.calib import capture
   from qdllm_jax.calib.calibration import calibration
-  from qdllm_jax.models import hf_checkpoint, transformer
+  from qdllm_jax.models import hf_checkpoint, hf_tokenizer, transformer
   spec = config_lib.validate(launch.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")),
                              workdir=tempfile.mkdtemp(prefix="layer-error-sweep-"))
   model = hf_checkpoint.load_pretrained(spec.model_path, "float32")
-  tok = hf_checkpoint.load_tokenizer(spec.model_path)
+  tok = hf_tokenizer.load_tokenizer(spec.model_path)
   _, ids, _ = calibration(spec.calib, spec.seed, tok, model.config)
   x = transformer.embed(model.params, jax.numpy.asarray(ids))
   out = []

@@ -31,7 +31,7 @@ from qdllm_jax import sharding as sharding_lib
 from qdllm_jax.checkpoint import integrity, store, tree
 from qdllm_jax.errors import CheckpointError
 from qdllm_jax.models.families import config_from_hf, param_shapes
-from qdllm_jax.models.hf_checkpoint import _TOKENIZER_CORE, TOKENIZER_FILES
+from qdllm_jax.models.hf_tokenizer import TOKENIZER_CORE, TOKENIZER_FILES
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig, config_to_hf
 
@@ -49,8 +49,8 @@ def tokenizer_files(directory: str | None, what: str) -> list[str]:
     raise CheckpointError(f"{what}: tokenizer_from={directory!r} is not a directory; pass the original "
                           "checkpoint directory (or None)")
   files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
-  if not any(f in files for f in _TOKENIZER_CORE):
-    raise CheckpointError(f"{what}: tokenizer_from={directory!r} holds none of {_TOKENIZER_CORE}")
+  if not any(f in files for f in TOKENIZER_CORE):
+    raise CheckpointError(f"{what}: tokenizer_from={directory!r} holds none of {TOKENIZER_CORE}")
   return files
 
 

@@ -13,12 +13,12 @@ from qdllm_jax.models.families import FAMILIES, config_from_hf, family_for_model
 from qdllm_jax.models.hf_checkpoint import (
                                            CheckpointReader,
                                            load_pretrained,
-                                           load_tokenizer,
                                            load_top,
                                            open_checkpoint,
                                            save_pretrained,
                                            stream_blocks,
 )
+from qdllm_jax.models.hf_tokenizer import load_tokenizer
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig, config_to_hf

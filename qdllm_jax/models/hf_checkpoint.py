@@ -28,6 +28,7 @@ from qdllm_jax import fileio
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.models import hf
 from qdllm_jax.models.families import config_from_hf, family_of
+from qdllm_jax.models.hf_tokenizer import TOKENIZER_CORE, TOKENIZER_FILES
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig, config_to_hf
 
@@ -35,10 +36,6 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
-_TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _CONVERT_HINT = ("convert it once in a trusted environment with transformers: "
                  "`AutoModel.from_pretrained(src).save_pretrained(dst, safe_serialization=True)`")
@@ -348,8 +345,8 @@ def save_pretrained(model_or_params, cfg: ModelConfig | None, path: str, max_sha
     if not os.path.isdir(tokenizer_from):
       raise CheckpointError(f"tokenizer_from={tokenizer_from!r} is not a directory")
     tok_files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_from, f))]
-    if not any(f in tok_files for f in _TOKENIZER_CORE):
-      raise CheckpointError(f"tokenizer_from={tokenizer_from!r} holds none of {_TOKENIZER_CORE}")
+    if not any(f in tok_files for f in TOKENIZER_CORE):
+      raise CheckpointError(f"tokenizer_from={tokenizer_from!r} holds none of {TOKENIZER_CORE}")
   if max_shard_bytes is not None and max_shard_bytes <= 0:
     raise ConfigError(f"max_shard_bytes={max_shard_bytes}, expected a positive byte count or None")
   shards, size = [[]], 0
@@ -377,38 +374,3 @@ def save_pretrained(model_or_params, cfg: ModelConfig | None, path: str, max_sha
     for fname in tok_files:
       shutil.copy2(os.path.join(tokenizer_from, fname), os.path.join(tmp, fname))
   return path
-
-
-def load_tokenizer(path: str):
-  """The checkpoint's tokenizer: AutoTokenizer(local_files_only=True, trust_remote_code=False).
-
-  Checkpoints whose tokenizer_config names a remote-code class (Dream's DreamTokenizer, a copy of Qwen2's
-  byte-level BPE) fall back to the built-in fast tokenizer read from tokenizer.json, or to Qwen2Tokenizer from
-  vocab.json + merges.txt. No remote code is ever executed.
-  """
-  path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise CheckpointError(f"tokenizer directory {path!r} does not exist")
-  present = [f for f in _TOKENIZER_CORE if os.path.isfile(os.path.join(path, f))]
-  if not present:
-    raise CheckpointError(f"{path}: no tokenizer files; expected one of {_TOKENIZER_CORE} (copy them from the "
-                          "original checkpoint, or save with save_pretrained(..., tokenizer_from=original))")
-  import transformers  # heavy import, only when a tokenizer is needed
-  try:
-    # config: a blank one, so that AutoTokenizer does not parse config.json as a transformers model config (our
-    # model types, e.g. `llada`, are unknown to transformers and it warns); the tokenizer class comes from
-    # tokenizer_config.json either way
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                                      config=transformers.PretrainedConfig())
-  except (ValueError, OSError) as e:
-    err = e
-  has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
-  try:
-    if has("tokenizer.json"):
-      return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    if has("vocab.json") and has("merges.txt"):
-      return transformers.Qwen2Tokenizer.from_pretrained(path, local_files_only=True)
-  except (ValueError, OSError) as e:
-    err = e
-  raise CheckpointError(f"{path}: cannot load the tokenizer from {present} without remote code ({err}); "
-                        "expected a tokenizer.json or a built-in tokenizer_class") from err

@@ -61,7 +61,7 @@ def test_table_arithmetic():
 def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
   from qdllm_jax.eval import suite
   from qdllm_jax.key_tree import purpose_key
-  from qdllm_jax.models import hf_checkpoint
+  from qdllm_jax.models import hf_checkpoint, hf_tokenizer
   entries = "fp,gptq:w3a16,smoothquant:w8a8,duquant:w4a4"
   assert study.main(_argv(model_dir, tmp_path, entries)) == 0
   out = json.load(open(tmp_path / "study.json"))
@@ -70,7 +70,7 @@ def test_study_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
   md = open(tmp_path / "study.md").read()
   assert md.count("\n| ") == 1 + 4 and "duquant | W4A4" in md
   # The FP row is exactly what the suite gives the loaded model under the same key and limit.
-  model, tok = hf_checkpoint.load_pretrained(model_dir, "float32"), hf_checkpoint.load_tokenizer(model_dir)
+  model, tok = hf_checkpoint.load_pretrained(model_dir, "float32"), hf_tokenizer.load_tokenizer(model_dir)
   ref = suite.evaluate(model, tok, "tiny_smoke", key=purpose_key(0, "eval"), limit=2)["metrics"]
   assert rows["fpFP"]["metrics"] == pytest.approx(ref, rel=1e-6)
   for r in out["rows"]:

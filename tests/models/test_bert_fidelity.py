@@ -16,14 +16,14 @@ from qdllm_jax.calib import mcs
 from qdllm_jax.calib import text_windows as windows_lib
 from qdllm_jax.data import corpus
 from qdllm_jax.eval import fidelity, protocols
-from qdllm_jax.models import hf_checkpoint
+from qdllm_jax.models import hf_checkpoint, hf_tokenizer
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import pipeline, rules
 
 
 def _rtn2_vs_gptq4(path, n_windows, seqlen, n_sentences, batch=64):
   reader = hf_checkpoint.open_checkpoint(path)
-  cfg, tok = reader.config, hf_checkpoint.load_tokenizer(path)
+  cfg, tok = reader.config, hf_tokenizer.load_tokenizer(path)
   docs = windows_lib.tokenize_documents(corpus.load_splits()["train"][::8], tok)
   ids = mcs.calibration_inputs(windows_lib.make_windows(docs, n_windows, seqlen, jax.random.key(0)), cfg)
   spec = dataclasses.replace(protocols.MINILM_FIDELITY.fidelity, n_sentences=n_sentences,
