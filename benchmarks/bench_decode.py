@@ -7,8 +7,8 @@
 Part "tiny": the shipped tiny LLaDA (qdllm_jax/shipped/tiny-llada, float32) against its quantized checkpoint
 (the launch's WORKDIR/checkpoint, packed weights on the backend's kernels). Part "stack": a random LLaDA-8B-shaped
 stack of --blocks blocks (d_model 4096, 32 heads, SwiGLU 12288; a --vocab-sized embedding and head instead of
-126464, so the blocks dominate), dense bfloat16 against packed weights of every format (binary_planes: DAQ planes with ABMP
-orders, 2.26 bits; int2 / int3 / int4: uniform g128; bench_kernels.make_weight), activations bfloat16.
+126464, so the blocks dominate), dense bfloat16 against packed weights of every format (binary_planes: DAQ planes
+with ABMP orders, 2.26 bits; int2 / int3 / int4: uniform g128; bench_kernels.make_weight), activations bfloat16.
 
 Each configuration decodes a random prompt of --prompt tokens plus --gen tokens in --steps steps (one block, so one
 LLaDA step = one forward over the whole canvas) at each batch size of --batches. Printed per row:
