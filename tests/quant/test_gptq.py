@@ -2,8 +2,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import quant_ref as ref
+
 from qdllm_jax.quant.api import quantize_weight
 from qdllm_jax.quant.gptq import gptq_quantize
 from qdllm_jax.quant.hessian import prepare_hessian
