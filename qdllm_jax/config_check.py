@@ -16,7 +16,10 @@ import ml_collections as mlc
 from qdllm_jax.calib.calibration import CALIB_SUFFIXES
 from qdllm_jax.config_schema import RunSpec, build, defaults, non_semantic_keys
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.quant import methods
+from qdllm_jax.eval import protocols
+from qdllm_jax.hardware import HARDWARE
+from qdllm_jax.quant import methods, pipeline
+from qdllm_jax.quant import rules as rules_lib
 from qdllm_jax.quant.methods import SCALE_DTYPES
 
 MODEL_PRESETS = ("", "llada_8b", "dream_7b", "tiny_llada")
@@ -104,7 +107,6 @@ def _check_calib(d, dry_run):
 
 
 def _check_quant(d):
-  from qdllm_jax.quant import rules as rules_lib
   m, bits, g = d["method"], d["bits"], d["group_size"]
   if m not in methods.REGISTRY:
     _err("quant.method", m, f"one of {tuple(methods.REGISTRY)}", "or use a preset: --config configs/<model>.py:gptq_w2")
@@ -155,7 +157,6 @@ def rules_table_from(q: dict) -> list:
   q = dataclasses.asdict(q) if dataclasses.is_dataclass(q) else q
   if q["rules"]:
     return [tuple(e) if isinstance(e, list) else e for e in q["rules"]]
-  from qdllm_jax.quant import rules as rules_lib
   keys = [k for k in METHOD_KEYS[q["method"]] if k not in ("abmp_scope", "target_bpw")]
   if q["method"] == "quant_dllm" and q["bits"] != 2:
     keys.remove("abmp_ratio")  # ABMP mixes orders only around order 2
@@ -202,7 +203,6 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
   _check_quant(d["quant"])
   e = d["eval"]
   if e["protocol"]:
-    from qdllm_jax.eval import protocols
     if e["protocol"] not in protocols.PROTOCOLS:
       _err("eval.protocol", e["protocol"], f"one of {sorted(protocols.PROTOCOLS)} or '' (no evaluation)")
   if e["limit"] < 0:
@@ -216,7 +216,6 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
     _err("mesh.shape", m["shape"], f"() (auto) or {len(m['axes'])} positive integers for axes {m['axes']}")
   p = d["plan"]
   if p["hardware"]:
-    from qdllm_jax.plan import HARDWARE
     if p["hardware"] not in HARDWARE:
       _err("plan.hardware", p["hardware"], f"'' (this machine) or one of {sorted(HARDWARE)}")
   for k in ("device_memory_gib", "host_memory_gib"):
@@ -230,7 +229,6 @@ def check_lm_eval_keys(e: dict) -> None:
   if e["include_path"] and not os.path.isdir(e["include_path"]):
     _err("eval.include_path", e["include_path"], "'' or a directory of lm-eval task YAMLs", "check the path")
   if e["task_map"]:
-    from qdllm_jax.eval import protocols
     names = protocols.PROTOCOLS[e["protocol"]].task_names if e["protocol"] in protocols.PROTOCOLS else set()
     for t in e["task_map"]:
       k, sep, v = str(t).partition("=")
@@ -254,8 +252,6 @@ def check_model(spec: RunSpec, cfg):
   group sizes dividing every linear's in_features, calibration seqlen within the model context, a [MASK] id
   for MCS, the evaluation protocol's architecture, and the full rules table (resolve_rules + check_plan).
   """
-  from qdllm_jax.quant import pipeline
-  from qdllm_jax.quant import rules as rules_lib
   q = spec.quant
   widths = {"q/k/v/gate/up (d_model)": cfg.d_model, "o (heads x head_dim)": cfg.q_dim, "down (mlp)": cfg.mlp_hidden}
   if not q.rules and q.group_size != -1:
@@ -268,7 +264,6 @@ def check_model(spec: RunSpec, cfg):
   if spec.calib.mcs and cfg.mask_id is None:
     _err("calib.mcs", True, "False for a model without mask_token_id in config.json")
   if spec.eval.protocol:
-    from qdllm_jax.eval import protocols
     arch = protocols.get_protocol(spec.eval.protocol).arch
     if arch != cfg.arch:
       _err("eval.protocol", spec.eval.protocol, f"a protocol for {cfg.arch} models (this one is for {arch})")

@@ -23,6 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qdllm_jax import config_check as config_lib
+from qdllm_jax import plan as plan_lib
+from qdllm_jax import run as run_lib
 from qdllm_jax.cli import LOG_LEVELS, load_config, print_keys, set_override, setup_logging, split_overrides  # noqa: F401
 from qdllm_jax.errors import QdllmError
 
@@ -84,9 +87,6 @@ def main(argv=None) -> int:
       return 0
     setup_logging(args.log_level)
     c = load_config(args.config, overrides)
-    from qdllm_jax import config_check as config_lib
-    from qdllm_jax import plan as plan_lib
-    from qdllm_jax import run as run_lib
     spec = config_lib.validate(c, workdir=args.workdir, dry_run=args.dry_run)
     if args.dry_run:
       text, plan = plan_lib.dry_run(spec)

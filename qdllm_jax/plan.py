@@ -20,50 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 
+from qdllm_jax import config_check as config_lib
 from qdllm_jax import plan_timing, sharding
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import transformer
+from qdllm_jax.hardware import HARDWARE, GiB, Hardware, get_hardware, local_hardware  # noqa: F401
+from qdllm_jax.models import families, open_checkpoint
+from qdllm_jax.models.dream import DREAM_7B, dream_config
+from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.quant import methods
 
-GiB = 2 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-  """A machine: devices (accelerator chips as JAX sees them), memory per device and per host (nominal)."""
-  description: str
-  n_devices: int
-  device_gib: float
-  host_gib: float
-  hosts: int = 1
-  platform: str = "tpu"
-
-
-HARDWARE = {
-    "tpu_v5e_8": Hardware("TPU v5e-8 (v5litepod-8, one host)", 8, 16, 188, 1),
-    "tpu_v5e_16": Hardware("TPU v5e-16 (4 hosts)", 16, 16, 47, 4),
-    "tpu_v4_8": Hardware("TPU v4-8 (4 chips, one host)", 4, 32, 407, 1),
-    "tpu_v4_32": Hardware("TPU v4-32 (16 chips, 4 hosts)", 16, 32, 407, 4),
-    "tpu_v5p_8": Hardware("TPU v5p-8 (4 chips, one host)", 4, 95, 448, 1),
-    "tpu_v6e_8": Hardware("TPU v6e-8 (one host)", 8, 32, 1440, 1),
-    "colab_v5e_1": Hardware("Colab TPU v5e-1", 1, 16, 47, 1),
-    "colab_v2_8": Hardware("Colab TPU v2-8 (8 cores)", 8, 8, 334, 1),
-    "h100x1": Hardware("1x H100 80GB", 1, 80, 240, 1, "gpu"),
-    "h100x8": Hardware("8x H100 80GB (one host)", 8, 80, 1800, 1, "gpu"),
-    "a100x1": Hardware("1x A100 80GB", 1, 80, 200, 1, "gpu"),
-    "a100x8": Hardware("8x A100 80GB (one host)", 8, 80, 1000, 1, "gpu"),
-}
 FIT_FRACTION = 0.9
 CALIB_PASSES = 5  # block forwards per block during calibration: 4 Hessian captures (one per tap) + the outputs
 
 
 def model_preset_config(name: str):
   """ModelConfig of a preset architecture: "llada_8b", "dream_7b" or "tiny_llada" (the shipped tiny LLaDA)."""
-  from qdllm_jax.models.dream import DREAM_7B, dream_config
-  from qdllm_jax.models.llada import LLADA_8B, llada_config
   if name == "llada_8b":
     return llada_config(LLADA_8B)
   if name == "dream_7b":
@@ -73,31 +46,6 @@ def model_preset_config(name: str):
                         max_sequence_length=256, vocab_size=2048, embedding_size=2048, mask_token_id=2,
                         eos_token_id=0, pad_token_id=0, bos_token_id=1, torch_dtype="float32")
   raise ConfigError(f"config.model_preset={name!r}: expected 'llada_8b', 'dream_7b' or 'tiny_llada'")
-
-
-def local_hardware(override_device_gib=0.0, override_host_gib=0.0) -> tuple[str, Hardware]:
-  """("local", Hardware) of this process's devices: count, memory (memory_stats bytes_limit; CPU: host RAM)."""
-  import jax
-  devs = jax.devices()
-  try:
-    stats = devs[0].memory_stats() or {}
-  except Exception:  # noqa: BLE001 (backends without memory stats)
-    stats = {}
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-  dev = stats.get("bytes_limit", 0) / GiB or host
-  hw = Hardware(f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})", len(devs),
-                override_device_gib or dev, override_host_gib or host, jax.process_count(), devs[0].platform)
-  return "local", hw
-
-
-def get_hardware(spec) -> tuple[str, Hardware]:
-  """The hardware a RunSpec plans for: its `plan.hardware` preset (with overrides) or the local machine."""
-  p = spec.plan
-  if p.hardware:
-    hw = HARDWARE[p.hardware]
-    return p.hardware, dataclasses.replace(hw, device_gib=p.device_memory_gib or hw.device_gib,
-                                           host_gib=p.host_memory_gib or hw.host_gib)
-  return local_hardware(p.device_memory_gib, p.host_memory_gib)
 
 
 class _MeshShape:
@@ -110,7 +58,7 @@ class _MeshShape:
 def param_bytes_per_device(cfg, itemsize: int, axes: dict) -> int:
   """Bytes of the FP params on one device, each leaf split as sharding.PARAM_AXES + LOGICAL_RULES say."""
   mesh, total = _MeshShape(axes), 0
-  shapes = transformer.param_shapes(cfg)
+  shapes = families.param_shapes(cfg)
   leaves = [(k, s) for k, s in shapes.items() if k != "blocks"]
   leaves += [(k, s) for blk in shapes["blocks"] for k, s in blk.items()]
   for name, shape in leaves:
@@ -232,11 +180,11 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
   """
   c = spec.calib
   n, seq, d, f, h = c.nsamples * c.timesteps_per_sample, c.seqlen, cfg.d_model, cfg.mlp_hidden, cfg.n_heads
-  shapes = transformer.param_shapes(cfg)
+  shapes = families.param_shapes(cfg)
   blk = shapes["blocks"][0]
   blk_params = sum(math.prod(s) for s in blk.values())
   top_bytes = sum(math.prod(s) for k, s in shapes.items() if k != "blocks") * itemsize
-  lin = {nm: blk[nm] for nm in transformer.LINEARS}
+  lin = {nm: blk[nm] for nm in families.family_of(cfg).linears}
   q_bytes, fp_lin_bytes, q_params = 0, 0, 0  # packed bytes / params of the quantized linears; FP linears
   for path, rule in rules_plan.modules.items():
     r, cc = lin[rules_plan.names[path][1]]
@@ -252,7 +200,7 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
   act = n * seq * d * itemsize
   max_c, max_rc = max(s[1] for s in lin.values()), max(math.prod(s) for s in lin.values())
   eval_b, eval_t = _eval_batch(spec.eval.protocol, cfg.arch)
-  fp_total = transformer.num_params(cfg) * itemsize
+  fp_total = families.num_params(cfg) * itemsize
 
   def calib_device(axes, on_device):
     nd = axes.get("data", 1)
@@ -325,7 +273,7 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
     timing_source = f"not measured on this hardware ({hw_name})"
   nq = len(rules_plan.quantized())
   predicted = {"linear_bits_per_weight": 8 * q_bytes / max(q_params, 1), "checkpoint_bytes": ckpt,
-               "model_bits_per_weight": 8 * ckpt / transformer.num_params(cfg), "fp_bytes": fp_total}
+               "model_bits_per_weight": 8 * ckpt / families.num_params(cfg), "fp_bytes": fp_total}
   return RunPlan(hw_name, hw, mesh, offload, len(rules_plan.modules), nq, summarize_rules(rules_plan), host, dev,
                  predicted, est, problems, notes, timing_source)
 
@@ -337,8 +285,9 @@ def abstract_model(cfg, dtype, batch: int, seqlen: int):
   """
   import jax
   import jax.numpy as jnp
-  params = jax.eval_shape(lambda k: transformer.init_params(cfg, k, dtype), jax.random.key(0))
-  logits = jax.eval_shape(lambda p, x: transformer.forward(p, cfg, x), params,
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), families.param_shapes(cfg),
+                        is_leaf=lambda s: isinstance(s, tuple))
+  logits = jax.eval_shape(lambda p, x: families.forward(p, cfg, x), params,
                           jax.ShapeDtypeStruct((batch, seqlen), jnp.int32))
   return params, logits
 
@@ -352,11 +301,9 @@ def dry_run(spec) -> tuple[str, RunPlan]:
   import jax
   import jax.numpy as jnp
 
-  from qdllm_jax import config_check as config_lib
   if spec.model_preset:
     cfg = model_preset_config(spec.model_preset)
   else:
-    from qdllm_jax.models import open_checkpoint
     cfg = open_checkpoint(spec.model_path).config
   rules_plan = config_lib.check_model(spec, cfg)
   stored = dict(cfg.raw).get("torch_dtype", "bfloat16")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdllm_jax.models import transformer
+from qdllm_jax.models import families
 from qdllm_jax.quant import daq, gptq, hessian, rtn
 
 PROBE_CHOL = 4096
@@ -163,8 +163,8 @@ def _fit(c1: int, c2: int, t1: float, t2: float) -> tuple[float, float]:
 
 def block_forward_flops(cfg, tokens: int, seqlen: int) -> float:
   """FLOPs of one block forward on `tokens` tokens in sequences of `seqlen` (linears + attention scores)."""
-  lin = sum(int(np.prod(s)) for k, s in transformer.param_shapes(cfg)["blocks"][0].items()
-            if k in transformer.LINEARS)
+  lin = sum(int(np.prod(s)) for k, s in families.param_shapes(cfg)["blocks"][0].items()
+            if k in families.family_of(cfg).linears)
   return 2.0 * lin * tokens + 4.0 * tokens * seqlen * cfg.q_dim
 
 
@@ -177,15 +177,16 @@ def _forward_times(cfg, itemsize: int, batch: int, seqlen: int) -> tuple[tuple, 
   """((min, max) s of one block forward, (min, max) s of one forward with taps + the 4 tap Hessian updates)
   on [batch, seqlen] tokens at the model's real widths (params of the run's dtype)."""
   dtype = jnp.bfloat16 if itemsize == 2 else jnp.float32
-  shapes = transformer.param_shapes(cfg)["blocks"][0]
+  family = families.family_of(cfg)
+  shapes = family.param_shapes(cfg)["blocks"][0]
   p = {k: jnp.full(s, 0.02 if len(s) == 2 else 1.0, dtype) for k, s in shapes.items()}
   x = jnp.asarray(np.random.default_rng(2).standard_normal((batch, seqlen, cfg.d_model)), dtype)
-  ctx = transformer.block_context(cfg, batch, seqlen)
-  fwd = jax.jit(lambda p, x: transformer.block_forward_ctx(p, x, cfg, ctx))
+  ctx = family.block_context(cfg, batch, seqlen, None)
+  fwd = jax.jit(lambda p, x: family.block_forward(p, x, cfg, ctx))
 
   @jax.jit
   def capture(p, x):
-    y, taps = transformer.block_forward_ctx(p, x, cfg, ctx, return_taps=True)
+    y, taps = family.block_forward(p, x, cfg, ctx, return_taps=True)
     hs = [hessian.hessian_update(jnp.zeros((a.shape[-1],) * 2, jnp.float32), 0, a)[0] for a in taps.values()]
     return y, hs
 
@@ -221,7 +222,8 @@ def workload(cfg, rules_plan):
   """What the solvers of a run do, from shapes: ({factor kind: {width: count}}, {solve key: count}) with
   solve key (method, bits, group_size, options tuple, rows, cols); one factorisation per block and tap whose
   matrices are quantized (matrices reading the same tap share it)."""
-  lin = {nm: s for nm, s in transformer.param_shapes(cfg)["blocks"][0].items() if nm in transformer.LINEARS}
+  family = families.family_of(cfg)
+  lin = {nm: s for nm, s in family.param_shapes(cfg)["blocks"][0].items() if nm in family.linears}
   factors, solves, taps = {}, {}, set()
   for path, rule in rules_plan.modules.items():
     if rule is None:
@@ -231,8 +233,8 @@ def workload(cfg, rules_plan):
     key = (rule.method, int(rule.bits), int(rule.group_size), tuple(sorted(dict(rule.options).items())), r, c)
     solves[key] = solves.get(key, 0) + 1
     kind = factor_kind(rule.method)
-    if kind is not None and (blk, transformer.TAP_OF[name], kind) not in taps:
-      taps.add((blk, transformer.TAP_OF[name], kind))
+    if kind is not None and (blk, family.tap_of[name], kind) not in taps:
+      taps.add((blk, family.tap_of[name], kind))
       factors.setdefault(kind, {})
       factors[kind][c] = factors[kind].get(c, 0) + 1
   return factors, solves

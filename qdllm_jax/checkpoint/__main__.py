@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qdllm_jax.checkpoint import quantized
 from qdllm_jax.errors import QdllmError
 
 
@@ -18,7 +19,6 @@ def main(argv=None) -> int:
   v = sub.add_parser("verify", help="check files and arrays against their recorded sha256 (exit 0 ok, 2 mismatch)")
   v.add_argument("dirs", nargs="+", metavar="DIR", help="a checkpoint directory written by save_quantized")
   args = ap.parse_args(argv)
-  from qdllm_jax.checkpoint import quantized  # after the argument check: imports jax and orbax
   status = 0
   for d in args.dirs:
     try:
