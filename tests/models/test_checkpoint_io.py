@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.models import hf
 from qdllm_jax.models import hf_checkpoint as cio
+from qdllm_jax.models import hf_tokenizer
 from qdllm_jax.models.dream import DREAM_TINY_TEST
 from qdllm_jax.models.llada import LLADA_TINY_TEST
 from qdllm_jax.models.model import Model
@@ -227,8 +228,9 @@ def test_pickle_checkpoint_refused(saved):
     cio.load_pretrained(path)
 
 
-def test_module_has_no_pickle_path():
-  tree = ast.parse(open(cio.__file__).read())
+@pytest.mark.parametrize("module", [cio, hf_tokenizer])
+def test_module_has_no_pickle_path(module):
+  tree = ast.parse(open(module.__file__).read())
   imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
               for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)
                                    if isinstance(n, ast.ImportFrom) and n.module}
@@ -236,7 +238,8 @@ def test_module_has_no_pickle_path():
   calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
   assert not any(ast.unparse(c.func).endswith(("torch.load", "pickle.load", "load_state_dict")) for c in calls)
   remote = [k.value for c in calls for k in c.keywords if k.arg == "trust_remote_code"]
-  assert remote and all(isinstance(v, ast.Constant) and v.value is False for v in remote)
+  assert all(isinstance(v, ast.Constant) and v.value is False for v in remote)
+  assert remote or module is cio  # the tokenizer loader says trust_remote_code=False explicitly
 
 
 def test_sharded_index_errors_before_reading_data(tmp_path, tiny_cfg, make_params, monkeypatch):
