@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -25,7 +24,6 @@ import numpy as np
 # torch's OpenMP threads busy-wait between parallel regions unless told otherwise, which on a shared 2-core
 # machine steals the other process's core; set before torch is imported (an explicit setting is kept)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def torch_gptq(w, h, bits: int, groupsize: int = 128, blocksize: int = 128, percdamp: float = 0.01):

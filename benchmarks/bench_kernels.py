@@ -28,18 +28,14 @@ the packed path.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from qdllm_jax.kernels import default_path, qmatmul  # noqa: E402
-from qdllm_jax.quant import packed  # noqa: E402
+from qdllm_jax.kernels import default_path, qmatmul
+from qdllm_jax.quant import packed
 
 
 def abmp_orders(nb: int, ratio: float = 0.05) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import jax
@@ -23,13 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.signal import lfilter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from qdllm_jax.quant import abmp  # noqa: E402
-from qdllm_jax.quant.api import quantize_weight  # noqa: E402
-from qdllm_jax.quant.daq import daq_quantize  # noqa: E402
-from qdllm_jax.quant.gptq import gptq_quantize  # noqa: E402
-from qdllm_jax.quant.hessian import hessian_update, layer_loss, prepare_hessian, relative_sq_output_error  # noqa: E402
+from qdllm_jax.quant import abmp
+from qdllm_jax.quant.api import quantize_weight
+from qdllm_jax.quant.daq import daq_quantize
+from qdllm_jax.quant.gptq import gptq_quantize
+from qdllm_jax.quant.hessian import hessian_update, layer_loss, prepare_hessian, relative_sq_output_error
 
 
 def make_layer(out: int, n: int, seed: int = 0, chunk: int = 2048):

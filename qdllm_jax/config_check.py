@@ -117,8 +117,9 @@ def _check_quant(d):
     _err("quant.abmp_ratio", d["abmp_ratio"], "a fraction in [0, 1] (0.05 LLaDA, 0.10 Dream, 0 = uniform)")
   if d["abmp_scope"] not in ("matrix", "global"):
     _err("quant.abmp_scope", d["abmp_scope"], "'matrix' (released code) or 'global'")
-  if d["abmp_scope"] == "global" and not (m == "quant_dllm" and bits == 2):
-    _err("quant.abmp_scope", "global", "'matrix' unless method=quant_dllm with bits=2 (ABMP mixes orders 1/2/3)")
+  if d["abmp_scope"] == "global" and methods.get_method(m).abmp_bits != bits:
+    _err("quant.abmp_scope", "global", "'matrix' unless the method mixes orders at these bits "
+         f"({[(n, x.abmp_bits) for n, x in methods.REGISTRY.items() if x.abmp_bits]}: ABMP orders 1/2/3)")
   if d["target_bpw"] < 0 or (d["target_bpw"] > 0 and d["abmp_scope"] != "global"):
     _err("quant.target_bpw", d["target_bpw"], "0, or a positive bits/weight target with abmp_scope='global'")
   for k in [k for k in ("outlier_z", "salient_weight") if d[k] <= 0]:
@@ -133,8 +134,8 @@ def _check_quant(d):
     _err("quant.comp_mode", d["comp_mode"], "'diag' (released code) or 'block' (exact block OBS update)")
   if d["scale_dtype"] not in SCALE_DTYPES:
     _err("quant.scale_dtype", d["scale_dtype"], f"one of {SCALE_DTYPES}")
-  if d["act_order"] and m != "gptq":
-    _err("quant.act_order", True, "False unless method='gptq'")
+  if d["act_order"] and "act_order" not in methods.get_method(m).options:
+    _err("quant.act_order", True, f"False: method {m!r} has no act-order")
   if d["module_order"] not in ("standard", "llada_runner"):
     _err("quant.module_order", d["module_order"], "'standard' or 'llada_runner'")
   for k in [k for k in ("embeddings", "head") if d[k] != "fp"]:
@@ -158,8 +159,8 @@ def rules_table_from(q: dict) -> list:
   if q["rules"]:
     return [tuple(e) if isinstance(e, list) else e for e in q["rules"]]
   keys = [k for k in METHOD_KEYS[q["method"]] if k not in ("abmp_scope", "target_bpw")]
-  if q["method"] == "quant_dllm" and q["bits"] != 2:
-    keys.remove("abmp_ratio")  # ABMP mixes orders only around order 2
+  if "abmp_ratio" in keys and methods.get_method(q["method"]).abmp_bits != q["bits"]:
+    keys.remove("abmp_ratio")  # ABMP mixes orders only around its own order (2)
   return rules_lib.default_rules(q["method"], q["bits"], q["group_size"], **{k: q[k] for k in keys})
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.models import families
-from qdllm_jax.quant import daq, gptq, hessian, rtn
+from qdllm_jax.quant import daq, gptq, hessian, methods, rtn
 
 PROBE_CHOL = 4096
 PROBE_SOLVE = 1024
@@ -66,7 +66,7 @@ def _spd(c: int, seed: int = 0):
 
 def factor_kind(method: str) -> str | None:
   """The `prepare_hessian` factor a method needs ("cholesky" GPTQ, "inverse" Quant-dLLM, None RTN)."""
-  return {"gptq": "cholesky", "quant_dllm": "inverse"}.get(method)
+  return methods.get_method(method).hessian_factor
 
 
 def solver_fn(method: str, bits: int, group_size: int, options: dict, rows: int, cols: int):

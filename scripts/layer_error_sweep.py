@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SETTINGS = [  # (label, quantize_weight kwargs)
     ("GPTQ W2 g64 (table)", dict(method="gptq", bits=2, group_size=64)),

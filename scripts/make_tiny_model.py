@@ -23,14 +23,13 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from qdllm_jax.data import corpus, sequences, task_eval, tasks, tokenizer  # noqa: E402
-from qdllm_jax.models import hf_checkpoint, transformer  # noqa: E402
-from qdllm_jax.models.llada import LLADA_8B, llada_config  # noqa: E402
-from qdllm_jax.train import trainer  # noqa: E402
+from qdllm_jax.data import corpus, sequences, task_eval, tasks, tokenizer
+from qdllm_jax.models import hf_checkpoint, transformer
+from qdllm_jax.models.llada import LLADA_8B, llada_config
+from qdllm_jax.train import trainer
 
 ARCH = dict(d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=1024, max_sequence_length=256,
             torch_dtype="float32")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from qdllm_jax.calib import capture
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models.families import family_of
-from qdllm_jax.quant import abmp, hessian
+from qdllm_jax.quant import abmp, hessian, methods
 
 log = logging.getLogger(__name__)
 SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
@@ -33,7 +33,7 @@ def participants(plan, cfg) -> dict:
   """{(layer, name): Rule} of the linears that take part in the global allocation (quant_dllm, 2 bits)."""
   out = {}
   for path, rule in plan.modules.items():
-    if rule is not None and rule.method == "quant_dllm" and rule.bits == 2:
+    if rule is not None and methods.get_method(rule.method).abmp_bits == rule.bits:
       out[plan.names[path]] = rule
   if not out:
     raise ConfigError("global ABMP needs linears quantized with method 'quant_dllm' at bits=2; the plan has none")

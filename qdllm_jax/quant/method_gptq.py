@@ -108,4 +108,5 @@ METHOD = QuantMethod(
     check_options=check_damping,
     packed_bytes=uniform_bytes,
     solve=solve,
+    hessian_factor="cholesky",
 )

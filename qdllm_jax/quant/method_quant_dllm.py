@@ -97,4 +97,6 @@ METHOD = QuantMethod(
     check_options=check_options,
     packed_bytes=planes_bytes,
     solve=solve,
+    abmp_bits=2,
+    hessian_factor="inverse",
 )

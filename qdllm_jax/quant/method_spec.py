@@ -11,6 +11,8 @@ line in quant/methods.py. Everything that differs between methods lives in that 
   check_options            resolved options -> None, or a message naming the bad option and its range
   packed_bytes             (rows, cols, bits, group_size, options) -> exact bytes of the packed weight
   solve                    (ws, h, bits, group_size, abmp_ratio, options) -> [(QuantizedWeight, w_hat, info)]
+  abmp_bits                the bits at which ABMP mixes orders 1/2/3 per column block (None: no ABMP)
+  hessian_factor           the factor of H its solver reads ("cholesky", "inverse" or None), for the planner
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class QuantMethod:
   check_options: Callable[[dict], str | None]
   packed_bytes: Callable[[int, int, int, int, dict], int]
   solve: Callable
+  abmp_bits: int | None = None
+  hessian_factor: str | None = None
 
   def resolve_options(self, given: Mapping[str, Any]) -> dict:
     """The full option dict: `given` over the defaults (unknown names are the caller's check)."""

@@ -13,9 +13,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from qdllm_jax.errors import CheckpointError, ConfigError
-from qdllm_jax.models import hf
+from qdllm_jax.models import hf, hf_tokenizer
 from qdllm_jax.models import hf_checkpoint as cio
-from qdllm_jax.models import hf_tokenizer
 from qdllm_jax.models.dream import DREAM_TINY_TEST
 from qdllm_jax.models.llada import LLADA_TINY_TEST
 from qdllm_jax.models.model import Model
