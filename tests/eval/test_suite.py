@@ -8,6 +8,7 @@ import pytest
 from qdllm_jax.data import task_eval, tasks
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.suite import choice_accuracy, evaluate, exact_match
+from qdllm_jax.quant.packed import QuantizedWeight
 
 LIMIT = 4
 
@@ -86,7 +87,7 @@ def test_perplexity_bookkeeping_and_card(runs):
 def test_a_packed_quantized_model_calls_the_same_way(runs, small_model, small_tok):
   from test_sensitivity import rtn2_copy
   q = rtn2_copy(small_model, group_size=32, packed=True)
-  assert type(q.params["blocks"][0]["q"]).__name__ == "QuantizedWeight"
+  assert isinstance(q.params["blocks"][0]["q"], QuantizedWeight)
   r = evaluate(q, small_tok, "tiny_smoke", seed=0, limit=LIMIT, return_details=True)
   assert np.isfinite(r["metrics"]["elbo_ppl"]) and 0 <= r["metrics"]["mc_acc/all"] <= 1
   assert r["multiple_choice"]["n"] == {"max": LIMIT, "analogy": LIMIT, "odd": LIMIT}
