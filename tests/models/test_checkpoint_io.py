@@ -340,7 +340,7 @@ def test_tokenizer_copied_and_loaded(tmp_path, tiny_cfg, make_params):
     cio.save_pretrained(make_params(tiny_cfg), tiny_cfg, tmp_path / "x", tokenizer_from=tmp_path)
   out = cio.save_pretrained(make_params(tiny_cfg), tiny_cfg, tmp_path / "out", tokenizer_from=tokdir)
   assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
-  tok = cio.load_tokenizer(out)
+  tok = hf_tokenizer.load_tokenizer(out)
   assert tok("hello world mask")["input_ids"] == [1, 2, 3]
   # a remote-code tokenizer class (as Dream's DreamTokenizer) falls back to tokenizer.json, no code is run
   tc = os.path.join(out, "tokenizer_config.json")
@@ -348,10 +348,10 @@ def test_tokenizer_copied_and_loaded(tmp_path, tiny_cfg, make_params):
   conf.update(tokenizer_class="DreamTokenizer", auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer",
                                                                             None]})
   json.dump(conf, open(tc, "w"))
-  assert cio.load_tokenizer(out)("world hello")["input_ids"] == [2, 1]
+  assert hf_tokenizer.load_tokenizer(out)("world hello")["input_ids"] == [2, 1]
 
 
 def test_tokenizer_missing(saved):
   path, _ = saved
   with pytest.raises(CheckpointError, match="no tokenizer files"):
-    cio.load_tokenizer(path)
+    hf_tokenizer.load_tokenizer(path)
