@@ -135,6 +135,21 @@ def split_overrides(rest, prefix: str, prog: str) -> list:
 
 
 
+def parse_command(ap, argv, schema, required: str):
+  """(args, [(key, value)] overrides) of a command's argv, or None when --help_keys printed `schema`'s keys.
+
+  `ap` gets the --help_keys flag here; `required` names the flag (e.g. "--config") the command needs otherwise.
+  """
+  ap.add_argument("--help_keys", action="store_true", help="list every key with its default and meaning, then exit")
+  args, rest = ap.parse_known_args(argv)
+  if args.help_keys:
+    print_keys(schema)
+    return None
+  if getattr(args, required.lstrip("-")) is None:
+    ap.error(f"the following arguments are required: {required}")
+  return args, split_overrides(rest, "--config.", ap.prog)
+
+
 def print_keys(cls=config_schema.RunSpec, out=None) -> None:
   """Every key of a schema with its default and meaning, one per line (the commands' --help_keys)."""
   rows = list(config_schema.describe(cls))

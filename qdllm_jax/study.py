@@ -286,16 +286,13 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", default=None, help="output directory (replaces config.workdir)")
   ap.add_argument("--log_level", default="INFO", type=str.upper, choices=cli.LOG_LEVELS,
                   help="verbosity of the qdllm_jax log")
-  ap.add_argument("--help_keys", action="store_true", help="list every study key with its default, then exit")
   try:
-    a, rest = ap.parse_known_args(argv)
-    if a.help_keys:
-      cli.print_keys(config_schema.StudySpec)
+    parsed = cli.parse_command(ap, argv, config_schema.StudySpec, "--config")
+    if parsed is None:
       return 0
-    if not a.config:
-      ap.error("the following arguments are required: --config")
+    a, overrides = parsed
     cli.setup_logging(a.log_level)
-    c = cli.load_config(a.config, cli.split_overrides(rest, "--config.", ap.prog))
+    c = cli.load_config(a.config, overrides)
     out = run(c, a.workdir)
   except QdllmError as err:
     print(f"error ({type(err).__name__}): {err}", file=sys.stderr)

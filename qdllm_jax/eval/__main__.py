@@ -28,16 +28,13 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m qdllm_jax.eval",
                                description="Evaluate a qdllm-jax model under a shipped-data protocol.")
   ap.add_argument("--model", help="a local model directory (config.json + safetensors + tokenizer)")
-  ap.add_argument("--help_keys", action="store_true", help="list every key with its default, then exit")
   try:
-    args, rest = ap.parse_known_args(argv)
-    if args.help_keys:
-      cli.print_keys(config_schema.SuiteSpec)
+    parsed = cli.parse_command(ap, argv, config_schema.SuiteSpec, "--model")
+    if parsed is None:
       return 0
-    if not args.model:
-      ap.error("the following arguments are required: --model")
+    args, overrides = parsed
     c = config_schema.defaults(config_schema.SuiteSpec)
-    for k, v in cli.split_overrides(rest, "--config.", ap.prog):
+    for k, v in overrides:
       cli.set_override(c, k, v)
     o = config_schema.build(config_schema.SuiteSpec, config_lib.check_types(c, config_schema.defaults(
         config_schema.SuiteSpec)))
