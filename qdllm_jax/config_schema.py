@@ -66,15 +66,20 @@ class QuantSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSpec:
+class ProtocolSpec:
+  """How a model is scored (the study's whole eval section; a run's adds fp / quantized)."""
   protocol: str = key("tiny", "named protocol from qdllm_jax.eval.protocols ('' = no evaluation)")
-  fp: bool = key(True, "evaluate the FP model too")
-  quantized: bool = key(True, "evaluate the quantized model")
   limit: int = key(0, "examples per task family; 0 = the protocol's own setting")
   ignore_cfg: bool = key(False, "lm-eval protocols with classifier-free guidance are refused unless True: then "
                          "they run without guidance and the report records it")
   include_path: str = key("", "lm-eval protocols: a local directory of task YAMLs (offline task data)")
   task_map: tuple = key((), "lm-eval protocols: ('protocol_task=local_task', ...) to run a local copy instead")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec(ProtocolSpec):
+  fp: bool = key(True, "evaluate the FP model too")
+  quantized: bool = key(True, "evaluate the quantized model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +144,6 @@ class StudyCalibSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyEvalSpec:
-  protocol: str = key("tiny", "named protocol from qdllm_jax.eval.protocols")
-  limit: int = key(0, "examples per task family; 0 = the protocol's own setting")
-  ignore_cfg: bool = key(False, "run classifier-free-guidance protocols without guidance (recorded)")
-  include_path: str = key("", "lm-eval protocols: a local directory of task YAMLs")
-  task_map: tuple = key((), "lm-eval protocols: ('protocol_task=local_task', ...)")
-
-
-@dataclasses.dataclass(frozen=True)
 class WeightOnlySpec:
   group_size: int = key(128, "GPTQ / AWQ / RTN group")
   sym: bool = key(False, "symmetric grid")
@@ -192,7 +188,7 @@ class StudySpec:
                         "smoothquant:w4a4", "quarot:w8a8", "quarot:w4a4", "duquant:w8a8", "duquant:w4a4"),
                        "'fp' and '<method>:w<bits>a<bits>' rows")
   calib: StudyCalibSpec = key(StudyCalibSpec, "calibration data")
-  eval: StudyEvalSpec = key(StudyEvalSpec, "evaluation")
+  eval: ProtocolSpec = key(ProtocolSpec, "evaluation")
   weight_only: WeightOnlySpec = key(WeightOnlySpec, "GPTQ / AWQ / RTN settings")
   awq: AwqSpec = key(AwqSpec, "AWQ settings")
   smoothquant: SmoothQuantSpec = key(SmoothQuantSpec, "SmoothQuant settings")

@@ -234,7 +234,7 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   calib = config_schema.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
                                nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
                                prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")
-  eval_spec = config_schema.build(config_schema.StudyEvalSpec, dict(d["eval"], protocol=proto.name))
+  eval_spec = config_schema.build(config_schema.ProtocolSpec, dict(d["eval"], protocol=proto.name))
   _, ids, cinfo = calibration(calib, d["seed"], tok, model.config)
   log.info("calibration: %d plain windows x %d tokens of %s", ids.shape[0], ids.shape[1], calib.source)
   mesh = sharding.make_run_mesh({})

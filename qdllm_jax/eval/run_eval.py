@@ -20,7 +20,7 @@ log = logging.getLogger("qdllm_jax.run")
 
 
 def evaluate(model, tok, e, seed: int, mesh) -> dict:
-  """Score `model` under the evaluation settings `e` (config_schema.EvalSpec or StudyEvalSpec: protocol, limit,
+  """Score `model` under the evaluation settings `e` (config_schema.EvalSpec or ProtocolSpec: protocol, limit,
   ignore_cfg, include_path, task_map): shipped data through eval.suite, lm-eval tasks through
   eval.lm_eval_adapter, with the eval key of the key tree (key_tree.py). Returns {"metrics": flat
   {name: float}, "result": the full result} (+ "details", the per-item results of eval.suite, for the paired

@@ -139,32 +139,6 @@ def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
            + ("; or one such row per matrix" if len(ws) > 1 else "") + f"); got shape {o.shape}, dtype {o.dtype}"
            + (f", range {o.min()}..{o.max()}." if o.size and np.issubdtype(o.dtype, np.number) else "."))
   return ws, h, opt
-  if bits not in (1, 2, 3) or isinstance(bits, bool):
-    _err(f"bits={bits!r} is not supported by quant_dllm; expected the mean number of binary planes 1, 2 or 3.")
-  g = group_size
-  if not isinstance(g, (int, np.integer)) or g <= 0 or g % 32 or n % g:
-    _err(f"group_size={g!r} (column block) must be a positive multiple of 32 dividing in_features={n}.")
-  if not 0.0 <= float(abmp_ratio) <= 1.0:
-    _err(f"abmp_ratio={abmp_ratio} must lie in [0, 1] (0.05 LLaDA, 0.10 Dream, 0 = uniform).")
-  if opt["z_diag"] not in ("chol", "inv_diag"):
-    _err(f"z_diag={opt['z_diag']!r} is unknown; expected 'chol' or 'inv_diag'.")
-  if not isinstance(opt["rsr_iters"], (int, np.integer)) or opt["rsr_iters"] < 0:
-    _err(f"rsr_iters={opt['rsr_iters']!r} must be a non-negative integer (default 15).")
-  if opt["rsr_tol"] is not None and not opt["rsr_tol"] >= 0:
-    _err(f"rsr_tol={opt['rsr_tol']!r} must be None or >= 0.")
-  if opt["salient_weight"] <= 0:
-    _err(f"salient_weight={opt['salient_weight']} must be > 0 (it multiplies squared errors).")
-  if not 0 < opt["percdamp"] <= opt["max_percdamp"]:
-    _err(f"percdamp={opt['percdamp']} must lie in (0, max_percdamp={opt['max_percdamp']}].")
-  if opt["orders"] is not None:
-    o = np.asarray(opt["orders"])
-    nb = n // g
-    want = (nb,) if o.ndim < 2 or len(ws) == 1 else (len(ws), nb)
-    if o.shape != want or not np.issubdtype(o.dtype, np.integer) or o.min() < 1 or o.max() > 3:
-      _err(f"orders must be {nb} integers in 1..3 (one per {g}-column block"
-           + ("; or one such row per matrix" if len(ws) > 1 else "") + f"); got shape {o.shape}, dtype {o.dtype}"
-           + (f", range {o.min()}..{o.max()}." if o.size and np.issubdtype(o.dtype, np.number) else "."))
-  return ws, h, opt
 
 
 def _info(w, w_hat, h, extra):
