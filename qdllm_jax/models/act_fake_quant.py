@@ -101,4 +101,19 @@ def with_online(params: dict, rots) -> dict:
   return dict(params, blocks=blocks)
 
 
-__all__ = ["ONLINE", "ActQuant", "act_quant", "check_bits", "fake_quant_per_token", "online_transform", "with_online"]
+__all__ = ["ONLINE", "ActQuant", "act_quant", "check_bits", "fake_quant_per_token", "online_transform", "with_online",
+           "tap_reader"]
+
+
+def tap_reader(p: dict, act=None):
+  """(read, taps) for one block's forward: read(tap, a) applies the block's online transform of that tap
+  (p[ONLINE][tap], if any), records the result in taps[tap] (what calibration captures) and returns it through
+  the activation quantizer `act` (None: unchanged)."""
+  online, taps = p.get(ONLINE, {}), {}
+
+  def read(tap, a):
+    a = online_transform(a, online.get(tap))
+    taps[tap] = a
+    return a if act is None else act(a)
+
+  return read, taps

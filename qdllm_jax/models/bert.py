@@ -181,13 +181,7 @@ def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, key_mask, return_taps
   Args: p block params (linears may be QuantizedWeight); x [B, T, D]; key_mask bool [B, T] or None.
   Returns: [B, T, D] (and the taps dict when return_taps).
   """
-  online = p.get(act_fake_quant.ONLINE, {})
-  taps = {}
-
-  def read(tap, a):
-    a = act_fake_quant.online_transform(a, online.get(tap))
-    taps[tap] = a
-    return a if act is None else act(a)
+  read, taps = act_fake_quant.tap_reader(p, act)
 
   b, t, d = x.shape
   h = read("qkv", x)

@@ -80,13 +80,7 @@ def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: 
   Returns:
     x_out [B, T, D] (and taps).
   """
-  online = p.get(act_fake_quant.ONLINE, {})
-  taps = {}
-
-  def read(tap, a):
-    a = act_fake_quant.online_transform(a, online.get(tap))
-    taps[tap] = a
-    return a if act is None else act(a)
+  read, taps = act_fake_quant.tap_reader(p, act)
 
   b, t, _ = x.shape
   h = read("qkv", layers.rms_norm(x, p["attn_norm"], cfg.norm_eps))
