@@ -83,6 +83,24 @@ def atomic_dir(target: str, *, overwrite: bool = False, what: str = "checkpoint"
       shutil.rmtree(old, ignore_errors=True)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+  """Write a small file atomically: a temporary sibling named for its writer (`.<name>.tmp-p<pid>@<host>-<rand>`,
+  so concurrent writers never share one and `clean_stale` removes a killed writer's), fsync, then rename."""
+  parent, base = os.path.split(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-{_owner()}-", dir=parent)
+  try:
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is read by others
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
 def _owner() -> str:
   return f"p{os.getpid()}@{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}"
 
@@ -98,7 +116,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(parent: str, *, force: bool = False) -> list[str]:
-  """Remove the temporary directories `atomic_dir` left in `parent` when its writer was killed; returns them.
+  """Remove the temporary directories `atomic_dir` (and files `atomic_write_text`) left in `parent` when their
+  writer was killed; returns them.
 
   A `.<name>.tmp-*` / `.<name>.old-*` directory is stale when its recorded writer process is gone (same host,
   pid not running); one of another host, of this process or of a live process is kept, as is one without a
@@ -112,7 +131,7 @@ def clean_stale(parent: str, *, force: bool = False) -> list[str]:
   for n in sorted(os.listdir(parent)):
     m = _STALE.match(n)
     path = os.path.join(parent, n)
-    if not m or not os.path.isdir(path):
+    if not m or not (os.path.isdir(path) or (m["kind"] == "tmp" and os.path.isfile(path))):
       continue
     pid = int(m["pid"]) if m["pid"] else None
     gone = pid is not None and m["host"] == host and pid != os.getpid() and not _alive(pid)
@@ -120,6 +139,10 @@ def clean_stale(parent: str, *, force: bool = False) -> list[str]:
       continue
     if m["kind"] == "old" and not os.path.isdir(os.path.join(parent, m["base"])):
       continue
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.remove(path)
     removed.append(path)
   return removed

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from qdllm_jax import fileio
 from qdllm_jax.eval import paired as paired_lib
 from qdllm_jax.models import transformer
 
@@ -40,12 +41,8 @@ def json_default(o):
 
 
 def write_json(path: str, data: dict) -> None:
-  """Write `data` as indented JSON atomically (temporary file + rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=1, default=json_default, allow_nan=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Write `data` as indented JSON atomically (fileio.atomic_write_text)."""
+  fileio.atomic_write_text(path, json.dumps(data, indent=1, default=json_default, allow_nan=True) + "\n")
 
 
 def orders_matrix(layers: list, n_layers: int):
@@ -271,8 +268,5 @@ def write_report(workdir: str, report: dict, *, plots: bool = True) -> dict:
   report = dict(report)
   report["plots"] = write_plots(workdir, report) if plots else []
   write_json(os.path.join(workdir, "report.json"), report)
-  tmp = os.path.join(workdir, "report.md.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(markdown(report))
-  os.replace(tmp, os.path.join(workdir, "report.md"))
+  fileio.atomic_write_text(os.path.join(workdir, "report.md"), markdown(report))
   return report

@@ -166,7 +166,7 @@ def quantize_and_save(spec, prep: Prepared, cal: Calibrated, timings: dict, kill
   ckpt_dir, state_dir = os.path.join(wd, "checkpoint"), os.path.join(wd, "state")
   qrep_path = os.path.join(wd, "quant_report.json")
   done = os.path.isdir(ckpt_dir) and ckpt_lib.read_sidecar(ckpt_dir)[0]["metadata"].get("fingerprint") == fp
-  digests, progress = workdir_lib.SourceDigests(wd, prep.reader), workdir_lib.Progress(wd)
+  digests, progress = workdir_lib.SourceDigests(wd, prep.reader), workdir_lib.Progress(wd, writer=prep.primary)
   if done and os.path.isfile(qrep_path):
     _step(2, "checkpoint %s of this run is complete; skipping quantization", ckpt_dir)
     _step(2, "source check: %s", digests.recheck())  # a changed model is refused, naming the tensor

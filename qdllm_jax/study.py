@@ -31,7 +31,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from qdllm_jax import cli, config_schema, run_configs, sharding
+from qdllm_jax import cli, config_schema, fileio, run_configs, sharding
 from qdllm_jax import config_check as config_lib
 from qdllm_jax import report as report_lib
 from qdllm_jax import workdir as workdir_lib
@@ -269,10 +269,7 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   md = (f"# PTQ study: {os.path.basename(os.path.normpath(d['model_path']))}\n\nProtocol `{proto.name}`, seed "
         f"{d['seed']}, calibration {ids.shape[0]} x {ids.shape[1]} plain windows of `{calib.source}`, backend "
         f"{jax.default_backend()}. Task cells in %; Drop = relative change of Avg against FP.\n\n{table(rows)}\n")
-  tmp = os.path.join(wd, "study.md.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(md)
-  os.replace(tmp, os.path.join(wd, "study.md"))
+  fileio.atomic_write_text(os.path.join(wd, "study.md"), md)
   if d["plots"]:
     plot(rows, os.path.join(wd, "study.png"))
   return out

@@ -234,11 +234,12 @@ class Progress:
   """Every attempt of the run in this workdir (started, resumed from which block, its step timings) and the wall
   time of every quantized block, in workdir/progress.json, so that a resumed run's report is complete.
 
-  Written after each block and each step (atomically); a kill loses at most the step in progress.
+  Written after each block and each step (atomically); a kill loses at most the step in progress. Only the
+  writer (process 0 of a multi-host run) writes; the other processes keep their copy in memory.
   """
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, PROGRESS)
+  def __init__(self, workdir: str, writer: bool = True):
+    self.path, self.writer = os.path.join(workdir, PROGRESS), writer
     d = {}
     if os.path.isfile(self.path):
       with open(self.path, encoding="utf-8") as f:
@@ -258,6 +259,8 @@ class Progress:
     self.save()
 
   def save(self) -> None:
+    if not self.writer:
+      return
     blocks = {str(k): v for k, v in sorted(self.block_s.items())}
     report_lib.write_json(self.path, {"runs": self.runs, "block_s": blocks})
 

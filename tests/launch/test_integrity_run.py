@@ -93,11 +93,14 @@ def test_stale_temporary_dirs_are_removed_only_when_their_owner_is_gone(finished
   dead_state = wd / "state" / "blocks" / f".block-000001.tmp-p{p.pid}@{host}-x2"
   live = wd / f".checkpoint.tmp-p{os.getppid()}@{host}-x3"  # our parent process is alive
   legacy = wd / ".checkpoint.tmp-abc123"  # no recorded owner (older version)
+  dead_file = wd / f".progress.json.tmp-p{p.pid}@{host}-x4"  # fileio.atomic_write_text's temporary file
   for d in (dead, dead_state, live, legacy):
     d.mkdir(parents=True)
     (d / "junk").write_text("x")
+  dead_file.write_text("{")
   assert launch.main(fast_argv(model_dir, wd)) == 0
-  assert not dead.exists() and not dead_state.exists() and live.exists() and legacy.exists()
+  assert not dead.exists() and not dead_state.exists() and not dead_file.exists()
+  assert live.exists() and legacy.exists()
   assert launch.main(fast_argv(model_dir, wd, "--overwrite")) == 0
   assert not live.exists() and not legacy.exists()
   assert not [n for n in os.listdir(wd) if ".tmp-" in n or ".old-" in n]
@@ -183,3 +186,17 @@ def test_kill_during_the_checkpoint_save_then_run_leaves_no_temporary_dir(model_
   assert "left by a killed save" in out.stderr
   left = [os.path.join(d, n) for d, dirs, _ in os.walk(wd) for n in dirs if ".tmp-" in n or ".old-" in n]
   assert not left and (wd / "checkpoint" / "checksums.json").is_file()
+
+
+def test_concurrent_writers_of_one_small_file_never_collide(tmp_path):
+  """Two processes rewriting the same JSON file (as every host of a multi-host run once did with progress.json):
+  each write is whole, none fails on a temporary name the other renamed away, and no temporary file is left."""
+  target = tmp_path / "progress.json"
+  code = ("import json, sys\nfrom qdllm_jax import fileio\n"
+          "for i in range(300):\n  fileio.atomic_write_text(sys.argv[1], json.dumps({'w': sys.argv[2], 'i': i}))\n")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(target), w], stderr=subprocess.PIPE) for w in "ab"]
+  errs = [p.communicate(timeout=120)[1].decode() for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs
+  last = json.loads(target.read_text())
+  assert last["i"] == 299 and last["w"] in "ab"
+  assert os.listdir(tmp_path) == ["progress.json"]
