@@ -1,5 +1,5 @@
 """AWQ (arXiv 2306.00978) weight-only quantization as llm-awq runs it on LLaDA
-(arXiv 2508.14896, experimental setup; FelixMessi/QDLM scripts).
+(arXiv 2508.14896, experimental setup; FelixMessi/QDLM scripts), and on BERT encoders with online divisors.
 
 Pseudo-quantizer (llm-awq `pseudo_quantize_tensor`, zero point on), per (row, group of g columns):
     s = max(max w - min w, 1e-5) / (2^b - 1),  z = clamp(-round(min w / s), 0, 2^b - 1)
@@ -11,6 +11,16 @@ Scale search, per scaling group (prev op -> linears reading X, LLaDA mapping):
     loss(a) = mean((f(X; W) - f(X; Q(W diag s) diag(s)^-1))^2);  s* = s(argmin_a loss)
     fold: prev <- prev / s* (norm weight, or the rows of v / up), W <- W diag(s*).
 All four scales are searched on the FP block's inputs (the folding keeps the function), then applied.
+Where each scale goes is the model family's `scale_folds` (models/family.py): {tap: prev op, or None}.
+Families without llm-awq's sub-module mapping (BERT, post-LN: q/k/v's and up's inputs also feed the residual,
+GELU sits between up and down, so only v -> o folds):
+    prev None: W <- W diag(s*) and the tap's input is multiplied online by 1/s* (p["online"][tap] = 1/s*, a
+      vector [C]; llm-awq's `ScaledActivation` for GELU MLPs, generalised to every unfoldable group);
+    loss(a) = mean((B(x; p) - B(x; p with the group's W -> Q(W diag s) diag(s)^-1))^2), B the whole block
+      (family.block_forward) on its FP input x, every other linear in FP (a family-generic objective: the
+      block output is what the next block reads).
+  The online divisors are side data of C float32 values per scaled group per block (BERT: 3 d + F per block),
+  counted by `online_nbytes`.
 Clip search (`auto_clip`, all linears except q and k): per (row, group), with X the scaled input
     m_i = max|w| (1 - i/20), i = 0..9; err_i = mean_t (sum_{k in group} x_tk (Q(clamp(w, -m_i, m_i))_k - w_k))^2
     w <- clamp(w, -m*, m*) with m* the m_i of least error (first on ties).
@@ -26,24 +36,41 @@ import numpy as np
 
 from qdllm_jax.baselines import weight_activation
 from qdllm_jax.errors import QuantizationError
-from qdllm_jax.models import layers, transformer
+from qdllm_jax.models import layers, llada
+from qdllm_jax.models.act_fake_quant import ONLINE
+from qdllm_jax.models.families import family_of
+from qdllm_jax.quant import packed, rtn
 
-# (name / tap, prev op, linears)
-SCALE_GROUPS = (("qkv", "attn_norm", ("q", "k", "v")), ("o", "v", ("o",)),
-                ("gate_up", "ff_norm", ("gate", "up")), ("down", "up", ("down",)))
 NO_CLIP = ("q", "k")
+
+
+def scale_groups(family) -> tuple:
+  """((tap, prev op or None, linears), ...) of a family, in block order: its linear groups that `scale_folds`
+  lists (prev None: the scale stays an online divisor)."""
+  return tuple((t, family.scale_folds[t], tuple(n)) for t, n in family.linear_groups.items()
+               if t in family.scale_folds)
+
+
+# (name / tap, prev op, linears) of the pre-norm decoders (LLaDA, Dream)
+SCALE_GROUPS = scale_groups(llada.FAMILY)
+
+
+def group_grid(wg: jax.Array, bits: int, scale_dtype=None) -> tuple[jax.Array, jax.Array]:
+  """llm-awq's (scale, zero) [rows, G, 1] of wg float32 [rows, G, g] (module docstring); the scale rounded to
+  scale_dtype first (None: unrounded)."""
+  maxq = 2 ** bits - 1
+  lo, hi = jnp.min(wg, -1, keepdims=True), jnp.max(wg, -1, keepdims=True)
+  s = rtn.round_scale(jnp.maximum(hi - lo, 1e-5) / maxq, scale_dtype)
+  return s, jnp.clip(-jnp.round(lo / s), 0, maxq)
 
 
 def pseudo_quantize(w: jax.Array, bits: int, group_size: int) -> jax.Array:
   """llm-awq asymmetric group pseudo-quantization w -> w^ (module docstring). w: float [out, in] -> same."""
   out, n = w.shape
   g = n if group_size == -1 else group_size
-  maxq = 2 ** bits - 1
   wg = w.astype(jnp.float32).reshape(out, n // g, g)
-  lo, hi = jnp.min(wg, -1, keepdims=True), jnp.max(wg, -1, keepdims=True)
-  s = jnp.maximum(hi - lo, 1e-5) / maxq
-  z = jnp.clip(-jnp.round(lo / s), 0, maxq)
-  return (s * (jnp.clip(jnp.round(wg / s) + z, 0, maxq) - z)).reshape(out, n).astype(w.dtype)
+  s, z = group_grid(wg, bits)
+  return (s * (rtn.quantize_codes(wg, s, z, bits) - z)).reshape(out, n).astype(w.dtype)
 
 
 def _inspect(name, p, ws, h, cfg, cos, sin):
@@ -61,9 +88,15 @@ def _inspect(name, p, ws, h, cfg, cos, sin):
   return layers.linear(h, ws[0])
 
 
+def grid_scale(s_x, a):
+  """s = max(s_x^a, 1e-4) / sqrt(max s min s): the scale of grid point a (float32 [C])."""
+  s = jnp.maximum(s_x ** a, 1e-4)
+  return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
 @functools.partial(jax.jit, static_argnames=("name", "cfg", "bits", "group_size", "n_grid"))
 def scale_search(p, h, cos, sin, *, name, cfg, bits, group_size, n_grid=20):
-  """Grid losses of one scaling group.
+  """Grid losses of one scaling group of a pre-norm decoder (llm-awq's inspected sub-module, `_inspect`).
 
   Args:
     p: block params. h: float [B, T, C] the group's input (tap `name`). cos/sin: [B, T, head_dim].
@@ -77,10 +110,34 @@ def scale_search(p, h, cos, sin, *, name, cfg, bits, group_size, n_grid=20):
   s_x = jnp.mean(jnp.abs(h.reshape(-1, h.shape[-1])), axis=0)
 
   def loss(a):
-    s = jnp.maximum(s_x ** a, 1e-4)
-    s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+    s = grid_scale(s_x, a)
     wq = [pseudo_quantize(w * s[None, :], bits, group_size) / s[None, :] for w in ws]
     return jnp.mean((org - _inspect(name, p, wq, h, cfg, cos, sin)) ** 2)
+
+  return jax.lax.map(loss, jnp.arange(n_grid, dtype=jnp.float32) / n_grid), s_x
+
+
+@functools.partial(jax.jit, static_argnames=("names", "cfg", "bits", "group_size", "n_grid"))
+def block_scale_search(p, x, h, ctx, *, names, cfg, bits, group_size, n_grid=20):
+  """Grid losses of one scaling group measured on the whole block output (families without llm-awq's mapping).
+
+  Args:
+    p: block params (float). x: float [B, T, D] the block's FP input. h: float [B, T, C] the group's input (its
+    tap). ctx: the family's block_context. names: the group's linears.
+  Returns:
+    (losses float32 [n_grid]: mean((B(x; p) - B(x; p with W -> Q(W diag s) diag(s)^-1 for W in names))^2),
+     s_x float32 [C] = mean_t |h_t|).
+  """
+  family = family_of(cfg)
+  p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+  x = x.astype(jnp.float32)
+  org = family.block_forward(p, x, cfg, ctx)
+  s_x = jnp.mean(jnp.abs(h.reshape(-1, h.shape[-1]).astype(jnp.float32)), axis=0)
+
+  def loss(a):
+    s = grid_scale(s_x, a)
+    pq = dict(p, **{n: pseudo_quantize(p[n] * s[None, :], bits, group_size) / s[None, :] for n in names})
+    return jnp.mean((org - family.block_forward(pq, x, cfg, ctx)) ** 2)
 
   return jax.lax.map(loss, jnp.arange(n_grid, dtype=jnp.float32) / n_grid), s_x
 
@@ -88,18 +145,25 @@ def scale_search(p, h, cos, sin, *, name, cfg, bits, group_size, n_grid=20):
 def best_scale(losses, s_x, n_grid: int = 20) -> tuple[jax.Array, float]:
   """s* for the first a minimising the loss; returns (s* float32 [C], a)."""
   a = float(np.argmin(np.asarray(losses))) / n_grid
-  s = jnp.maximum(s_x ** a, 1e-4)
-  return s / jnp.sqrt(jnp.max(s) * jnp.min(s)), a
+  return grid_scale(s_x, a), a
 
 
-def fold_scales(p: dict, scales: dict) -> dict:
-  """prev <- prev / s (norm weight or rows of v / up, with bias), W <- W diag(s) for each group in `scales`."""
+def fold_scales(p: dict, scales: dict, groups: tuple = SCALE_GROUPS) -> dict:
+  """W <- W diag(s) for each group in `scales` ({tap: float [C]}), and prev <- prev / s (norm weight or rows of
+  v / up, with bias), or, where prev is None, the online divisor p["online"][tap] <- (existing transform) * 1/s
+  (a vector [C]; composed with an existing matrix M as M diag(1/s)). groups: `scale_groups(family)`."""
   p = dict(p)
-  for name, prev, names in SCALE_GROUPS:
+  for name, prev, names in groups:
     if name not in scales:
       continue
     s = scales[name].astype(jnp.float32)
-    if p[prev].ndim == 1:
+    if prev is None:
+      online = dict(p.get(ONLINE, {}))
+      r = online.get(name)
+      inv = 1.0 / s
+      online[name] = inv if r is None else (r.astype(jnp.float32) * (inv if r.ndim == 1 else inv[None, :]))
+      p[ONLINE] = online
+    elif p[prev].ndim == 1:
       p[prev] = (p[prev].astype(jnp.float32) / s).astype(p[prev].dtype)
     else:
       p[prev] = (p[prev].astype(jnp.float32) / s[:, None]).astype(p[prev].dtype)
@@ -148,22 +212,29 @@ def awq_block(p: dict, x, cfg, *, bits: int, group_size: int, n_grid: int = 20, 
               n_clip_tokens: int = 512):
   """Scale search + folding (+ clip search) of one block on its FP inputs x [N, L, D].
 
-  Returns (p_scaled_clipped (dense, not yet quantized), {group: a}, FP block output [N, L, D]).
+  Returns (p_scaled_clipped (dense, not yet quantized; online divisors under p["online"] where a scale does not
+  fold), {group: a}, FP block output [N, L, D]).
   """
+  family = family_of(cfg)
+  groups = scale_groups(family)
   b, t, _ = x.shape
-  pos, _ = transformer.positions_and_mask(cfg, jnp.zeros((b, t), jnp.int32), None)
-  cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-  out, taps = transformer.block_forward(p, x, cfg, cos, sin, None, return_taps=True)
+  ctx = family.block_context(cfg, b, t, None)
+  out, taps = family.block_forward(p, x, cfg, ctx, return_taps=True)
   scales, ratios = {}, {}
-  for name, prev, _ in SCALE_GROUPS:
-    if name == "o" and cfg.q_dim != cfg.kv_dim:
+  for name, prev, names in groups:
+    if prev == "v" and cfg.q_dim != cfg.kv_dim:
       continue  # GQA: v's rows do not map one-to-one onto o's input channels
-    losses, s_x = scale_search(p, taps[name], cos, sin, name=name, cfg=cfg, bits=bits, group_size=group_size,
-                               n_grid=n_grid)
+    if family.norm_kind == "rms_pre":  # llm-awq's inspected sub-modules
+      cos, sin, _ = ctx
+      losses, s_x = scale_search(p, taps[name], cos, sin, name=name, cfg=cfg, bits=bits, group_size=group_size,
+                                 n_grid=n_grid)
+    else:
+      losses, s_x = block_scale_search(p, x, taps[name], ctx, names=names, cfg=cfg, bits=bits,
+                                       group_size=group_size, n_grid=n_grid)
     scales[name], ratios[name] = best_scale(losses, s_x, n_grid)
-  ps = fold_scales(p, scales)
+  ps = fold_scales(p, scales, groups)
   if clip:
-    for name, _, names in SCALE_GROUPS:
+    for name, _, names in groups:
       xs = taps[name].reshape(-1, taps[name].shape[-1]).astype(jnp.float32)
       if name in scales:
         xs = xs / scales[name][None, :]
@@ -178,36 +249,57 @@ def awq_block(p: dict, x, cfg, *, bits: int, group_size: int, n_grid: int = 20, 
 
 def awq(params: dict, cfg, calib_ids, *, w_bits: int = 4, group_size: int = 128, n_grid: int = 20,
         clip: bool = True, quantize: bool = True):
-  """AWQ W{w_bits}A16 of a whole model on calibration windows calib_ids int [N, L].
+  """AWQ W{w_bits}A16 of a whole model (any family with `scale_folds`) on calibration windows calib_ids int [N, L].
 
-  Returns (params with every block linear scaled, clipped and (if quantize) pseudo-quantized,
-  list per block of {group: chosen a}).
+  Returns (params with every block linear scaled, clipped and (if quantize) pseudo-quantized, the unfoldable
+  scales as online divisors p["online"][tap] float32 [C]; list per block of {group: chosen a}).
   """
-  weight_activation.require_prenorm_decoder(
-      cfg, "AWQ",
-      "its scales are folded into the RMSNorm weight before q/k/v and gate/up and into v before o (arXiv "
-      "2306.00978 §3.2); a post-LN block has no norm in front of its linears")
+  family = family_of(cfg)
+  if not family.scale_folds:
+    raise QuantizationError(f"AWQ has no scale groups for a {family.name!r} model: its family declares no "
+                            "`scale_folds` (models/family.py); add them to the family module.")
   weight_activation.check_bits(w_bits, "w_bits", allow_none=False)
   if w_bits > 8:
     raise QuantizationError(f"w_bits={w_bits} is not supported by AWQ; expected 2..8.")
   ids = jnp.asarray(calib_ids)
   if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise QuantizationError(f"calib_ids must be int [N, L]; got shape {ids.shape}, dtype {ids.dtype}.")
-  for n in transformer.LINEARS:
+  for n in family.linears:
     c = params["blocks"][0][n].shape[1]
     if group_size != -1 and (group_size <= 0 or c % group_size):
       raise QuantizationError(f"group_size={group_size} does not divide in_features={c} of {n!r}; use a "
-                              f"divisor (128 for LLaDA/Dream) or -1.")
-  x = transformer.embed(params, ids)
+                              f"divisor (128 for LLaDA/Dream/MiniLM) or -1.")
+  x = family.embed(params, ids, cfg)
   blocks, ratios = [], []
   for p in params["blocks"]:
     ps, r, x = awq_block(p, x, cfg, bits=w_bits, group_size=group_size, n_grid=n_grid, clip=clip)
     if quantize:
-      ps = dict(ps, **{n: pseudo_quantize(ps[n], w_bits, group_size) for n in transformer.LINEARS})
+      ps = dict(ps, **{n: pseudo_quantize(ps[n], w_bits, group_size) for n in family.linears})
     blocks.append(ps)
     ratios.append(r)
   return dict(params, blocks=blocks), ratios
 
 
-__all__ = ["SCALE_GROUPS", "pseudo_quantize", "scale_search", "best_scale", "fold_scales", "clip_search",
-           "apply_clip", "awq_block", "awq"]
+def pack_weight(w, bits: int, group_size: int, scale_dtype: str = "float16") -> packed.UniformWeight:
+  """The packed uniform weight (quant/packed.py) of llm-awq's quantizer of w float [out, in] (clipped and scaled,
+  i.e. `awq(..., quantize=False)`'s linears): the module's grid with the scale rounded to scale_dtype before the
+  zero point and the codes (as llm-awq's float16 models compute it), zeros uint8. Its dequantization is what it
+  stores; `bits_per_weight` counts codes, scales and zeros."""
+  out, n = w.shape
+  g = n if group_size == -1 else group_size
+  wg = jnp.asarray(w, jnp.float32).reshape(out, n // g, g)
+  s, z = group_grid(wg, bits, scale_dtype)
+  q = rtn.quantize_codes(wg, s, z, bits).reshape(out, n).astype(jnp.uint8)
+  return packed.from_uniform(q, s[..., 0], z[..., 0], bits=bits, group_size=group_size, sym=False,
+                             scale_dtype=scale_dtype, method="awq")
+
+
+def online_nbytes(params: dict) -> int:
+  """Bytes of every block's online transforms (AWQ's divisors: C float32 values per unfoldable group)."""
+  return int(sum(np.prod(v.shape) * jnp.dtype(v.dtype).itemsize for p in params["blocks"]
+                 for v in p.get(ONLINE, {}).values()))
+
+
+__all__ = ["SCALE_GROUPS", "scale_groups", "group_grid", "pseudo_quantize", "grid_scale", "scale_search",
+           "block_scale_search", "best_scale", "fold_scales", "clip_search", "apply_clip", "awq_block", "awq",
+           "pack_weight", "online_nbytes"]

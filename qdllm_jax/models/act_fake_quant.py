@@ -9,7 +9,9 @@ with xmin/xmax the per-token min/max times `clip` (not widened to include 0, as 
 
 `ActQuant` is the static (hashable) setting a `Model` carries; `transformer.block_forward` applies it to the
 input of every block linear (q/k/v, o, gate/up, down) after the block's optional online transforms
-`p["online"][tap]` (orthogonal [C, C] matrices: QuaRot's Hadamard before down, DuQuant's rotation-permutation).
+`p["online"][tap]`: a matrix M [C, C] (x -> x M: QuaRot's Hadamard before down, DuQuant's rotation-permutation)
+or a vector r [C] (x -> x * r = x diag(r): AWQ's per-input-channel divisor 1/s where a scale cannot be folded
+into the op before the linear group, e.g. on BERT; baselines/awq.py).
 Embeddings and the LM head stay in full precision (arXiv 2508.14896, experimental setup).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 
 from qdllm_jax.errors import QuantizationError
 
-ONLINE = "online"  # block params key holding {tap: [C, C]} online transforms
+ONLINE = "online"  # block params key holding {tap: [C, C] matrix or [C] diagonal} online transforms
 
 
 def fake_quant_per_token(x: jax.Array, bits: int, sym: bool = False, clip: float = 1.0) -> jax.Array:
@@ -78,15 +80,19 @@ def act_quant(bits=None, sym: bool = False, clip: float = 1.0) -> ActQuant | Non
 
 
 def online_transform(x: jax.Array, r) -> jax.Array:
-  """x r for an online transform r [C, C] (float32, HIGHEST precision; result in x's dtype); x if r is None."""
+  """The online transform of x [..., C]: x r for a matrix r [C, C] (float32, HIGHEST precision), x * r (= x diag(r))
+  for a vector r [C] (float32); result in x's dtype. x if r is None."""
   if r is None:
     return x
+  if r.ndim == 1:
+    return (x.astype(jnp.float32) * r.astype(jnp.float32)).astype(x.dtype)
   return jnp.einsum("...f,fg->...g", x.astype(jnp.float32), r.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
 def with_online(params: dict, rots) -> dict:
-  """params with block i's online transforms rots[i] ({tap: [C, C]}) stored under p["online"]; rots None: as is."""
+  """params with block i's online transforms rots[i] ({tap: [C, C] or [C]}) stored under p["online"]; rots None:
+  as is."""
   if rots is None:
     return params
   if len(rots) != len(params["blocks"]):

@@ -10,7 +10,7 @@ Params pytree:
                 "attn_norm", "attn_norm_bias": [D]   (LN_1, after the attention residual),
                 "up": [F, D], "up_bias": [F], "down": [D, F], "down_bias": [D],
                 "ff_norm", "ff_norm_bias": [D]       (LN_2, after the MLP residual),
-                ("online": {tap: [C, C]}) } x n_layers ],
+                ("online": {tap: [C, C] or [C]}) } x n_layers ],
    (MLM head, only when the checkpoint has `cls.predictions.*`:)
    "head_dense": [D, D], "head_dense_bias": [D], "head_norm", "head_norm_bias": [D], "head_bias": [V]}
 Output contract: with the MLM head, float32 logits [B, T, V] = LN(gelu(dense x)) embed^T + bias (decoder tied
@@ -54,6 +54,10 @@ BLOCK_NAMES = {"q": "attention.self.query.weight", "q_bias": "attention.self.que
                "down": "output.dense.weight", "down_bias": "output.dense.bias",
                "ff_norm": "output.LayerNorm.weight", "ff_norm_bias": "output.LayerNorm.bias"}
 PREFIXES = ("", "bert.")
+# Only v -> o folds exactly (attention mixes tokens, not channels). The block input (q/k/v's tap) and h (up's)
+# also feed the residual, so LN_e / LN_1 / LN_2 cannot absorb a scale, and GELU between up and down is not
+# homogeneous: those scales stay online divisors (family.py `scale_folds`).
+SCALE_FOLDS = {"qkv": None, "o": "v", "up": None, "down": None}
 # tensors a BERT checkpoint may hold that are not params of this model (read by nobody)
 _IGNORED = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias", "cls.seq_relationship.weight",
             "cls.seq_relationship.bias", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
@@ -243,4 +247,4 @@ FAMILY = Family(
     param_shapes=param_shapes, linear_groups=LINEAR_GROUPS, upstream=UPSTREAM,
     embed_keys=("embed", "pos_embed", "type_embed", "embed_norm", "embed_norm_bias"), embed=embed,
     block_context=block_context, block_forward=block_forward, head=head, forward=forward, calib_seed=0,
-    norm_kind="ln_post", refine=_refine, ignored_tensor=_ignored)
+    norm_kind="ln_post", refine=_refine, ignored_tensor=_ignored, scale_folds=SCALE_FOLDS)

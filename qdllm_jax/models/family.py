@@ -45,6 +45,13 @@ class Family:
       "ln_post" (post-LN blocks with LayerNorm biases).
     refine: (cfg, set of tensor names, directory) -> cfg, run by the loader on a checkpoint directory.
     ignored_tensor: name -> True for tensors a checkpoint may hold that are not params (accepted, unread).
+    scale_folds: {tap: the op whose output is that tap, or None}: where a per-input-channel scale s of the tap's
+      linear group (AWQ, arXiv 2306.00978 §3.2) folds exactly, W <- W diag(s) with the op's output divided by s:
+      a norm weight [D] (pre-norm decoders: the tap is the norm's output and nothing else reads it) or a
+      linear whose rows (and bias) become the tap channel for channel (v before o; up before down in SwiGLU,
+      where down reads silu(gate h) * up h). None: no op folds it (the tap also feeds the residual, or a
+      non-homogeneous activation such as GELU sits in between), so the scale stays an online divisor
+      x -> x * (1/s) (`act_fake_quant.online_transform` with a vector). Taps missing here are never scaled.
   """
   name: str
   model_types: tuple
@@ -64,6 +71,7 @@ class Family:
   norm_kind: str = "rms_pre"
   refine: Callable = _identity_refine
   ignored_tensor: Callable = _no_ignored
+  scale_folds: Mapping = dataclasses.field(default_factory=dict)
 
   @property
   def linears(self) -> tuple:

@@ -80,6 +80,11 @@ def decoder_block_names(table: dict, prefix: str):
   return names
 
 
+# the pre-norm decoder's exact scale folds (llm-awq's LLaMA mapping): RMSNorm weights before q/k/v and gate/up,
+# v's rows before o (only when q_dim == kv_dim; AWQ skips it under GQA), up's rows before down (SwiGLU)
+DECODER_SCALE_FOLDS = {"qkv": "attn_norm", "o": "v", "gate_up": "ff_norm", "down": "up"}
+
+
 def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table: dict, prefix: str,
                    calib_seed: int) -> Family:
   """A Family on the shared pre-norm decoder (transformer.py) with its own names and config parser."""
@@ -88,7 +93,8 @@ def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table
       block_names=decoder_block_names(table, prefix), param_shapes=transformer.param_shapes,
       linear_groups=transformer.LINEAR_GROUPS, upstream=transformer.UPSTREAM, embed_keys=("embed",),
       embed=transformer.embed, block_context=transformer.block_context, block_forward=transformer.block_forward_ctx,
-      head=transformer.head, forward=transformer.forward, calib_seed=calib_seed, norm_kind="rms_pre")
+      head=transformer.head, forward=transformer.forward, calib_seed=calib_seed, norm_kind="rms_pre",
+      scale_folds=DECODER_SCALE_FOLDS)
 
 
 # seed_x 0: the released LLaDA calibration script's default

@@ -5,7 +5,7 @@ Params pytree (canonical names; HF names are mapped in models/hf.py). All linear
    "blocks": [ {"attn_norm": [D], "q": [Hq*d, D], "k": [Hkv*d, D], "v": [Hkv*d, D], "o": [D, Hq*d],
                 "ff_norm": [D], "gate": [F, D], "up": [F, D], "down": [D, F],
                 ("q_bias": [Hq*d], "k_bias": [Hkv*d], "v_bias": [Hkv*d])  # Dream / include_qkv_bias
-                ("online": {tap: [C, C]})  # online input transforms of W-A baselines (QuaRot, DuQuant)
+                ("online": {tap: [C, C] or [C]})  # online input transforms (QuaRot, DuQuant: matrices; AWQ: vectors)
                } x n_layers ],
    "final_norm": [D],
    "head": [V, D]}          # absent when tie_embeddings
@@ -68,8 +68,9 @@ def block_forward(p: dict, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: 
   """One pre-norm block: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate h) * up h).
 
   Each linear group reads its input through  a -> Q(a M_tap)  with M_tap = p["online"][tap] (an online
-  transform [C, C], QuaRot/DuQuant) where present, else I, and Q = `act` (per-token activation fake
-  quantization, models/act_fake_quant.py), else the identity. A plain FP block has neither.
+  transform: [C, C] QuaRot/DuQuant, or a vector r [C] meaning diag(r), AWQ) where present, else I, and
+  Q = `act` (per-token activation fake quantization, models/act_fake_quant.py), else the identity. A plain FP
+  block has neither.
   Args:
     p: the block's params (see module docstring); linears may be QuantizedWeight.
     x: [B, T, D] residual stream (param dtype).

@@ -43,7 +43,7 @@ from qdllm_jax.models import transformer
 from qdllm_jax.models.families import family_of
 from qdllm_jax.models.family import Family
 from qdllm_jax.models.model_config import ModelConfig
-from qdllm_jax.quant import api, methods
+from qdllm_jax.quant import api, methods, packed
 from qdllm_jax.quant import rules as rules_lib
 from qdllm_jax.quant.block_source import ReaderSource, as_source, embed_inputs, release_host_memory  # noqa: F401
 from qdllm_jax.sharding import host_tree
@@ -331,5 +331,5 @@ def dense_block(blk: dict) -> dict:
   """A block with every QuantizedWeight replaced by its dequantized weight in the model dtype (the dtype of
   the block's norm weights), e.g. for `save_pretrained` (fake-quantized checkpoint, as the reference)."""
   dt = np.dtype(blk["attn_norm"].dtype)
-  return {k: v if isinstance(v, (jax.Array, np.ndarray)) else np.asarray(v.dequantize()).astype(dt)
-          for k, v in blk.items()}
+  return {k: np.asarray(v.dequantize()).astype(dt) if isinstance(v, packed.QuantizedWeight) else v
+          for k, v in blk.items()}  # other leaves (and the online transforms' dict) unchanged
