@@ -13,10 +13,18 @@ error (plain and [MASK]-ed inputs), embedding cosine and similarity-structure co
 paired standard error against FP, and the share of the GPTQ-W2 -> FP gap each row closes:
     closed = (m - m_GPTQ-W2) / (m_FP - m_GPTQ-W2)      (m_FP = 0 for errors, 1 for cosine / correlations).
 Printed and written as a markdown table (--out) and JSON (--json).
+
+AWQ rows (awq_w2/3/4, `baselines.awq`, llm-awq defaults: g128, zero point, n_grid 20, clip search on) calibrate
+on the same 64 KJV windows unmasked (plain text, as the dLLM PTQ study's AWQ path: study.py, mcs=False); on
+BERT only v -> o folds, q/k/v, up and down keep their scales as online divisors (docs/model_families.md). Their
+linears are packed in the uniform format (`awq.pack_weight`: 2/3/4-bit codes, float16 scales, uint8 zeros per
+128 columns) and evaluated as the packing dequantizes them; true bits/weight = 8 (packed bytes + the online
+divisors' bytes, float32, 3 x 384 + 1536 per block) / block linear weights.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -27,9 +35,11 @@ import numpy as np
 from qdllm_jax import checkpoint as ckpt_lib
 from qdllm_jax import config_check as config_lib
 from qdllm_jax import launch
+from qdllm_jax.baselines import awq
 from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.eval import fidelity, protocols
 from qdllm_jax.models import hf_checkpoint, hf_tokenizer
+from qdllm_jax.models.families import family_of
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import pipeline
 from qdllm_jax.quant import rules as rules_lib
@@ -72,6 +82,7 @@ RULE_ROWS.update({
         (_ONLY["up"], rules_lib.Rule("quant_dllm", 3, 128, (("comp_mode", "block"),))),
         (".*", rules_lib.Rule("quant_dllm", 2, 128, _QD2 + (("comp_mode", "block"),))))),
 })
+AWQ_ROWS = {f"awq_w{b}": (f"AWQ W{b} (v->o folded, online divisors)", b) for b in (2, 3, 4)}
 METRICS = ("rel_err/plain", "rel_err/mask0.15", "rel_err/mask0.5", "rel_err/mask0.9", "emb_cos", "sim_pearson",
            "sim_spearman")
 
@@ -100,6 +111,27 @@ def quantize_row(presets, overrides, reader, tok, workdir, table=None):
   return dict(params, blocks=[pipeline.dense_block(b) for b in params["blocks"]]), sizes, report, dt
 
 
+def quantize_awq(bits, fp_params, reader, tok, workdir):
+  """(dequantized params with the online divisors, true bits/weight, [], seconds) of one AWQ row (module
+  docstring): the config's calibration windows unmasked, `awq.awq` unquantized, every linear packed."""
+  c = launch.load_config(CONFIG)
+  spec = config_lib.validate(c, workdir=workdir)
+  cfg = reader.config
+  win, _, _ = calibration(spec.calib, spec.seed, tok, cfg)  # the windows before MCS masking: plain text
+  t = time.perf_counter()
+  dense, _ = awq.awq(fp_params, cfg, win, w_bits=bits, group_size=spec.quant.group_size, n_grid=20, clip=True,
+                     quantize=False)
+  blocks, nbytes, nweights = [], awq.online_nbytes(dense), 0
+  for p in dense["blocks"]:
+    p = dict(p)
+    for n in family_of(cfg).linears:
+      qw = awq.pack_weight(p[n], bits, spec.quant.group_size)
+      nbytes, nweights = nbytes + qw.nbytes, nweights + p[n].size
+      p[n] = qw.dequantize(p[n].dtype)
+    blocks.append(p)
+  return dict(dense, blocks=blocks), 8 * nbytes / nweights, [], time.perf_counter() - t
+
+
 def run_table(rows, n_sentences=None, seed=0, on_row=None) -> list[dict]:
   """One dict per row: label, true_bits_per_weight, metrics, paired comparison vs FP, quantize / eval seconds;
   on_row(rows so far) after each row (the CLI rewrites its JSON, so a long run keeps what it finished)."""
@@ -108,7 +140,6 @@ def run_table(rows, n_sentences=None, seed=0, on_row=None) -> list[dict]:
   tok = hf_tokenizer.load_tokenizer(c.model_path)
   spec = protocols.get_protocol(c.eval.protocol).fidelity
   if n_sentences:
-    import dataclasses
     spec = dataclasses.replace(spec, n_sentences=n_sentences, jackknife_groups=min(spec.jackknife_groups,
                                                                                    n_sentences))
   fp = hf_checkpoint.load_pretrained(c.model_path, "float32")
@@ -119,9 +150,14 @@ def run_table(rows, n_sentences=None, seed=0, on_row=None) -> list[dict]:
   out = []
   with tempfile.TemporaryDirectory() as wd:
     for name in rows:
-      label, presets, overrides = ROWS[name] if name in ROWS else (RULE_ROWS[name][0], None, ())
+      label, presets, overrides = ROWS[name] if name in ROWS else (
+          (RULE_ROWS if name in RULE_ROWS else AWQ_ROWS)[name][0], None, ())
       if name == "fp":
         vals, bits, dt_q, rep = fidelity.fidelity_values(ref, ref, inputs), 32.0, 0.0, []
+      elif name in AWQ_ROWS:
+        params, bits, rep, dt_q = quantize_awq(AWQ_ROWS[name][1], fp.params, reader, tok, wd)
+        vals = fidelity.fidelity_values(ref, fidelity.encode_states(
+            fidelity.model_states_fn(Model(params, reader.config)), inputs, spec.batch), inputs)
       else:
         params, sizes, rep, dt_q = quantize_row(presets, overrides, reader, tok, wd,
                                                 RULE_ROWS[name][1] if name in RULE_ROWS else None)
@@ -163,7 +199,7 @@ def markdown(rows: list[dict], command: str) -> str:
     for m in METRICS:
       s = _stat(r["comparison"], m)
       cells.append(f"{r['metrics'][m]:.4f}" + ("" if r["name"] == "fp" else f" ({s['t']:+.1f})"))
-    cells.append(f"{r['mean_layer_rel_err']:.3f}" if r["name"] != "fp" else "")
+    cells.append(f"{r['mean_layer_rel_err']:.3f}" if r["layers"] else "")  # AWQ rows: no per-matrix report
     if cos_gap:
       cells += [f"{100 * cos_gap[r['name']]:.0f}%", f"{100 * err_gap[r['name']]:.0f}%"]
     lines.append("| " + " | ".join(cells) + " |")
@@ -172,16 +208,17 @@ def markdown(rows: list[dict], command: str) -> str:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS) + list(RULE_ROWS)}")
+  ap.add_argument("--rows", default=",".join(ROWS),
+                  help=f"comma-separated subset of {list(ROWS) + list(RULE_ROWS) + list(AWQ_ROWS)}")
   ap.add_argument("--n_sentences", type=int, default=0, help="fewer held-out sentences (0 = the protocol's)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="", help="markdown table path")
   ap.add_argument("--json", default="", help="JSON results path (per-matrix errors included)")
   a = ap.parse_args(argv)
   names = [n for n in a.rows.split(",") if n]
-  bad = [n for n in names if n not in ROWS and n not in RULE_ROWS]
+  bad = [n for n in names if n not in ROWS and n not in RULE_ROWS and n not in AWQ_ROWS]
   if bad:
-    ap.error(f"unknown rows {bad}; expected some of {list(ROWS)}")
+    ap.error(f"unknown rows {bad}; expected some of {list(ROWS) + list(RULE_ROWS) + list(AWQ_ROWS)}")
   t = time.perf_counter()
   def save_json(rows):
     if a.json:
