@@ -40,7 +40,7 @@ from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import ConfigError, QdllmError
 from qdllm_jax.eval import paired, protocols, run_eval
 from qdllm_jax.key_tree import purpose_key
-from qdllm_jax.models import hf_checkpoint, hf_tokenizer
+from qdllm_jax.models import families, hf_checkpoint, hf_tokenizer
 from qdllm_jax.quant import pipeline, rules
 
 log = logging.getLogger("qdllm_jax.study")
@@ -104,6 +104,13 @@ def validate(c: mlc.ConfigDict, workdir: str | None = None) -> tuple[dict, list[
   if not os.path.isfile(os.path.join(d["model_path"], "config.json")):
     raise ConfigError(f"config.model_path={d['model_path']!r} is not a model directory (no config.json); point it "
                       "at a local Hugging Face checkpoint directory")
+  with open(os.path.join(d["model_path"], "config.json"), encoding="utf-8") as f:
+    arch = families.family_for_model_type(json.load(f).get("model_type"), d["model_path"]).name
+  if arch in protocols.ENCODERS or protocols.get_protocol(d["eval"]["protocol"]).fidelity is not None:
+    raise ConfigError(f"config.model_path={d['model_path']!r} is a {arch!r} model under protocol "
+                      f"{d['eval']['protocol']!r}: the study scores dLLM task protocols (accuracy, ELBO), not "
+                      "encoders. Score an encoder's methods, AWQ included, with benchmarks/bench_minilm_table.py "
+                      "(the minilm_fidelity protocol), or point model_path at a LLaDA / Dream checkpoint.")
   entries = [parse_entry(e) for e in d["entries"]]
   if len({e.slug for e in entries}) != len(entries):
     raise ConfigError(f"config.entries repeats an entry: {d['entries']}")

@@ -5,6 +5,7 @@ Checked against a float64 NumPy forward of the FP equations (test_bert.np_block)
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from bert_fixtures import padded_ids
 from test_bert import np_block, np_layer_norm
 
@@ -127,3 +128,16 @@ def test_pack_weight_matches_numpy_grid():
   z = np.clip(-np.round(lo / s), 0, 7)
   want = (s * (np.clip(np.round(wg / s) + z, 0, 7) - z)).reshape(6, 64)
   np.testing.assert_allclose(np.asarray(qw.dequantize()), want, atol=1e-6)
+
+
+def test_study_refuses_an_encoder_before_loading(minilm2_dir, tmp_path, capsys, monkeypatch):
+  """The study scores dLLM task protocols; an AWQ entry on BERT is refused by name, before any loading."""
+  import os
+
+  from qdllm_jax import study
+  monkeypatch.setattr(hf_checkpoint, "load_pretrained", lambda *a, **k: pytest.fail("loaded before validating"))
+  cfg = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "study_tiny.py")
+  argv = ["--config", cfg, "--workdir", str(tmp_path), f"--config.model_path={minilm2_dir}",
+          "--config.entries=fp,awq:w3a16"]
+  assert study.main(argv) == 2
+  assert "'bert' model" in capsys.readouterr().err
