@@ -19,7 +19,7 @@ on the same 64 KJV windows unmasked (plain text, as the dLLM PTQ study's AWQ pat
 BERT only v -> o folds, q/k/v, up and down keep their scales as online divisors (docs/model_families.md). Their
 linears are packed in the uniform format (`awq.pack_weight`: 2/3/4-bit codes, float16 scales, uint8 zeros per
 128 columns) and evaluated as the packing dequantizes them; true bits/weight = 8 (packed bytes + the online
-divisors' bytes, float32, 3 x 384 + 1536 per block) / block linear weights.
+divisors' bytes, float32, 384 + 384 + 1536 per block) / block linear weights.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ GELU sits between up and down, so only v -> o folds):
     loss(a) = mean((B(x; p) - B(x; p with the group's W -> Q(W diag s) diag(s)^-1))^2), B the whole block
       (family.block_forward) on its FP input x, every other linear in FP (a family-generic objective: the
       block output is what the next block reads).
-  The online divisors are side data of C float32 values per scaled group per block (BERT: 3 d + F per block),
+  The online divisors are side data of C float32 values per scaled group per block (BERT: 2 d + F per block),
   counted by `online_nbytes`.
 Clip search (`auto_clip`, all linears except q and k): per (row, group), with X the scaled input
     m_i = max|w| (1 - i/20), i = 0..9; err_i = mean_t (sum_{k in group} x_tk (Q(clamp(w, -m_i, m_i))_k - w_k))^2
