@@ -40,7 +40,8 @@ def require_prenorm_decoder(cfg, method: str, why: str) -> None:
   family = family_of(cfg)
   if family.norm_kind != "rms_pre":
     raise ConfigError(f"{method} does not apply to a {family.name!r} model (post-LN LayerNorm blocks): {why}. "
-                      "Use RTN, GPTQ or Quant-dLLM weights (W-A RTN: weight_activation.make_model) for this family.")
+                      "Use RTN, GPTQ, AWQ or Quant-dLLM weights (W-A RTN: weight_activation.make_model) for this "
+                      "family.")
 
 
 def fake_quant_weights(params: dict, w_bits: int, *, group_size: int = -1, sym: bool = False,
