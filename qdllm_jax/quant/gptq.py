@@ -67,7 +67,6 @@ def obc_sweep(wt, u, block_fn, carry, *, block: int, m: int, compensate: bool = 
   sspec = jax.ShapeDtypeStruct((cw, out), wt.dtype)
   ob_shape = jax.eval_shape(lambda w, s, c: block_fn(0, w, s, 0, c)[1], spec, sspec, carry)
   outs0 = jax.tree.map(lambda x: jnp.zeros((nb,) + x.shape, x.dtype), ob_shape)
-  cols = jnp.arange(cw)
   lt = u.T  # sliced as [rows, C] left operands: XLA:CPU runs a dot with a transposed lhs ~2x slower
 
   def sbody(s, state):
@@ -78,21 +77,17 @@ def obc_sweep(wt, u, block_fn, carry, *, block: int, m: int, compensate: bool = 
     ws = lax.dynamic_slice_in_dim(wt, base, cw, 0)
     lts = lax.dynamic_slice(lt, (base, base), (cw, cw))  # U[S, S]^T
 
-    def body(j, st):
-      ws, carry, outs, es = st
+    es = []
+    for j in range(m):  # unrolled: each block's errors reach exactly the super-block rows after it
       b = s * m + j
-      w1t = lax.dynamic_slice_in_dim(ws, j * block, block, 0)
+      w1t = ws[j * block:(j + 1) * block]
       e1t, ob, carry = block_fn(b, w1t, ws, j, carry)
-      outs = jax.tree.map(lambda o, v: lax.dynamic_update_index_in_dim(o, v, b, 0), outs, ob)
-      if compensate and m > 1:
-        ubt = lax.dynamic_slice_in_dim(lts, j * block, block, 1)  # U[b, S]^T [cw, block]
-        ubt = jnp.where(cols[:, None] >= (j + 1) * block, ubt, jnp.zeros((), ubt.dtype))
-        ws = ws - jnp.matmul(ubt, e1t, precision=_HI)
-      es = lax.dynamic_update_slice_in_dim(es, e1t, j * block, 0)
-      return ws, carry, outs, es
-
-    es0 = jnp.zeros((cw, out), wt.dtype)
-    ws, carry, outs, es = lax.fori_loop(0, m, body, (ws, carry, outs, es0))
+      outs = jax.tree.map(lambda o, v: lax.dynamic_update_index_in_dim(o, v, b, 0), outs, ob)  # noqa: B023
+      if compensate and j + 1 < m:
+        ubt = lts[(j + 1) * block:, j * block:(j + 1) * block]  # U[b, later blocks of S]^T
+        ws = ws.at[(j + 1) * block:].add(-jnp.matmul(ubt, e1t, precision=_HI))
+      es.append(e1t)
+    es = jnp.concatenate(es, 0)
     if compensate:
       def trail(c, wt):
         uct = lax.dynamic_slice(lt, (c * cw, base), (cw, cw))  # U[S, C]^T
