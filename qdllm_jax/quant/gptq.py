@@ -19,8 +19,9 @@ Implementation: everything runs on W^T ([in, out], a column is a contiguous row)
 128-column blocks with a `fori_loop`; errors are pushed right eagerly inside a super-block of m blocks
 (masked [C, 128] x [128, out] products) and, at the end of each super-block, to the later super-blocks in
 [C, C] chunks, so the cross-block work is close to the exact out * in^2 flops with static shapes. Inside a
-block the 128 columns are handled in 8 lazy sub-blocks of 16 (rank-1 updates on [16, out] only), which is
-the same arithmetic as the original up to float rounding order (rows left of a column get U[c, :c] = 0 exactly).
+block the 128 columns are handled in 8 lazy sub-blocks of 16: a column is updated left-looking from the
+sub-block's earlier errors (one [16] x [16, out] product per column instead of a rank-1 rewrite of the
+sub-block), the same arithmetic as the original up to float rounding order.
 """
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ def _gptq_block(w1t, u1, scale_b, zero_b, gl: int, bits: int, sub: int):
   updated by all earlier blocks, u1 [block, block] U's diagonal block. Returns (codes uint8 [block, out],
   quantized values q [block, out], sum of err^2 with err = (w - q) / U_cc).
 
-  The block's columns are visited in lazy sub-blocks of `sub`: rank-1 updates touch only the sub-block's rows;
-  its errors are then pushed to the rest of the block with one [block, sub] x [sub, out] product.
+  The block's columns are visited in lazy sub-blocks of `sub`: each column is updated left-looking from the
+  sub-block's earlier errors; the sub-block's errors are then pushed to the rest of the block with one
+  [block, sub] x [sub, out] product.
   """
   block, out = w1t.shape
   rows = jnp.arange(block)
@@ -120,23 +122,23 @@ def _gptq_block(w1t, u1, scale_b, zero_b, gl: int, bits: int, sub: int):
     usb = lax.dynamic_slice_in_dim(urows, lo, sub, 1)  # [sub, sub]
     urt = lax.dynamic_slice_in_dim(u1t, lo, sub, 1)  # [block, sub] = urows^T
 
+    usbt = usb.T
+
     def col(i, st):  # few ops per column (the loop runs `in` times): codes stay float, q and loss after
-      wsb, qs, es = st
-      w = lax.dynamic_index_in_dim(wsb, i, 0, keepdims=False)
+      qs, es = st
+      ucol = lax.dynamic_index_in_dim(usbt, i, 0, keepdims=False)  # U[sub-block rows, c]
+      # left-looking: column c as updated by the sub-block's earlier columns (rows >= i of es are still 0); a
+      # [sub] x [sub, out] product reads es once instead of a rank-1 rewrite of the sub-block per column
+      w = lax.dynamic_index_in_dim(wsb, i, 0, keepdims=False) - jnp.matmul(ucol, es, precision=_HI)
       gi = (lo + i) // gl
       sc = lax.dynamic_index_in_dim(scale_b, gi, 0, keepdims=False)
       zr = lax.dynamic_index_in_dim(zero_b, gi, 0, keepdims=False)
       qc = quantize_codes(w, sc, zr, bits)
-      q = dequantize_codes(qc, sc, zr)
-      urow = lax.dynamic_index_in_dim(usb, i, 0, keepdims=False)
-      err = (w - q) / lax.dynamic_index_in_dim(urow, i, 0, keepdims=False)
-      wsb = wsb - urow[:, None] * err[None, :]
-      qs = lax.dynamic_update_index_in_dim(qs, qc, i, 0)
-      es = lax.dynamic_update_index_in_dim(es, err, i, 0)
-      return wsb, qs, es
+      err = (w - dequantize_codes(qc, sc, zr)) / lax.dynamic_index_in_dim(ucol, i, 0, keepdims=False)
+      return lax.dynamic_update_index_in_dim(qs, qc, i, 0), lax.dynamic_update_index_in_dim(es, err, i, 0)
 
-    init = (wsb, jnp.zeros((sub, out), w1t.dtype), jnp.zeros((sub, out), w1t.dtype))
-    _, qs, es = lax.fori_loop(0, sub, col, init)
+    init = (jnp.zeros((sub, out), w1t.dtype), jnp.zeros((sub, out), w1t.dtype))
+    qs, es = lax.fori_loop(0, sub, col, init)
     gi = (lo + jnp.arange(sub)) // gl
     vs = dequantize_codes(qs, jnp.take(scale_b, gi, axis=0), jnp.take(zero_b, gi, axis=0))
     qs = qs.astype(jnp.uint8)
