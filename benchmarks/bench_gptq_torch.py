@@ -8,10 +8,12 @@ GPTQ algorithm (IST-DASLab `gptq.py` `GPTQ.fasterquant` + `quant.py` `Quantizer`
 The transcription follows the original step for step: dead columns, damping by percdamp * mean(diag H),
 Hinv = chol_upper(cholesky_inverse(chol(H))), lazy blocks of 128 columns, group parameters found from the
 (updated) weights when a group starts, err = (w - q) / Hinv_jj, in-block and cross-block updates.
-Printed: wall seconds (median and range over --repeats rounds that time both, the order alternating, Cholesky
-included, compile excluded), the ratio of the medians and of each round, the 1-minute load average before and
-after each round, and the layer loss tr((W - W^) H (W - W^)^T) of both on the same W and H (the layer from
-bench_solvers.make_layer). torch runs with OMP_WAIT_POLICY=PASSIVE unless the environment sets it.
+Printed: wall seconds (median and range over --repeats rounds that time both, the order alternating,
+Cholesky and qdllm-jax's input checks and packing included, compile excluded; each side timed to its own
+product: the original's fake-quantized Q, qdllm-jax's packed weight), the ratio of the medians and of each
+round, the 1-minute load average before and after each round, and the layer loss tr((W - W^) H (W - W^)^T)
+of both on the same W and H (the layer from bench_solvers.make_layer). torch runs with OMP_WAIT_POLICY=PASSIVE
+unless the environment sets it.
 """
 from __future__ import annotations
 
@@ -112,12 +114,14 @@ def main(argv=None):
     w, h = make_layer(out, n)
     wt, ht = torch.from_numpy(np.asarray(w)), torch.from_numpy(np.asarray(h))
     for bits in map(int, a.bits.split(",")):
-      fns = {"jax": lambda: np.asarray(quantize_weight(w, h, method="gptq", bits=bits, group_size=128)  # noqa: B023
-                                       .dequantize()),
-             "torch": lambda: torch_gptq(wt, ht, bits).numpy()}  # noqa: B023
+      # each side timed to its own product: the original's fake-quantized Q, qdllm-jax's packed weight (codes,
+      # scales, zeros, ready on the device); the dequantized copy for the loss comparison is made untimed
+      fns = {"jax": lambda: jax.block_until_ready(quantize_weight(w, h, method="gptq", bits=bits,  # noqa: B023
+                                                                  group_size=128)),
+             "torch": lambda: torch_gptq(wt, ht, bits)}  # noqa: B023
       if a.daq and bits == 2:
-        fns["daq"] = lambda: np.asarray(quantize_weight(w, h, method="quant_dllm", bits=2, group_size=128,  # noqa: B023
-                                                        abmp_ratio=0.05).dequantize())
+        fns["daq"] = lambda: jax.block_until_ready(quantize_weight(w, h, method="quant_dllm", bits=2,  # noqa: B023
+                                                                   group_size=128, abmp_ratio=0.05))
       res = {k: f() for k, f in fns.items() if k != "torch"}  # compile once per shape
       times, cpu = {k: [] for k in fns}, {k: [] for k in fns}
       loads = [_load()]
@@ -129,6 +133,7 @@ def main(argv=None):
           cpu[k].append(c)
         loads.append(_load())
       med = {k: float(np.median(v)) for k, v in times.items()}
+      res = {k: np.asarray(v.dequantize()) if k != "torch" else v.numpy() for k, v in res.items()}
       l_jax, l_ref = float(layer_loss(w, res["jax"], h)), float(layer_loss(w, res["torch"], h))
       line = (f"{shape} {bits}-bit g128: original (torch) median {med['torch']:.2f} s "
               f"[{min(times['torch']):.2f}-{max(times['torch']):.2f}], qdllm-jax GPTQ median {med['jax']:.2f} s "

@@ -86,3 +86,20 @@ def test_layer_loss_and_relative_error():
   loss, rel = layer_errors(w, w_hat, h)
   np.testing.assert_allclose([float(loss), float(rel)], [np.sum((x @ d.T) ** 2),
                                                          np.sum((x @ d.T) ** 2) / np.sum((x @ w.T) ** 2)], rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,block", [(300, 64), (256, 64), (130, 64)])
+def test_blocked_cholesky_matches_numpy(n, block):
+  """cholesky_lower's left-looking panels (ragged last panel, exact multiple, <= 2 blocks: the library call)
+  against numpy's float64 Cholesky; a matrix that is not PD gives NaN from its first bad panel on."""
+  from qdllm_jax.quant.hessian import cholesky_lower
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal((2 * n, n)) * np.linspace(0.2, 3.0, n)
+  a = x.T @ x / (2 * n) + 1e-3 * np.eye(n)
+  want = np.linalg.cholesky(a)
+  got = np.asarray(cholesky_lower(jnp.asarray(a, jnp.float32), block=block), np.float64)
+  assert np.allclose(np.tril(got), got)
+  assert np.max(np.abs(got - want)) <= 2e-5 * np.max(np.abs(want))
+  bad = a.copy()
+  bad[n - 5, n - 5] = -1.0
+  assert np.isnan(np.asarray(cholesky_lower(jnp.asarray(bad, jnp.float32), block=block))[-1, -1])
