@@ -197,12 +197,14 @@ def layer_loss(w, w_hat, h):
 
 @jax.jit
 def layer_errors(w, w_hat, h):
-  """(tr(E H E^T), tr(E H E^T) / tr(W H W^T)) with E = W - W^, in two [out, in] x [in, in] products (the
-  separate functions take three); float32 scalars."""
-  w32, h32 = w.astype(jnp.float32), h.astype(jnp.float32)
-  d = w32 - w_hat.astype(jnp.float32)
-  num = jnp.sum(jnp.matmul(d, h32, precision=_HI) * d)
-  return num, num / jnp.sum(jnp.matmul(w32, h32, precision=_HI) * w32)
+  """(tr(E H E^T), tr(E H E^T) / tr(W H W^T)) with E = W - W^, in one [2 out, in] x [in, in] product of [E; W]
+  (the separate functions take three); float32 scalars. One product, not two: XLA:CPU ran two independent
+  products in one program ~3x slower than the same flops as one (4096 x 4096: 9.4-11.9 s against 3.1-3.6 s,
+  docs/benchmarks.md), and for RTN these diagnostics are most of a block's time."""
+  w32 = w.astype(jnp.float32)
+  x = jnp.concatenate([w32 - w_hat.astype(jnp.float32), w32], axis=0)
+  t = jnp.sum((jnp.matmul(x, h.astype(jnp.float32), precision=_HI) * x).reshape(2, w.shape[0], -1), axis=(1, 2))
+  return t[0], t[0] / t[1]
 
 
 @jax.jit
@@ -215,9 +217,7 @@ def output_energy(w, h):
 @jax.jit
 def relative_sq_output_error(w, w_hat, h):
   """tr((W - W^) H (W - W^)^T) / tr(W H W^T): the relative squared output error on the calibration set."""
-  w32 = w.astype(jnp.float32)
-  den = jnp.sum(jnp.matmul(w32, h.astype(jnp.float32), precision=_HI) * w32)
-  return layer_loss(w, w_hat, h) / den
+  return layer_errors(w, w_hat, h)[1]
 
 
 __all__ = [
