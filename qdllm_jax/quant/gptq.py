@@ -16,10 +16,10 @@ Act-order (desc_act, static_groups=False) is a column permutation applied by the
 groups are then consecutive in the permuted order.
 
 Implementation: everything runs on W^T ([in, out], a column is a contiguous row). `obc_sweep` processes
-128-column blocks with a `fori_loop`; errors are pushed right eagerly inside a super-block of m blocks
-(masked [C, 128] x [128, out] products) and, at the end of each super-block, to the later super-blocks in
-[C, C] chunks, so the cross-block work is close to the exact out * in^2 flops with static shapes. Inside a
-block the 128 columns are handled in 8 lazy sub-blocks of 16: a column is updated left-looking from the
+super-blocks of m 128-column blocks with a `fori_loop`; inside a super-block (its m blocks unrolled) each
+block's errors are pushed eagerly to exactly the later rows of the super-block, and at its end to the later
+super-blocks in [C, C] chunks, so the cross-block work is close to the exact out * in^2 flops with static
+shapes. Inside a block the 128 columns are handled in 8 lazy sub-blocks of 16: a column is updated left-looking from the
 sub-block's earlier errors (one [16] x [16, out] product per column instead of a rank-1 rewrite of the
 sub-block), the same arithmetic as the original up to float rounding order.
 """

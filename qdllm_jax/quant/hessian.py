@@ -65,11 +65,15 @@ def hessian_update(h, n, x):
   return h * (nf / tot) + (2.0 / tot) * xtx, n + m
 
 
-def _fix_dead_h(h):
-  """(h with H_jj = 1 where H_jj == 0, dead bool [in])."""
-  dead = jnp.diagonal(h) == 0
+def _fix_dead_h(h, percdamp=None):
+  """(h with H_jj = 1 where H_jj == 0, plus delta = percdamp * mean(fixed diagonal) on its diagonal when percdamp
+  is given (the damping, in the same pass over H; delta 0 otherwise), delta, dead bool [in])."""
+  d = jnp.diagonal(h)
+  dead = d == 0
+  d = jnp.where(dead, jnp.ones((), h.dtype), d)
+  delta = jnp.zeros((), h.dtype) if percdamp is None else percdamp * jnp.mean(d)
   idx = jnp.arange(h.shape[0])
-  return h.at[idx, idx].set(jnp.where(dead, jnp.ones((), h.dtype), jnp.diagonal(h))), dead
+  return h.at[idx, idx].set(d + delta), delta, dead
 
 
 def _zero_dead(w, dead):
@@ -81,7 +85,7 @@ def fix_dead_columns(w, h):
 
   Args: w float [out, in], h float [in, in]. Returns (w, h, dead bool [in]).
   """
-  h, dead = _fix_dead_h(h)
+  h, _, dead = _fix_dead_h(h)
   return _zero_dead(w, dead), h, dead
 
 
@@ -138,12 +142,7 @@ def chol_upper(hd):
 def _damped_u(h, percdamp, inverse=True):
   """fix_dead_columns on H (inside the jit: no fixed copy of H outlives it), then U of H + delta I (or V = U^-1
   with inverse=False): (u or v, delta, all finite, dead)."""
-  d = jnp.diagonal(h)
-  dead = d == 0
-  d = jnp.where(dead, jnp.ones((), h.dtype), d)  # fix_dead_columns' H_jj <- 1
-  delta = percdamp * jnp.mean(d)
-  idx = jnp.arange(h.shape[0])
-  hd = h.at[idx, idx].set(d + delta)  # one pass over H: the fix and the damping on its diagonal
+  hd, delta, dead = _fix_dead_h(h, percdamp)  # the dead-column fix and the damping in one pass
   u = chol_inverse_upper(hd) if inverse else chol_upper(hd)
   return u, delta, jnp.all(jnp.isfinite(u)), dead
 
@@ -197,8 +196,8 @@ def layer_loss(w, w_hat, h):
 
 @jax.jit
 def layer_errors(w, w_hat, h):
-  """(tr(E H E^T), tr(E H E^T) / tr(W H W^T)) with E = W - W^, in one [2 out, in] x [in, in] product of [E; W]
-  (the separate functions take three); float32 scalars. One product, not two: XLA:CPU ran two independent
+  """(tr(E H E^T), tr(E H E^T) / tr(W H W^T)) with E = W - W^, in one [2 out, in] x [in, in] product of [E; W];
+  float32 scalars. One product, not two: XLA:CPU ran two independent
   products in one program ~3x slower than the same flops as one (4096 x 4096: 9.4-11.9 s against 3.1-3.6 s,
   docs/benchmarks.md), and for RTN these diagnostics are most of a block's time."""
   w32 = w.astype(jnp.float32)
