@@ -24,7 +24,7 @@ from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import transformer
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig
-from qdllm_jax.sampling.llada import llada_generate
+from qdllm_jax.sampling.llada_sampler import llada_generate
 
 
 def greedy_generate(params, cfg: ModelConfig, prompts: np.ndarray, gen_len: int) -> np.ndarray:

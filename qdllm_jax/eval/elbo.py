@@ -22,7 +22,7 @@ import numpy as np
 
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.likelihood import llada_mc_masks, masked_ce
-from qdllm_jax.sampling import common
+from qdllm_jax.sampling import sampler_common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ def _elbo_chunk(model, seq, attn, prompt_len, answer_len, keys, *, mask_id, n_mc
   pos = jnp.arange(length, dtype=jnp.int32)
   in_ans = (pos[None] >= prompt_len[:, None]) & (pos[None] < (prompt_len + answer_len)[:, None])
   if control:
-    c = jnp.where(in_ans, masked_ce(common.call_model(model, jnp.where(in_ans, mask_id, seq), attn), seq), 0.0)
+    c = jnp.where(in_ans, masked_ce(sampler_common.call_model(model, jnp.where(in_ans, mask_id, seq), attn), seq), 0.0)
   else:
     c = jnp.zeros(seq.shape, jnp.float32)
   am = None if attn is None else jnp.repeat(attn, b, axis=0)
@@ -61,7 +61,7 @@ def _elbo_chunk(model, seq, attn, prompt_len, answer_len, keys, *, mask_id, n_mc
     bkeys = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)
     m, counts = jax.vmap(llada_mc_masks, (0, 0, 0, None, None))(bkeys, prompt_len, answer_len, length, b)
     rows = jnp.where(m, mask_id, seq[:, None, :]).reshape(n * b, length)
-    ce = masked_ce(common.call_model(model, rows, am), targets).reshape(n, b, length)
+    ce = masked_ce(sampler_common.call_model(model, rows, am), targets).reshape(n, b, length)
     w = answer_len[:, None].astype(jnp.float32) / counts.astype(jnp.float32)  # N / l, [n, b]
     est = c.sum(-1)[:, None] + w * jnp.sum(jnp.where(m, ce - c[:, None], 0.0), axis=-1)
     return (acc[0] + est.sum(1), acc[1] + (est * est).sum(1)), None

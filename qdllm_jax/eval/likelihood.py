@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.sampling import common
-from qdllm_jax.sampling.llada import guided_logits, llada_generate
+from qdllm_jax.sampling import sampler_common
+from qdllm_jax.sampling.llada_sampler import guided_logits, llada_generate
 
 
 def answer_uniforms(key, offsets, batch_size):
@@ -121,7 +121,7 @@ def _score_chunk(model, seq, attn, prompt_len, answer_len, keys, *, kind, mask_i
     if kind == "llada":
       logits = guided_logits(model, rows, am, prompt_index, mask_id, cfg_scale)
     else:
-      logits = common.shift_logits(common.call_model(model, rows, am))
+      logits = sampler_common.shift_logits(sampler_common.call_model(model, rows, am))
     ce = masked_ce(logits, targets.reshape(n * b, length)).reshape(n, b, length)
     loss = jnp.sum(jnp.where(m, ce / p_mask[..., None], 0.0), axis=(1, 2)) / b
     return acc + loss, None

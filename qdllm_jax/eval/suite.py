@@ -25,7 +25,7 @@ from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import protocols as protocols_lib
 from qdllm_jax.eval.elbo import ElboResult, elbo_nll
 from qdllm_jax.eval.likelihood import llada_loglikelihood
-from qdllm_jax.sampling.llada import gumbel_precision_check, llada_generate
+from qdllm_jax.sampling.llada_sampler import gumbel_precision_check, llada_generate
 
 
 # ------------------------------------------------------------------------------------------ ELBO perplexity

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from qdllm_jax.kernels import common
+from qdllm_jax.kernels import weight_layout
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -76,7 +76,7 @@ def planes_matmul(x2: jax.Array, qw, *, interpret=False, num_warps: int = 4) -> 
   out = qw.shape[0]
   bs = qw.group_size
   tm, to = _tiles(n, out)
-  mp, op = common.round_up(n, tm), common.round_up(out, to)
+  mp, op = weight_layout.round_up(n, tm), weight_layout.round_up(out, to)
   xp = jnp.pad(x2, ((0, mp - n), (0, 0))) if mp != n else x2
   kernel = functools.partial(_planes_kernel, num_planes=qw.num_planes, out=out, bs=bs, tm=tm, to=to,
                              cdt=x2.dtype)
@@ -120,9 +120,9 @@ def uniform_matmul(x2: jax.Array, qw, *, interpret=False, num_warps: int = 4, kc
   """uniform y = x2 @ W^T on GPU (Triton). x2 [n, in] f32/bf16 -> float32 [n, out]."""
   n, n_in = x2.shape
   out = qw.shape[0]
-  geo = common.uniform_geometry(qw)
+  geo = weight_layout.uniform_geometry(qw)
   tm, to = _tiles(n, out)
-  mp, op = common.round_up(n, tm), common.round_up(out, to)
+  mp, op = weight_layout.round_up(n, tm), weight_layout.round_up(out, to)
   nk = -(-n_in // kc)
   xp = jnp.pad(x2, ((0, mp - n), (0, nk * kc - n_in)))
   sym = bool(qw.sym)
@@ -133,7 +133,7 @@ def uniform_matmul(x2: jax.Array, qw, *, interpret=False, num_warps: int = 4, kc
       kernel, out_shape=jax.ShapeDtypeStruct((mp, op), jnp.float32), grid=(mp // tm, op // to),
       out_specs=pl.BlockSpec((tm, to), lambda m, o: (m, o)), interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
-      name="qdllm_uniform_matmul_gpu")(xp, qw.qweight, qw.scales, zeros, common.column_groups(qw))
+      name="qdllm_uniform_matmul_gpu")(xp, qw.qweight, qw.scales, zeros, weight_layout.column_groups(qw))
   return y[:n, :out]
 
 

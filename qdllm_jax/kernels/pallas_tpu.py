@@ -10,9 +10,9 @@ binary_planes: grid (M tiles, out tiles, plane groups). The kernel needs the wor
   plane p reads its block's columns with a 128-aligned dynamic lane slice at plane_block[p] (scalar prefetch):
     s = (x[:, blk] ⊙ a_c[p]) @ Bpm_p^T,  Bpm_p^T[32 w + i, o] = +1 if bit i of word w of row o else -1,
     acc += a_r[p] ⊙ s.
-uniform: grid (M tiles, out tiles, K unit-blocks) in the t-major column order (common.py): the packed row is viewed
-  as [wu, nu] (word k of every unit, word-major storage, a free reshape) and blocked [to, wu, ku]; slot t of a unit
-  block is `packed.slot_code` of its wu word tiles, an [out, ku] tile; x is permuted to [cu, M, nu] by the wrapper.
+uniform: grid (M tiles, out tiles, K unit-blocks) in the t-major column order (weight_layout.py): the packed row is
+  viewed as [wu, nu] (word k of every unit, word-major storage, a free reshape) and blocked [to, wu, ku]; slot t of a
+  unit block is `packed.slot_code` of its wu word tiles, an [out, ku] tile; x is permuted to [cu, M, nu] by the wrapper.
   Per-group scale/zero are expanded to the unit lanes with an exact 0/1 matmul, s_u = s @ E (E[g, u] = 1 iff slot
   (t, u) belongs to group g), then W_t = s_u (code_t - z_u) and acc += x_t @ W_t^T.
   "local" E (no act-order, unit blocks made of whole groups) is one [gk, ku] matrix for
@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qdllm_jax.kernels import common
+from qdllm_jax.kernels import weight_layout
 from qdllm_jax.quant import packed
 
 _VMEM_X_BYTES = 4 << 20      # budget of one token block (all `in` columns)
@@ -41,12 +41,12 @@ def _tile_m(n: int, n_in: int, dtype) -> int:
   """Token tile: the padded batch for decode, else 256/128/... bounded by the VMEM budget of [tm, in]."""
   sub = 8 if jnp.dtype(dtype).itemsize == 4 else 16
   if n <= 256:
-    tm = common.round_up(n, sub)
+    tm = weight_layout.round_up(n, sub)
   else:
     tm = 256
   while tm > sub and tm * n_in * jnp.dtype(dtype).itemsize > _VMEM_X_BYTES:
     tm //= 2
-  return max(common.round_up(tm, sub), sub)
+  return max(weight_layout.round_up(tm, sub), sub)
 
 
 def _tile_out(out: int, target: int) -> int:
@@ -102,10 +102,10 @@ def planes_matmul(x2: jax.Array, qw, *, interpret=False, tile_out: int = 1024,
   p = qw.num_planes
   nwords = bs // 32
   cdt = x2.dtype
-  pp = common.divisor_at_most(p, planes_per_step)
+  pp = weight_layout.divisor_at_most(p, planes_per_step)
   tm = tile_m or _tile_m(n, n_in, cdt)
   to = _tile_out(out, tile_out)
-  mp = common.round_up(n, tm)
+  mp = weight_layout.round_up(n, tm)
   xp = jnp.pad(x2, ((0, mp - n), (0, 0))) if mp != n else x2
   words = jnp.swapaxes(qw.planes, 1, 2)                                     # [P, W, out]
   a_r = qw.a_r.astype(jnp.float32).reshape(p, 1, out)                      # float16 math is not native on TPU
@@ -163,7 +163,7 @@ def _uniform_kernel(x_ref, q_ref, s_ref, z_ref, e_ref, o_ref, acc_ref, *, bits, 
 
 def _uniform_plan(qw, max_ku: int):
   """Unit-block size ku, blocks nK, and whether the "local" expansion applies (see module doc)."""
-  geo = common.uniform_geometry(qw)
+  geo = weight_layout.uniform_geometry(qw)
   nu = geo["nu"]
   if geo["aligned"]:
     for ku in (512, 256, 128):
@@ -183,15 +183,15 @@ def uniform_matmul(x2: jax.Array, qw, *, interpret=False, tile_out: int = 512, m
   """
   n, n_in = x2.shape
   out = qw.shape[0]
-  geo = common.uniform_geometry(qw)
+  geo = weight_layout.uniform_geometry(qw)
   bits, cu, wu, nu, ng = geo["bits"], geo["cu"], geo["wu"], geo["nu"], geo["ng"]
   cdt = x2.dtype
   ku, nk, local = _uniform_plan(qw, max_kw)
   nuk = nk * ku
   tm = tile_m or _tile_m(n, ku * cu, cdt)
   to = _tile_out(out, tile_out)
-  mp = common.round_up(n, tm)
-  xp = common.permute_x_tmajor(x2, cu, nu)                                  # [n, cu, nu]
+  mp = weight_layout.round_up(n, tm)
+  xp = weight_layout.permute_x_tmajor(x2, cu, nu)                                  # [n, cu, nu]
   xp = jnp.pad(xp, ((0, mp - n), (0, 0), (0, nuk - nu))).transpose(1, 0, 2)  # [cu, mp, nuk]
   q3 = qw.qweight.reshape(out, wu, nu)                                      # word-major units (free reshape)
   if local:
@@ -204,7 +204,7 @@ def uniform_matmul(x2: jax.Array, qw, *, interpret=False, tile_out: int = 512, m
     s_in = qw.scales.astype(jnp.float32).reshape(out, nk, gk)             # f16 / u8 math is not native on TPU
     z_in = None if qw.sym else qw.zeros.astype(jnp.float32).reshape(out, nk, gk)
   else:
-    gt = jnp.pad(common.tmajor_groups(qw), ((0, 0), (0, nuk - nu)), constant_values=-1)
+    gt = jnp.pad(weight_layout.tmajor_groups(qw), ((0, 0), (0, nuk - nu)), constant_values=-1)
     e = jax.nn.one_hot(gt, ng, dtype=jnp.bfloat16, axis=1)                  # [cu, ng, nuk]; pad -> 0
     e_spec = pl.BlockSpec((cu, ng, ku), lambda m, o, k: (0, 0, k))
     sz_spec = pl.BlockSpec((to, ng), lambda m, o, k: (o, 0))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qdllm_jax.kernels import common
+from qdllm_jax.kernels import weight_layout
 from qdllm_jax.quant import packed
 
 PLANES_GEMV_MAX_TOKENS = 8   # per-token cost ~ a dense f32 GEMV; beyond, dequantize-and-dot wins
@@ -113,14 +113,14 @@ def planes_dequant_dot(x2: jax.Array, qw) -> jax.Array:
   out = qw.shape[0]
   bs = qw.group_size
   nb, nwords = n_in // bs, bs // 32
-  kmax = common.MAX_ORDER
+  kmax = weight_layout.MAX_ORDER
   cdt = x2.dtype
-  idx, valid = common.block_slots(qw.orders, qw.num_planes)
+  idx, valid = weight_layout.block_slots(qw.orders, qw.num_planes)
   words = jnp.transpose(~qw.planes[idx], (2, 1, 0, 3))                                 # NOT B [out,3,nb,W]
   ar = jnp.where(valid.T[None], jnp.transpose(qw.a_r.astype(jnp.float32)[idx], (2, 1, 0)), 0.0)  # [out,3,nb]
   ac = jnp.transpose(qw.a_c.astype(jnp.float32)[idx].reshape(nb, kmax, nwords, 32), (1, 3, 0, 2))  # [3,32,nb,W]
   xp = x2.reshape(n, nb, nwords, 32).transpose(0, 3, 1, 2).reshape(n, n_in)
-  rows = common.divisor_at_most(out, CHUNK_ROWS)
+  rows = weight_layout.divisor_at_most(out, CHUNK_ROWS)
 
   shifts = (31 - jnp.arange(32, dtype=jnp.uint32))[None, :, None, None]                # over i
 
@@ -152,12 +152,12 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
   while a loop body runs on one thread (1 token: 1.3-2x slower than the whole two-thread loop), so the chunked
   loop is used only where it avoids the faults (docs/benchmarks.md).
   """
-  geo = common.uniform_geometry(qw)
+  geo = weight_layout.uniform_geometry(qw)
   assert geo["aligned"], "uniform_gemv needs contiguous groups made of whole units (no act-order)"
   n, out = x2.shape[0], qw.shape[0]
   bits, cu, nu, ng, upg = geo["bits"], geo["cu"], geo["nu"], geo["ng"], geo["upg"]
   s = qw.scales.astype(jnp.float32)
-  sz = s * common.zero_points(qw)
+  sz = s * weight_layout.zero_points(qw)
   # xs[i, t, u] = x[i, u cu + t], as (exact) identity dots so that XLA materializes it instead of fusing the
   # strided transpose into the hot loop below.
   eye = jnp.eye(cu, dtype=jnp.float32)
@@ -179,7 +179,7 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
 
   if 4 * n * out * nu <= GEMV_DIRECT_BYTES:  # one loop per token: the pre-chunking code path, timed equal
     return jnp.stack([rows_product(xs[i:i + 1], xgs[i:i + 1], qw.qweight, s, sz)[0] for i in range(n)])
-  rows = common.divisor_at_most(out, max(1, GEMV_CHUNK_BYTES // (4 * n * nu)))
+  rows = weight_layout.divisor_at_most(out, max(1, GEMV_CHUNK_BYTES // (4 * n * nu)))
   chunks = (qw.qweight.reshape(out // rows, rows, -1), s.reshape(out // rows, rows, ng),
             sz.reshape(out // rows, rows, ng))
   y = lax.map(lambda a: rows_product(xs, xgs, *a), chunks)
@@ -189,18 +189,18 @@ def uniform_gemv(x2: jax.Array, qw) -> jax.Array:
 def uniform_dequant_dot(x2: jax.Array, qw) -> jax.Array:
   """Uniform product by chunked dequantization + dot (any bits, groups, act-order). -> float32 [n, out].
 
-  t-major column order (common.permute_x_tmajor): W[c, t, u] = s[c, g(t, u)] (q_t[c, u] - z[c, g(t, u)]).
+  t-major column order (weight_layout.permute_x_tmajor): W[c, t, u] = s[c, g(t, u)] (q_t[c, u] - z[c, g(t, u)]).
   """
-  geo = common.uniform_geometry(qw)
+  geo = weight_layout.uniform_geometry(qw)
   n = x2.shape[0]
   out = qw.shape[0]
   bits, cu, nu, ng, wu = geo["bits"], geo["cu"], geo["nu"], geo["ng"], geo["wu"]
   cdt = x2.dtype
-  xp = common.permute_x_tmajor(x2, cu, nu).reshape(n, cu * nu)
+  xp = weight_layout.permute_x_tmajor(x2, cu, nu).reshape(n, cu * nu)
   s = qw.scales.astype(jnp.float32)
-  z = common.zero_points(qw)
-  gt = None if geo["aligned"] else common.tmajor_groups(qw)
-  rows = common.divisor_at_most(out, CHUNK_ROWS)
+  z = weight_layout.zero_points(qw)
+  gt = None if geo["aligned"] else weight_layout.tmajor_groups(qw)
+  rows = weight_layout.divisor_at_most(out, CHUNK_ROWS)
 
   def chunk(args):
     q, sc, zc = args                                                                   # [C,wu,nu], [C,ng] x2
@@ -225,6 +225,6 @@ def matmul(x2: jax.Array, qw) -> jax.Array:
   n = x2.shape[0]
   if qw.format == "binary_planes":
     return planes_gemv(x2, qw) if n <= PLANES_GEMV_MAX_TOKENS else planes_dequant_dot(x2, qw)
-  if n <= UNIFORM_GEMV_MAX_TOKENS and common.uniform_geometry(qw)["aligned"]:
+  if n <= UNIFORM_GEMV_MAX_TOKENS and weight_layout.uniform_geometry(qw)["aligned"]:
     return uniform_gemv(x2, qw)
   return uniform_dequant_dot(x2, qw)

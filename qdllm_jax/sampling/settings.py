@@ -17,8 +17,8 @@ import ml_collections as mlc
 
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.launch import set_override
-from qdllm_jax.sampling.dream import ALGS, dream_generate
-from qdllm_jax.sampling.llada import REMASKING, llada_generate
+from qdllm_jax.sampling.dream_sampler import ALGS, dream_generate
+from qdllm_jax.sampling.llada_sampler import REMASKING, llada_generate
 
 LLADA = dict(gen_length=128, steps=128, block_length=128, temperature=0.0, cfg_scale=0.0,
              remasking="low_confidence")

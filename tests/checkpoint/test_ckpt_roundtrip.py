@@ -122,7 +122,7 @@ def test_relative_paths(qparams, tmp_path, monkeypatch):
 
 
 def test_generation_from_restored_packed_model(saved, qparams):
-  from qdllm_jax.sampling.llada import llada_generate
+  from qdllm_jax.sampling.llada_sampler import llada_generate
   model = load_quantized(saved[0])
   prompt = jnp.asarray(IDS[:1, :8])
   kw = dict(mask_id=CFG.mask_id, steps=4, gen_length=24, block_length=24)

@@ -3,7 +3,7 @@ import jax
 
 from qdllm_jax.data import sequences, tasks
 from qdllm_jax.eval.suite import gumbel_precision_report, left_pad
-from qdllm_jax.sampling.llada import gumbel_precision_check
+from qdllm_jax.sampling.llada_sampler import gumbel_precision_check
 
 
 def test_float32_gumbel_decodes_the_same_tokens_on_a_small_case(small_model, small_tok):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdllm_jax.kernels import common, qmatmul, xla
+from qdllm_jax.kernels import qmatmul, weight_layout, xla
 
 PLANE_SHAPES = [(72, 256, [1, 3]), (136, 640, [2, 1, 3, 2, 3]), (200, 384, [3, 1, 2])]
 CASES = [(s, b) for s in PLANE_SHAPES for b in [(1,), (3,), (2, 37)]] + [(PLANE_SHAPES[1], (8,))]
@@ -72,7 +72,7 @@ def test_uniform_groups_splitting_units(uniform, assert_matmul, n):
   """3 bits with groups of 100 columns: units of 32 codes straddle groups, so every token count takes the
   dequantize path with per-slot groups (qmatmul picks it)."""
   qw, w = uniform(40, 400, 3, 100)
-  assert not common.uniform_geometry(qw)["aligned"]
+  assert not weight_layout.uniform_geometry(qw)["aligned"]
   x = jnp.asarray(np.random.default_rng(7).standard_normal((n, 400)), jnp.float32)
   assert_matmul(jax.jit(lambda x, q: qmatmul(x, q, path="xla"))(x, qw), x, w, bf16=False)
 
@@ -92,7 +92,7 @@ def test_uniform_gemv_row_chunks(uniform, assert_matmul, monkeypatch, bits, grou
   x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 384)), jnp.float32)
   whole = np.asarray(xla.uniform_gemv(x, qw))
   monkeypatch.setattr(xla, "GEMV_DIRECT_BYTES", 0)
-  monkeypatch.setattr(xla, "GEMV_CHUNK_BYTES", 4 * 3 * common.uniform_geometry(qw)["nu"] * 9)
+  monkeypatch.setattr(xla, "GEMV_CHUNK_BYTES", 4 * 3 * weight_layout.uniform_geometry(qw)["nu"] * 9)
   y = jax.jit(lambda x, q: xla.uniform_gemv(x, q))(x, qw)                 # a fresh trace under the patched budgets
   assert_matmul(y, x, w, bf16=False)
   np.testing.assert_allclose(np.asarray(y), whole, rtol=1e-5, atol=1e-5)

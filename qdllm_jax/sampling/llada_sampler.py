@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.sampling import common
+from qdllm_jax.sampling import sampler_common
 
 REMASKING = ("low_confidence", "random")
 
@@ -60,11 +60,11 @@ def guided_logits(model, x, attention_mask, prompt_index, mask_id, cfg_scale):
   x: int32 [B, T]; prompt_index: bool [B, T]; attention_mask: [B, T] or None.
   """
   if cfg_scale <= 0:
-    return common.call_model(model, x, attention_mask).astype(jnp.float32)
+    return sampler_common.call_model(model, x, attention_mask).astype(jnp.float32)
   un_x = jnp.where(prompt_index, mask_id, x)
   both = jnp.concatenate([x, un_x], axis=0)
   am = None if attention_mask is None else jnp.concatenate([attention_mask, attention_mask], 0)
-  logits = common.call_model(model, both, am).astype(jnp.float32)
+  logits = sampler_common.call_model(model, both, am).astype(jnp.float32)
   cond, un = jnp.split(logits, 2, axis=0)
   return un + (cfg_scale + 1.0) * (cond - un)
 
@@ -111,7 +111,7 @@ def _llada_run(model, x, attention_mask, key, *, prompt_len, mask_id, num_blocks
     x0_p = jnp.where(pos >= blk_end, -jnp.inf, x0_p)
     x0 = jnp.where(mask_index, x0, x)
     confidence = jnp.where(mask_index, x0_p, -jnp.inf)
-    transfer = common.topk_row_mask(confidence, k)
+    transfer = sampler_common.topk_row_mask(confidence, k)
     x = jnp.where(transfer, x0, x)
     return (x, m), (x if return_history else None)
 
@@ -166,7 +166,7 @@ def llada_generate(model, prompt_ids, *, mask_id, steps=128, gen_length=128, blo
     int32 [B, P + gen_length] (and the history if requested).
   Tie-breaking of equal confidences: lower position first (torch.topk's order is unspecified).
   """
-  prompt = common.require_2d_int("prompt_ids", prompt_ids)
+  prompt = sampler_common.require_2d_int("prompt_ids", prompt_ids)
   for name, v in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
     if int(v) != v or v < 1:
       raise ConfigError(f"{name}={v!r}: expected a positive integer.")
@@ -186,9 +186,9 @@ def llada_generate(model, prompt_ids, *, mask_id, steps=128, gen_length=128, blo
     raise ConfigError("confidence_eos_eot_inf=True needs eot_id (126348 for LLaDA-8B).")
   if (temperature > 0 or remasking == "random") and key is None:
     raise ConfigError("temperature > 0 or remasking='random' draws noise: pass key=jax.random.key(...).")
-  am = common.check_padding(prompt, attention_mask, mask_id)
-  gdt = common.resolve_float_dtype(gumbel_dtype, "gumbel_dtype")
-  ndt = gdt if noise_dtype is None else common.resolve_float_dtype(noise_dtype, "noise_dtype")
+  am = sampler_common.check_padding(prompt, attention_mask, mask_id)
+  gdt = sampler_common.resolve_float_dtype(gumbel_dtype, "gumbel_dtype")
+  ndt = gdt if noise_dtype is None else sampler_common.resolve_float_dtype(noise_dtype, "noise_dtype")
 
   batch, plen = prompt.shape
   x = np.concatenate([prompt.astype(np.int32), np.full((batch, gen_length), mask_id, np.int32)], 1)

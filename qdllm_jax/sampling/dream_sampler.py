@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.sampling import common
+from qdllm_jax.sampling import sampler_common
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -115,8 +115,8 @@ def _dream_run(model, x, attention_mask, key, *, mask_id, steps, temperature, to
 
   def step(x, i):
     mask_index = x == mask_id
-    raw = common.call_model(model, x, attention_mask)
-    logits = common.shift_logits(raw).astype(jnp.float32)
+    raw = sampler_common.call_model(model, x, attention_mask)
+    logits = sampler_common.shift_logits(raw).astype(jnp.float32)
     k_tok, k_sel = jax.random.split(jax.random.fold_in(key, i))
     u_tok = jax.random.uniform(k_tok, logits.shape, jnp.float32) if temperature > 0 else None
     u_sel = jax.random.uniform(k_sel, x.shape, jnp.float32)
@@ -132,7 +132,7 @@ def _dream_run(model, x, attention_mask, key, *, mask_id, steps, temperature, to
       n = jnp.floor(mean * factor).astype(jnp.int32)  # int(); last step: factor 1 -> int(mean)
       if alg_temp is not None and alg_temp > 0:
         full = full.astype(jnp.float32) / alg_temp - jnp.log(-jnp.log(u_sel))
-      write = common.topk_row_mask(full, jnp.full((batch,), n)) & mask_index
+      write = sampler_common.topk_row_mask(full, jnp.full((batch,), n)) & mask_index
     x = jnp.where(write, x0, x)
     return x, (x if return_history else None)
 
@@ -166,7 +166,7 @@ def dream_generate(model, prompt_ids, *, mask_id, max_new_tokens, steps=512, tem
   Returns:
     int32 [B, P + max_new_tokens] (and the history if requested).
   """
-  prompt = common.require_2d_int("prompt_ids", prompt_ids)
+  prompt = sampler_common.require_2d_int("prompt_ids", prompt_ids)
   for name, v in (("steps", steps), ("max_new_tokens", max_new_tokens)):
     if int(v) != v or v < 1:
       raise ConfigError(f"{name}={v!r}: expected a positive integer.")
@@ -184,7 +184,7 @@ def dream_generate(model, prompt_ids, *, mask_id, max_new_tokens, steps=512, tem
     raise ConfigError(f"eps={eps}: expected a value in (0, 1).")
   if key is None and (alg == "origin" or temperature > 0 or (alg_temp or 0) > 0):
     raise ConfigError("this configuration draws random numbers: pass key=jax.random.key(...).")
-  am = common.check_padding(prompt, attention_mask, mask_id)
+  am = sampler_common.check_padding(prompt, attention_mask, mask_id)
   batch = prompt.shape[0]
   x = np.concatenate([prompt.astype(np.int32),
                       np.full((batch, max_new_tokens), mask_id, np.int32)], axis=1)
