@@ -30,8 +30,7 @@ def _free_port() -> int:
 def test_two_processes_write_the_single_process_checkpoint(model_dir, tmp_path):
   multi = tmp_path / "multi"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_NUM_PROCESSES="2",
-             JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+             JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
   cmd = [sys.executable, "-m", "qdllm_jax.launch", *_argv(model_dir, multi, "--config.distributed=True")]
   procs = [subprocess.Popen(cmd, env=dict(env, JAX_PROCESS_ID=str(i)), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT) for i in range(2)]
