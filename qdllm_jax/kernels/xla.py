@@ -20,6 +20,14 @@ Two regimes, chosen by the static token count n:
   float32 (same products and the same summation order).
 
 All functions take x2 [n, in] (float32 or bfloat16) and return float32 [n, out].
+
+Precision: every dot here states it. The dense products of the prefill regime run at `lax.Precision.HIGHEST`
+when the activations are float32 and at the default precision for bfloat16 activations (`_dense_precision`):
+JAX's DEFAULT precision lets a GPU use TF32 (10-bit mantissa) and a TPU bfloat16 passes for float32 operands
+(relative errors ~1e-3), which would make a float32 call much less exact than the float32 it claims, while a
+bfloat16 call (what serving uses) gains nothing from more passes. The small helper dots (ones-vector sums,
+lookup tables, identity gathers) always use HIGHEST. XLA:CPU computes float32 dots in full float32 at any
+precision, so on CPU the setting changes no bit.
 """
 from __future__ import annotations
 
@@ -46,6 +54,11 @@ def _to_f32(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16,
                                     jnp.float32)
   return x.astype(jnp.float32)
+
+
+def _dense_precision(dtype) -> lax.Precision | None:
+  """HIGHEST for float32 operands (no TF32 / bf16-pass shortcut on GPU/TPU), the default for bfloat16."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _sum_rows(a: jax.Array) -> jax.Array:
@@ -133,7 +146,7 @@ def planes_dequant_dot(x2: jax.Array, qw) -> jax.Array:
       t = lax.bitcast_convert_type(v ^ flip, jnp.float32)
       acc = t if acc is None else acc + t
     wc = acc.astype(cdt).reshape(rows, n_in)
-    return jnp.einsum("ni,ci->nc", xp, wc, preferred_element_type=jnp.float32)
+    return jnp.einsum("ni,ci->nc", xp, wc, precision=_dense_precision(cdt), preferred_element_type=jnp.float32)
 
   y = lax.map(chunk, (words.reshape(out // rows, rows, kmax, nb, nwords),
                       ar.reshape(out // rows, rows, kmax, nb)))
@@ -213,7 +226,7 @@ def uniform_dequant_dot(x2: jax.Array, qw) -> jax.Array:
     qk = [q[:, k] for k in range(wu)]
     code = jnp.stack([packed.slot_code(qk, t, bits) for t in range(cu)], 1).astype(jnp.float32)  # [C,cu,nu]
     wc = (sw * (code - zw)).astype(cdt).reshape(rows, cu * nu)
-    return jnp.einsum("nk,ck->nc", xp, wc, preferred_element_type=jnp.float32)
+    return jnp.einsum("nk,ck->nc", xp, wc, precision=_dense_precision(cdt), preferred_element_type=jnp.float32)
 
   y = lax.map(chunk, (qw.qweight.reshape(out // rows, rows, wu, nu), s.reshape(out // rows, rows, ng),
                       z.reshape(out // rows, rows, ng)))
