@@ -56,13 +56,14 @@ class _MeshShape:
 
 
 def param_bytes_per_device(cfg, itemsize: int, axes: dict) -> int:
-  """Bytes of the FP params on one device, each leaf split as sharding.PARAM_AXES + LOGICAL_RULES say."""
+  """Bytes of the FP params on one device, each leaf split as the family's `param_axes` and
+  sharding.LOGICAL_RULES say (as `sharding.param_shardings` places them)."""
   mesh, total = _MeshShape(axes), 0
-  shapes = families.param_shapes(cfg)
+  shapes, param_axes = families.param_shapes(cfg), families.family_of(cfg).param_axes
   leaves = [(k, s) for k, s in shapes.items() if k != "blocks"]
   leaves += [(k, s) for blk in shapes["blocks"] for k, s in blk.items()]
   for name, shape in leaves:
-    spec = sharding.logical_to_spec(sharding.PARAM_AXES[name], mesh, shape=shape)
+    spec = sharding.logical_to_spec(param_axes[name], mesh, shape=shape)
     split = math.prod(axes[a] for a in spec if a is not None)
     total += math.prod(shape) * itemsize // split
   return total

@@ -2,21 +2,22 @@
 
 Every array dimension the project shards carries a *logical* name; `LOGICAL_RULES` maps logical names to
 mesh axes, in one place. Change the rules (or pass your own) to change the parallelism; the model and
-solver code never name mesh axes directly.
+solver code never name mesh axes directly. Which logical axes each param has is the model family's fact
+(`Family.param_axes`, {canonical name: logical axes}); callers pass that table in.
 
-Logical names:
+Logical names (None in a param's axes: that dimension is always replicated):
   batch  calibration / evaluation sequences          -> "data"
   embed  the residual width D                        -> None (replicated)
   heads  attention projections' head*dim width       -> "model"
   kv     KV projections' width (few heads under GQA)  -> None
-  mlp    SwiGLU hidden width F                        -> "model"
+  mlp    the MLP hidden width F                       -> "model"
   vocab  embedding / LM-head rows                     -> "model"
   rows   a weight's output rows inside a solver       -> "model"
 """
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -30,14 +31,6 @@ log = logging.getLogger(__name__)
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"), ("embed", None), ("heads", "model"), ("kv", None), ("mlp", "model"),
     ("vocab", "model"), ("rows", "model"))
-
-# Logical axes of each canonical param (weights are [out, in]).
-PARAM_AXES = {
-    "embed": ("vocab", "embed"), "head": ("vocab", "embed"), "final_norm": ("embed",),
-    "attn_norm": ("embed",), "ff_norm": ("embed",),
-    "q": ("heads", "embed"), "k": ("kv", "embed"), "v": ("kv", "embed"), "o": ("embed", "heads"),
-    "q_bias": ("heads",), "k_bias": ("kv",), "v_bias": ("kv",),
-    "gate": ("mlp", "embed"), "up": ("mlp", "embed"), "down": ("embed", "mlp")}
 
 
 def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> Mesh:
@@ -77,11 +70,12 @@ def named(mesh: Mesh, axes: Sequence[str | None], shape=None, rules=LOGICAL_RULE
   return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, shape))
 
 
-def param_shardings(params: dict, mesh: Mesh, rules=LOGICAL_RULES):
-  """A pytree of NamedSharding matching `params` (dense leaves; other leaves are replicated)."""
+def param_shardings(params: dict, mesh: Mesh, param_axes: Mapping[str, tuple], rules=LOGICAL_RULES):
+  """A pytree of NamedSharding matching `params`: a dense leaf named n (its last dict key) is split as
+  `param_axes[n]` (the family's `Family.param_axes`) says; other leaves, and names missing there, are replicated."""
   def one(path, leaf):
     name = next((p.key for p in reversed(path) if isinstance(p, jax.tree_util.DictKey)), None)
-    axes = PARAM_AXES.get(name)
+    axes = param_axes.get(name)
     shape = getattr(leaf, "shape", None)
     if axes is None or shape is None or len(axes) != len(shape):
       return NamedSharding(mesh, P())

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from qdllm_jax import sharding as sharding_lib
 from qdllm_jax.checkpoint import integrity, store, tree
 from qdllm_jax.errors import CheckpointError
-from qdllm_jax.models.families import config_from_hf, param_shapes
+from qdllm_jax.models.families import config_from_hf, family_of, param_shapes
 from qdllm_jax.models.hf_tokenizer import TOKENIZER_CORE, TOKENIZER_FILES
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig, config_to_hf
@@ -203,7 +203,7 @@ def iter_parts(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, verify
   verify=True first checks every file against checksums.json, then every array of a part against its sidecar
   digest while the part is in memory (arrays this process does not hold whole are covered by the file check).
   """
-  side, _ = read_sidecar(path)
+  side, cfg = read_sidecar(path)
   digests = None
   if verify:
     integrity.check_files(os.fspath(path), store.read_json)
@@ -211,7 +211,7 @@ def iter_parts(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, verify
   else:
     integrity.check_sizes(os.fspath(path), store.read_json)
   stored = tree.stored_arrays(side["tree"])
-  shard = None if mesh is None else tree.shardings(side["tree"], mesh, rules)
+  shard = None if mesh is None else tree.shardings(side["tree"], mesh, family_of(cfg).param_axes, rules)
   for name in side["parts"]:
     prefix = _part_prefix(name)
     specs = store.nest({p: a for p, a in stored.items() if p[:len(prefix)] == prefix})
@@ -257,7 +257,7 @@ def load_quantized(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES, ve
   Args:
     path: the checkpoint directory.
     mesh: None (arrays on the default device) or a jax Mesh: dense leaves are sharded by
-      `sharding.PARAM_AXES`, packed fields along their output-row axis (logical "rows") where it divides,
+      the family's `param_axes`, packed fields along their output-row axis (logical "rows") where it divides,
       others replicated (`tree.shardings`); Orbax reads each array straight into its shards.
     rules: logical-axis rules (sharding.LOGICAL_RULES).
     verify: check every file against checksums.json and every array against its sidecar sha256 (one extra read

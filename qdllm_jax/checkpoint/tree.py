@@ -14,6 +14,7 @@ unknown layout version raises FormatError.
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -173,10 +174,11 @@ def leaf_params(s: dict) -> int:
   return int(math.prod(s["meta"]["shape"] if s["kind"] == "quantized" else s["shape"]))
 
 
-def shardings(spec: dict, mesh, rules=sharding_lib.LOGICAL_RULES) -> dict:
+def shardings(spec: dict, mesh, param_axes: Mapping[str, tuple], rules=sharding_lib.LOGICAL_RULES) -> dict:
   """NamedShardings for the stored arrays (nested like `encode`'s arrays).
 
-  Dense leaves use `sharding.PARAM_AXES` of their name (the last dict key), as `sharding.param_shardings`.
+  Dense leaves use `param_axes` (the family's `Family.param_axes`) of their name (the last dict key), as
+  `sharding.param_shardings`.
   A packed weight's fields with an output-row axis (`ROW_AXIS`: planes, a_r, qweight, scales, zeros) are
   sharded over the mesh axis of the logical "rows" axis where it divides `out`; every other field, and
   every leaf of unknown name, is replicated.
@@ -190,7 +192,7 @@ def shardings(spec: dict, mesh, rules=sharding_lib.LOGICAL_RULES) -> dict:
           axes[ROW_AXIS[f]] = "rows"
         out[f] = sharding_lib.named(mesh, axes, a["shape"], rules)
       return out
-    axes = sharding_lib.PARAM_AXES.get(path[-1] if path else None)
+    axes = param_axes.get(path[-1] if path else None)
     if axes is None or len(axes) != len(s["shape"]):
       axes = (None,) * len(s["shape"])
     return sharding_lib.named(mesh, axes, s["shape"], rules)

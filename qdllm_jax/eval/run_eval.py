@@ -14,7 +14,7 @@ from qdllm_jax.checkpoint import load_quantized
 from qdllm_jax.eval import fidelity, protocols, suite
 from qdllm_jax.eval import paired as paired_lib
 from qdllm_jax.key_tree import purpose_key
-from qdllm_jax.models import hf_checkpoint
+from qdllm_jax.models import families, hf_checkpoint
 
 log = logging.getLogger("qdllm_jax.run")
 
@@ -46,7 +46,8 @@ def evaluate(model, tok, e, seed: int, mesh) -> dict:
 def fp_model(model_path: str, mesh, dtype):
   """The FP model of `model_path` (cast to dtype unless None), its params placed on `mesh` by the axis rules."""
   model = hf_checkpoint.load_pretrained(model_path, dtype)
-  return model.replace_params(jax.device_put(model.params, sharding.param_shardings(model.params, mesh)))
+  axes = families.family_of(model.config).param_axes
+  return model.replace_params(jax.device_put(model.params, sharding.param_shardings(model.params, mesh, axes)))
 
 
 

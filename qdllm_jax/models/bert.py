@@ -54,6 +54,17 @@ BLOCK_NAMES = {"q": "attention.self.query.weight", "q_bias": "attention.self.que
                "down": "output.dense.weight", "down_bias": "output.dense.bias",
                "ff_norm": "output.LayerNorm.weight", "ff_norm_bias": "output.LayerNorm.bias"}
 PREFIXES = ("", "bert.")
+# Logical axes of each param (sharding.LOGICAL_RULES), as the decoder's: attention width "heads" and MLP width
+# "mlp" split over the model axis, the vocabulary too; positions and token types (small tables) replicated.
+PARAM_AXES = {
+    "embed": ("vocab", "embed"), "pos_embed": (None, "embed"), "type_embed": (None, "embed"),
+    "embed_norm": ("embed",), "embed_norm_bias": ("embed",),
+    "q": ("heads", "embed"), "k": ("heads", "embed"), "v": ("heads", "embed"), "o": ("embed", "heads"),
+    "q_bias": ("heads",), "k_bias": ("heads",), "v_bias": ("heads",), "o_bias": ("embed",),
+    "attn_norm": ("embed",), "attn_norm_bias": ("embed",), "ff_norm": ("embed",), "ff_norm_bias": ("embed",),
+    "up": ("mlp", "embed"), "up_bias": ("mlp",), "down": ("embed", "mlp"), "down_bias": ("embed",),
+    "head_dense": ("embed", "embed"), "head_dense_bias": ("embed",), "head_norm": ("embed",),
+    "head_norm_bias": ("embed",), "head_bias": ("vocab",)}
 # Only v -> o folds exactly (attention mixes tokens, not channels). The block input (q/k/v's tap) and h (up's)
 # also feed the residual, so LN_e / LN_1 / LN_2 cannot absorb a scale, and GELU between up and down is not
 # homogeneous: those scales stay online divisors (family.py `scale_folds`).
@@ -244,7 +255,7 @@ def _ignored(name: str) -> bool:
 
 FAMILY = Family(
     name="bert", model_types=("bert",), parse_config=_bert_config, top_names=top_names, block_names=block_names,
-    param_shapes=param_shapes, linear_groups=LINEAR_GROUPS, upstream=UPSTREAM,
+    param_shapes=param_shapes, param_axes=PARAM_AXES, linear_groups=LINEAR_GROUPS, upstream=UPSTREAM,
     embed_keys=("embed", "pos_embed", "type_embed", "embed_norm", "embed_norm_bias"), embed=embed,
     block_context=block_context, block_forward=block_forward, head=head, forward=forward, calib_seed=0,
     norm_kind="ln_post", refine=_refine, ignored_tensor=_ignored, scale_folds=SCALE_FOLDS)

@@ -36,6 +36,8 @@ class Family:
     parse_config: (config.json dict, path) -> ModelConfig; CheckpointError on unsupported fields.
     top_names, block_names: (cfg[, layer]) -> {canonical name: HF tensor name}.
     param_shapes: cfg -> the params pytree's shapes ({"blocks": [...], top names...}).
+    param_axes: {canonical param name: its logical axes}, one name per dimension (None: replicated), mapped to
+      mesh axes by sharding.LOGICAL_RULES; every name of `param_shapes` has an entry.
     linear_groups: {tap: linear names reading that input}; its order is the block's order.
     upstream: {tap: linears of the block upstream of the tap}.
     embed_keys: the top-level params `embed` reads.
@@ -59,6 +61,7 @@ class Family:
   top_names: Callable
   block_names: Callable
   param_shapes: Callable
+  param_axes: Mapping
   linear_groups: Mapping
   upstream: Mapping
   embed_keys: tuple

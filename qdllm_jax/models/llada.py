@@ -91,6 +91,7 @@ def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table
   return Family(
       name=name, model_types=model_types, parse_config=parse_config, top_names=decoder_top_names(top),
       block_names=decoder_block_names(table, prefix), param_shapes=transformer.param_shapes,
+      param_axes=transformer.PARAM_AXES,
       linear_groups=transformer.LINEAR_GROUPS, upstream=transformer.UPSTREAM, embed_keys=("embed",),
       embed=transformer.embed, block_context=transformer.block_context, block_forward=transformer.block_forward_ctx,
       head=transformer.head, forward=transformer.forward, calib_seed=calib_seed, norm_kind="rms_pre",

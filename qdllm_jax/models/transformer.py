@@ -32,6 +32,13 @@ TAP_OF = {n: g for g, names in LINEAR_GROUPS.items() for n in names}
 # Linears whose quantization changes each tap's activations (within one block).
 UPSTREAM = {"qkv": (), "o": ("q", "k", "v"), "gate_up": ("q", "k", "v", "o"),
             "down": ("q", "k", "v", "o", "gate", "up")}
+# Logical axes of each param (weights are [out, in]; sharding.LOGICAL_RULES maps them to mesh axes).
+PARAM_AXES = {
+    "embed": ("vocab", "embed"), "head": ("vocab", "embed"), "final_norm": ("embed",),
+    "attn_norm": ("embed",), "ff_norm": ("embed",),
+    "q": ("heads", "embed"), "k": ("kv", "embed"), "v": ("kv", "embed"), "o": ("embed", "heads"),
+    "q_bias": ("heads",), "k_bias": ("kv",), "v_bias": ("kv",),
+    "gate": ("mlp", "embed"), "up": ("mlp", "embed"), "down": ("embed", "mlp")}
 
 
 def positions_and_mask(cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None):

@@ -13,7 +13,7 @@ import pytest
 
 from qdllm_jax import launch, plan_timing, sharding
 from qdllm_jax import plan as plan_lib
-from qdllm_jax.models import hf_checkpoint, transformer
+from qdllm_jax.models import bert, families, hf_checkpoint
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
 from qdllm_jax.quant import api
 
@@ -35,12 +35,19 @@ def test_linear_bytes_equals_the_packed_weight(method, bits, group, opts):
                                opts.get("sym", False), opts.get("act_order", False)) == qw.nbytes
 
 
+# a BERT with the MLM head (every BERT param name), widths that the model axis divides
+TINY_BERT = bert.FAMILY.parse_config({
+    "model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32, "num_attention_heads": 4,
+    "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "max_position_embeddings": 64}, "config.json")
+
+
+@pytest.mark.parametrize("cfg", [llada_config(LLADA_TINY_TEST), TINY_BERT], ids=["llada", "bert"])
 @pytest.mark.parametrize("axes", [{"data": 8}, {"data": 2, "model": 4}, {"data": 4, "model": 2}])
-def test_param_bytes_per_device_equals_the_placed_shards(axes):
-  cfg = llada_config(LLADA_TINY_TEST)
-  params = transformer.init_params(cfg, jax.random.key(0))
+def test_param_bytes_per_device_equals_the_placed_shards(cfg, axes):
+  shapes = families.param_shapes(cfg)
+  params = jax.tree.map(lambda s: np.zeros(s, np.float32), shapes, is_leaf=lambda s: isinstance(s, tuple))
   mesh = sharding.make_mesh(tuple(axes.values()), tuple(axes))
-  placed = jax.device_put(params, sharding.param_shardings(params, mesh))
+  placed = jax.device_put(params, sharding.param_shardings(params, mesh, families.family_of(cfg).param_axes))
   dev0 = jax.devices()[0]
   on_dev0 = sum(s.data.nbytes for leaf in jax.tree.leaves(placed) for s in leaf.addressable_shards if s.device == dev0)
   assert plan_lib.param_bytes_per_device(cfg, 4, axes) == on_dev0
@@ -82,6 +89,25 @@ def test_dry_run_llada8b_on_tpu_v5e_8_prints_a_plan_without_loading(monkeypatch,
   assert rp.device["Hessian + factors (f32)"] == 4 * f * f * 4
   assert rp.predicted["fp_bytes"] == 2 * n_params
   assert rp.estimate_s is None and rp.to_dict()["estimate_s"] is None
+
+
+def test_dry_run_minilm_plans_the_bert_shapes(monkeypatch, capsys, tmp_path):
+  """The README's BERT config plans from its config.json and safetensors headers: the parameter count from
+  MiniLM's published shapes (d 384, 6 blocks, F 1536, vocabulary 30522, 512 positions, 2 token types; every
+  linear biased)."""
+  pytest.importorskip(bert.MINILM_PACKAGE, reason=f"needs `{bert.MINILM_INSTALL}`")
+  monkeypatch.setattr(hf_checkpoint, "load_pretrained", lambda *a, **k: pytest.fail("the dry run loaded weights"))
+  monkeypatch.chdir(tmp_path)
+  rc = launch.main(["--config", f"{plan_lib.__file__.rsplit('/qdllm_jax/', 1)[0]}/configs/minilm.py", "--dry_run",
+                    "--config.plan.hardware=tpu_v5e_8"])
+  out = capsys.readouterr().out
+  assert rc == 0 and list(tmp_path.iterdir()) == []
+  v, d, f, n_layers = 30522, 384, 1536, 6
+  embeddings = (v + 512 + 2) * d + 2 * d
+  block = 4 * (d * d + d) + (f * d + f) + (d * f + d) + 4 * d
+  assert f"{(embeddings + n_layers * block) / 1e9:.3f} B params" in out  # 0.023 B
+  assert "bert, 6 blocks, d_model 384, mlp 1536" in out and "36 of 36 block linears quantized" in out
+  assert "encoder.layer.*.intermediate.dense -> quant_dllm w2 g128" in out and "\nFITS" in out
 
 
 def _spec(config, *overrides):

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from qdllm_jax import sharding
 from qdllm_jax.calib import capture
-from qdllm_jax.models import transformer
+from qdllm_jax.models import bert, transformer
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
 
 CFG = llada_config(LLADA_TINY_TEST)  # d_model 32, 4 heads, mlp 64, vocab 128
@@ -80,12 +80,34 @@ def test_sharded_eval_forward_equals_single_device(params, shape, axes):
   ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (8, 12)).astype(np.int32)
   ref = np.asarray(transformer.forward_jit(params, CFG, ids))
   mesh = _mesh(shape, axes)
-  sharded = jax.device_put(params, sharding.param_shardings(params, mesh))
+  sharded = jax.device_put(params, sharding.param_shardings(params, mesh, transformer.PARAM_AXES))
   if "model" in axes:  # the logical rules put the MLP width and the vocabulary on the model axis
     assert sharded["blocks"][0]["gate"].sharding.spec == P("model", None)
     assert sharded["head"].sharding.spec == P("model", None)
   with jax.set_mesh(mesh):
     got = np.asarray(transformer.forward_jit(sharded, CFG, sharding.shard_rows(ids, mesh)))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_params_shard_by_its_family_axes_and_compute_the_single_device_output():
+  """BERT's own table: attention and MLP widths and the vocabulary over "model", positions replicated."""
+  cfg = bert.FAMILY.parse_config({
+      "model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32, "num_attention_heads": 4,
+      "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "max_position_embeddings": 64}, "c")
+  shapes = bert.param_shapes(cfg)
+  leaves, tdef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  rng = np.random.default_rng(4)
+  params = jax.tree.unflatten(tdef, [rng.normal(0, 0.2, s).astype(np.float32) for s in leaves])
+  ids = rng.integers(0, cfg.vocab_size, (8, 12)).astype(np.int32)
+  ref = np.asarray(bert.forward(params, cfg, ids))
+  mesh = _mesh((2, 4), ("data", "model"))
+  sharded = jax.device_put(params, sharding.param_shardings(params, mesh, bert.FAMILY.param_axes))
+  blk = sharded["blocks"][0]
+  assert blk["k"].sharding.spec == P("model", None) and blk["k_bias"].sharding.spec == P("model")
+  assert blk["down"].sharding.spec == P(None, "model") and blk["up_bias"].sharding.spec == P("model")
+  assert sharded["embed"].sharding.spec == P("model", None) and sharded["pos_embed"].sharding.spec == P(None, None)
+  with jax.set_mesh(mesh):
+    got = np.asarray(jax.jit(bert.forward, static_argnums=1)(sharded, cfg, sharding.shard_rows(ids, mesh)))
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
