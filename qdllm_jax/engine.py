@@ -183,16 +183,17 @@ def summary_line(stats: dict) -> str:
           f"kernel path: {stats['kernel_path']}")
 
 
-def load_engine(path: str, *, dequantize: bool = False, tokenizer=None) -> Engine:
+def load_engine(path: str, *, dequantize: bool = False, tokenizer=None, verify: bool = True) -> Engine:
   """Load a quantized checkpoint (packed weights kept packed) or an FP HF directory, and its tokenizer.
 
   The directory kind, config and tokenizer are checked before any weight is read; a read that fails (a
   truncated or partly copied checkpoint) is reported as a CheckpointError naming the fix. tokenizer: one already
-  loaded (default: the directory's own, `models.load_tokenizer`)."""
+  loaded (default: the directory's own, `models.load_tokenizer`). verify: check a quantized checkpoint's
+  checksums (`load_quantized`; False skips them, e.g. for one saved without checksums.json)."""
   kind, _ = inspect_model_dir(path)
   tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
   try:
-    model = quantized.load_quantized(path) if kind == "quantized" else load_pretrained(path)
+    model = quantized.load_quantized(path, verify=verify) if kind == "quantized" else load_pretrained(path)
   except QdllmError:
     raise
   except Exception as e:  # noqa: BLE001 (Orbax / safetensors / OS errors of a damaged directory)

@@ -24,6 +24,8 @@ Flags:
                         fold_in(key(seed), b); chat turn t uses seed + t)
   --batch_size N        prompts decoded together (default 8)
   --dequantize          dequantize every packed weight first (comparison only; the default runs the packed kernels)
+  --no_verify           skip the checksum check of a quantized checkpoint (every file against checksums.json and
+                        every array against its sha256; on by default)
   --sampler.KEY=VALUE   sampler settings, typed like the family's defaults (qdllm_jax/sampling/settings.py):
                         LLaDA gen_length steps block_length temperature cfg_scale remasking;
                         Dream gen_length steps temperature top_p top_k alg alg_temp eps
@@ -57,6 +59,8 @@ def build_parser(prog: str = PROG, description: str = "") -> argparse.ArgumentPa
   ap.add_argument("--chat_template", default=None, help="Jinja chat template file (default: the tokenizer's)")
   ap.add_argument("--batch_size", type=int, default=8)
   ap.add_argument("--dequantize", action="store_true", help="dequantize the packed weights first (comparison)")
+  ap.add_argument("--no_verify", action="store_true",
+                  help="skip the checksum check of a quantized checkpoint (faster; for one without checksums.json)")
   return ap
 
 
@@ -144,7 +148,7 @@ def run_batch(args, overrides, stdin, stdout, stderr) -> None:
       engine_lib.check_context(len(ids), settings, cfg)
     except ConfigError as e:
       raise ConfigError(f"prompt {i + 1}: {e}") from None
-  eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok)
+  eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok, verify=not args.no_verify)
   outs, stats = eng.generate(prompts, settings, seed=args.seed, batch_size=args.batch_size)
   lines = []
   for rec, gen in zip(records, outs):
@@ -180,7 +184,7 @@ def run_chat(args, overrides, stdin, stdout, stderr) -> None:
   if not chat_template.has_template(tok):
     raise ConfigError(f"--chat needs a chat template, and {args.model}'s tokenizer has none (a base model); pass "
                       "--chat_template FILE, or use plain prompts without --chat")
-  eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok)
+  eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok, verify=not args.no_verify)
   interactive = hasattr(stdin, "isatty") and stdin.isatty()
   history, turn = [], 0
   print(f"chat with {args.model} ({eng.kernel_path}); /reset clears the history, /exit or EOF ends", file=stderr)

@@ -9,7 +9,7 @@ Routes: POST /v1/completions, POST /v1/chat/completions (non-streaming; fields i
 messages, max_tokens, temperature, n, seed, model, user), GET /health, GET /v1/models. Requests are decoded by one
 worker that merges compatible requests into batches of up to --batch_size rows (batcher.py). A bad request gets
 a 4xx JSON error {"error": {"message", "type", "param", "code"}} and the server keeps serving.
-Flags: those of `python -m qdllm_jax.generate` (--model, --chat_template, --batch_size, --dequantize,
+Flags: those of `python -m qdllm_jax.generate` (--model, --chat_template, --batch_size, --dequantize, --no_verify,
 --sampler.KEY=VALUE) plus --host (default 127.0.0.1: loopback only), --port (default 8000; 0 = a free one),
 --max_n (default 8), --batch_wait_ms (default 20), --model_name (default the directory's name; the workdir's
 for a launch checkpoint).
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     _, _, tok, settings = prepare(args, overrides)
     if not _is_loopback(args.host):
       log.warning("binding %s: the endpoint is reachable from other machines and has no authentication", args.host)
-    eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok)
+    eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok, verify=not args.no_verify)
     srv = make_server(eng, settings, host=args.host, port=args.port, max_batch=args.batch_size, max_n=args.max_n,
                       batch_wait_s=args.batch_wait_ms / 1000, model_name=args.model_name)
   except QdllmError as e:

@@ -20,7 +20,8 @@ from qdllm_jax.errors import CheckpointError
 MANIFEST = "checksums.json"
 FORMAT = "qdllm-jax.checksums"
 _CHUNK = 1 << 22
-SKIP_HINT = "verify=False (python API) skips the check"
+SKIP_HINT = ("skip the check with verify=False (python API) or --no_verify (python -m qdllm_jax.generate / "
+             "qdllm_jax.serve)")
 
 
 def array_digest(a) -> str:

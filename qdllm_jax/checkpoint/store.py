@@ -52,7 +52,10 @@ def read_json(path: str, what: str) -> dict:
   except FileNotFoundError as e:
     raise CheckpointError(f"{path}: missing {what}; the directory is not a complete qdllm-jax checkpoint") from e
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: cannot read the {what} ({e}); expected a valid JSON file") from e
+    raise CheckpointError(f"{path}: cannot read the {what} ({e}); expected a valid JSON file. The file is "
+                          "truncated or damaged (an interrupted copy?): copy the directory again, re-run the "
+                          "command that wrote it (a launch resumes and rewrites its checkpoint), or restore a good "
+                          "copy") from e
   if not isinstance(d, dict):
     raise CheckpointError(f"{path}: the {what} is a JSON {type(d).__name__}, expected an object")
   return d

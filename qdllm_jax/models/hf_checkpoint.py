@@ -65,7 +65,9 @@ def _read_json(file: str, what: str) -> dict:
     with open(file, encoding="utf-8") as f:
       d = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{file}: cannot read the {what} ({e}); expected a valid JSON file") from e
+    raise CheckpointError(f"{file}: cannot read the {what} ({e}); expected a valid JSON file. The file is "
+                          "truncated or damaged (an interrupted download or copy?): copy or download the model "
+                          "directory again, or restore a good copy") from e
   if not isinstance(d, dict):
     raise CheckpointError(f"{file}: the {what} is a JSON {type(d).__name__}, expected an object")
   return d

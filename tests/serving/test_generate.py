@@ -121,11 +121,35 @@ def test_bad_inputs_exit_2_naming_the_fix(q_dir, fp_dir, tmp_path):
   assert "context of 256 tokens" in err and "shorten the prompt to at most 248 tokens" in err
   assert "block_length" in _cli_error(["--model", q_dir, "--prompt", "x", "--sampler.gen_length=6"])
   assert "is a dream setting" in _cli_error(["--model", q_dir, "--prompt", "x", "--sampler.top_p=0.9"])
+  err = _cli_error(["--model", q_dir, "--prompt", "x", "--sampler.foo=1"])
+  assert "--sampler.foo: unknown key" in err and "'steps'" in err and "family" not in err
+  err = _cli_error(["--model", q_dir, "--prompt", "x", "--sampler.steps=abc"])
+  assert "--sampler.steps='abc': expected a int" in err
   assert "is not a file" in _cli_error(["--model", fp_dir, "--chat", "--chat_template", str(empty)])
   for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # a base model's tokenizer
     shutil.copy(os.path.join(SHIPPED, f), notok / f)
   assert "has none (a base model); pass --chat_template FILE" in _cli_error(["--model", str(notok), "--chat"])
   assert "no prompt given" in _cli_error(["--model", q_dir], stdin="\n")
+
+
+def test_damaged_checkpoint_files_name_the_fix(q_dir, fp_dir, tmp_path):
+  """A truncated sidecar, an empty config.json, a checkpoint without checksums.json: each error says what to do."""
+  cut = tmp_path / "cut"
+  shutil.copytree(q_dir, cut)
+  side = cut / "qdllm_checkpoint.json"
+  side.write_bytes(side.read_bytes()[:40])
+  err = _cli_error(["--model", str(cut), "--prompt", "x"])
+  assert "qdllm_checkpoint.json: cannot read the checkpoint sidecar" in err and "copy the directory again" in err
+  fp = tmp_path / "fp"
+  shutil.copytree(fp_dir, fp)
+  (fp / "config.json").write_text("")
+  assert "download the model directory again" in _cli_error(["--model", str(fp), "--prompt", "x"])
+  bare = tmp_path / "bare"
+  shutil.copytree(q_dir, bare)
+  os.remove(bare / "checksums.json")
+  err = _cli_error(["--model", str(bare), "--prompt", "x"] + FLAGS)
+  assert "no checksums.json" in err and "--no_verify" in err
+  assert len(packed_weights(load_engine(str(bare), verify=False).model.params)) == 7
 
 
 def test_dequantize_is_explicit_and_matches_the_packed_logits(q_dir):
