@@ -59,55 +59,60 @@ def split_override(o: str):
   return k.strip(), v
 
 
-def parse_value(key: str, text: str, current):
+def parse_value(key: str, text: str, current, prefix: str = "--config."):
+  """`text` typed like `current`; errors name the flag as PREFIXkey."""
   t = text.strip()
   if isinstance(current, bool):
     if t.lower() in ("true", "1", "yes"):
       return True
     if t.lower() in ("false", "0", "no"):
       return False
-    raise ConfigError(f"--config.{key}={text!r}: expected a boolean (true/false)")
+    raise ConfigError(f"{prefix}{key}={text!r}: expected a boolean (true/false)")
   if isinstance(current, (int, float, tuple, list)) and not isinstance(current, bool):
     try:
       v = ast.literal_eval(t)
     except (ValueError, SyntaxError) as e:
       if isinstance(current, (tuple, list)) and re.fullmatch(r"[\w.:/=+-]+(,[\w.:/=+-]+)*", t):
         return tuple(t.split(","))  # comma-separated words: --config.entries=fp,gptq:w4a16
-      raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__} literal") from e
+      raise ConfigError(f"{prefix}{key}={text!r}: expected a {type(current).__name__} literal") from e
     if isinstance(current, (tuple, list)):
       if isinstance(v, (int, str)):
         v = (v,)
       if not isinstance(v, (tuple, list)):
-        raise ConfigError(f"--config.{key}={text!r}: expected a tuple such as (2, 4)")
+        raise ConfigError(f"{prefix}{key}={text!r}: expected a tuple such as (2, 4)")
       return tuple(v)
     if isinstance(current, float) and isinstance(v, int) and not isinstance(v, bool):
       return float(v)
     if type(v) is not type(current):
-      raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__}, got {type(v).__name__}")
+      raise ConfigError(f"{prefix}{key}={text!r}: expected a {type(current).__name__}, got {type(v).__name__}")
     return v
   return text
 
 
-def set_override(c: mlc.ConfigDict, key: str, text) -> None:
-  """Set dotted `key` of `c` from a command-line string, typed like the existing value."""
+def set_override(c: mlc.ConfigDict, key: str, text, prefix: str = "--config.", hidden=()) -> None:
+  """Set dotted `key` of `c` from a command-line string, typed like the existing value.
+
+  Errors name the flag as PREFIXkey (the launch's --config., the generate/serve CLIs' --sampler.); keys in
+  `hidden` (fixed ones such as the sampler's family) are not offered in the lists of known keys."""
   node, parts = c, key.split(".")
   for i, p in enumerate(parts[:-1]):
     if not isinstance(node, mlc.ConfigDict) or p not in node:
-      raise ConfigError(f"--config.{key}: unknown section {'.'.join(parts[:i + 1])!r}; known: {known_keys(node)}")
+      raise ConfigError(f"{prefix}{key}: unknown section {'.'.join(parts[:i + 1])!r}; known: "
+                        f"{known_keys(node, hidden)}")
     node = node[p]
   leaf = parts[-1]
   if not isinstance(node, mlc.ConfigDict) or leaf not in node:
-    raise ConfigError(f"--config.{key}: unknown key; known keys here: {known_keys(node)}")
+    raise ConfigError(f"{prefix}{key}: unknown key; known keys here: {known_keys(node, hidden)}")
   current = node[leaf]
   if isinstance(current, mlc.ConfigDict):
-    raise ConfigError(f"--config.{key} is a section; set one of its keys: {known_keys(current)}")
-  value = parse_value(key, text, current) if isinstance(text, str) else text
+    raise ConfigError(f"{prefix}{key} is a section; set one of its keys: {known_keys(current, hidden)}")
+  value = parse_value(key, text, current, prefix) if isinstance(text, str) else text
   with node.ignore_type():
     node[leaf] = value
 
 
-def known_keys(node) -> list:
-  return sorted(node.keys()) if isinstance(node, mlc.ConfigDict) else []
+def known_keys(node, hidden=()) -> list:
+  return sorted(k for k in node.keys() if k not in hidden) if isinstance(node, mlc.ConfigDict) else []
 
 
 def split_overrides(rest, prefix: str, prog: str) -> list:

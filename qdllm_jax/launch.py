@@ -24,9 +24,10 @@ import argparse
 import sys
 
 from qdllm_jax import config_check as config_lib
+from qdllm_jax import config_schema
 from qdllm_jax import plan as plan_lib
 from qdllm_jax import run as run_lib
-from qdllm_jax.cli import LOG_LEVELS, load_config, print_keys, set_override, setup_logging, split_overrides  # noqa: F401
+from qdllm_jax.cli import LOG_LEVELS, load_config, parse_command, setup_logging
 from qdllm_jax.errors import QdllmError
 
 HELP_DESCRIPTION = """Quantize a diffusion LLM end to end (load, calibrate, quantize, save, evaluate, report), or plan
@@ -53,7 +54,8 @@ A killed run resumes from its last finished block when the same command is run a
 
 
 def parse_args(argv):
-  """(argparse namespace, [(key, value)] config overrides) from argv (without the program name)."""
+  """(argparse namespace, [(key, value)] config overrides) from argv (without the program name), or None when
+  --help_keys printed the keys (cli.parse_command, shared with study and eval)."""
   ap = argparse.ArgumentParser(prog="python -m qdllm_jax.launch", description=HELP_DESCRIPTION, epilog=HELP_EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", metavar="CONFIG[:PRESETS]",
@@ -69,22 +71,17 @@ def parse_args(argv):
   ap.add_argument("--kill_after_block", type=int, default=None, help=argparse.SUPPRESS)  # crash-recovery tests
   ap.add_argument("--log_level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                   help="verbosity of the qdllm_jax log (default INFO); libraries stay at WARNING")
-  ap.add_argument("--help_keys", action="store_true",
-                  help="list every config key with its default and meaning, then exit")
-  args, rest = ap.parse_known_args(argv)
-  if not args.config and not args.help_keys:
-    ap.error("the following arguments are required: --config")
-  return args, split_overrides(rest, "--config.", ap.prog)
+  return parse_command(ap, argv, config_schema.RunSpec, "--config")
 
 
 def main(argv=None) -> int:
   """Run the CLI; returns the exit status (see the module docstring)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
-    args, overrides = parse_args(argv)
-    if args.help_keys:
-      print_keys()
+    parsed = parse_args(argv)
+    if parsed is None:
       return 0
+    args, overrides = parsed
     setup_logging(args.log_level)
     c = load_config(args.config, overrides)
     spec = config_lib.validate(c, workdir=args.workdir, dry_run=args.dry_run)

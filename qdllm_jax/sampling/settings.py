@@ -15,8 +15,8 @@ from __future__ import annotations
 import jax
 import ml_collections as mlc
 
+from qdllm_jax.cli import set_override
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.launch import set_override
 from qdllm_jax.sampling.dream_sampler import ALGS, dream_generate
 from qdllm_jax.sampling.llada_sampler import REMASKING, llada_generate
 
@@ -46,7 +46,7 @@ def apply_overrides(settings: mlc.ConfigDict, overrides) -> mlc.ConfigDict:
                         f"{sorted(DEFAULTS[fam])}")
     if key == "family":
       raise ConfigError("--sampler.family is fixed by the model's config.json; it cannot be overridden")
-    set_override(settings, key, value)
+    set_override(settings, key, value, prefix="--sampler.", hidden=("family",))
   validate(settings)
   return settings
 
