@@ -18,11 +18,11 @@ from qdllm_jax.config_schema import RunSpec, build, defaults, non_semantic_keys
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import protocols
 from qdllm_jax.hardware import HARDWARE
+from qdllm_jax.models import families
 from qdllm_jax.quant import methods, pipeline
 from qdllm_jax.quant import rules as rules_lib
 from qdllm_jax.quant.methods import SCALE_DTYPES
 
-MODEL_PRESETS = ("", "llada_8b", "dream_7b", "tiny_llada")
 DTYPES = ("auto", "float32", "bfloat16")
 CALIB_NAMED = ("corpus", "c4", "wikitext2")
 MESH_AXES = ("data", "model")
@@ -178,11 +178,11 @@ def validate(c, *, workdir: str | None = None, dry_run: bool = False) -> RunSpec
   d = check_types(c, _schema())
   if workdir:
     d["workdir"] = workdir
-  if d["model_preset"] not in MODEL_PRESETS:
-    _err("model_preset", d["model_preset"], f"one of {MODEL_PRESETS[1:]} (or '')")
+  if d["model_preset"] and d["model_preset"] not in families.PRESETS:
+    _err("model_preset", d["model_preset"], f"one of {tuple(families.PRESETS)} (or '')")
   if dry_run:
     if not d["model_preset"] and not d["model_path"]:
-      _err("model_preset", "", f"one of {MODEL_PRESETS[1:]} for --dry_run (or a model_path to read config.json)")
+      _err("model_preset", "", f"one of {tuple(families.PRESETS)} for --dry_run (or a model_path to read config.json)")
   else:
     mp = d["model_path"]
     if not mp:

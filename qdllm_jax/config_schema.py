@@ -100,7 +100,7 @@ class ReportSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PlanSpec:
-  hardware: str = key("", "'' = the local machine | a preset of qdllm_jax.plan.HARDWARE (e.g. 'tpu_v5e_8')")
+  hardware: str = key("", "'' = the local machine | a preset of qdllm_jax.hardware.HARDWARE (e.g. 'tpu_v5e_8')")
   device_memory_gib: float = key(0.0, "override the per-device memory (0 = detect or take the preset's)")
   host_memory_gib: float = key(0.0, "override the host memory (0 = detect or take the preset's)")
   check: bool = key(True, "refuse (ConfigError) a plan that does not fit")
@@ -110,8 +110,8 @@ class PlanSpec:
 class RunSpec:
   """A validated run config: every key, its default and its meaning are the fields below."""
   model_path: str = key("", "local HF directory (config.json + safetensors + tokenizer)", non_semantic=True)
-  model_preset: str = key("", "'llada_8b' | 'dream_7b' | 'tiny_llada': architecture for --dry_run (no weights)",
-                          non_semantic=True)
+  model_preset: str = key("", "architecture for --dry_run (no weights): a family's preset (models/families.py "
+                          "PRESETS, e.g. 'llada_8b', 'dream_7b')", non_semantic=True)
   dtype: str = key("auto", "params dtype for calibration/eval: 'auto' (as stored) | 'float32' | 'bfloat16'")
   workdir: str = key("", "output directory; --workdir overrides it", non_semantic=True)
   seed: int = key(0, "root of the one key tree: fold_in(key(seed), purpose) for windows/masks/eval")

@@ -24,28 +24,12 @@ import re
 
 from qdllm_jax import config_check as config_lib
 from qdllm_jax import plan_timing, sharding
-from qdllm_jax.errors import ConfigError
-from qdllm_jax.hardware import HARDWARE, GiB, Hardware, get_hardware, local_hardware  # noqa: F401
+from qdllm_jax.hardware import GiB, Hardware, get_hardware
 from qdllm_jax.models import families, open_checkpoint
-from qdllm_jax.models.dream import DREAM_7B, dream_config
-from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.quant import methods
 
 FIT_FRACTION = 0.9
 CALIB_PASSES = 5  # block forwards per block during calibration: 4 Hessian captures (one per tap) + the outputs
-
-
-def model_preset_config(name: str):
-  """ModelConfig of a preset architecture: "llada_8b", "dream_7b" or "tiny_llada" (the shipped tiny LLaDA)."""
-  if name == "llada_8b":
-    return llada_config(LLADA_8B)
-  if name == "dream_7b":
-    return dream_config(DREAM_7B)
-  if name == "tiny_llada":  # scripts/make_tiny_model.py ARCH with the shipped tokenizer's ids
-    return llada_config(LLADA_8B, d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=1024,
-                        max_sequence_length=256, vocab_size=2048, embedding_size=2048, mask_token_id=2,
-                        eos_token_id=0, pad_token_id=0, bos_token_id=1, torch_dtype="float32")
-  raise ConfigError(f"config.model_preset={name!r}: expected 'llada_8b', 'dream_7b' or 'tiny_llada'")
 
 
 class _MeshShape:
@@ -158,14 +142,15 @@ class RunPlan:
                    "time its kernels)")
     else:
       lines.append("estimated duration (kernels timed, scaled to the model; compile time not included): "
-                   + ", ".join(f"{k} {_hms(lo)}-{_hms(hi)}" for k, (lo, hi) in self.estimate_s.items())
+                   + ", ".join(f"{k} {format_hms(lo)}-{format_hms(hi)}" for k, (lo, hi) in self.estimate_s.items())
                    + f" [{self.timing_source}]")
     lines += [f"note: {n}" for n in self.notes]
     lines.append("FITS" if self.fits else "DOES NOT FIT:\n  " + "\n  ".join(self.problems))
     return "\n".join(lines)
 
 
-def _hms(s: float) -> str:
+def format_hms(s: float) -> str:
+  """A duration in seconds as '1h02m' (an hour or more) or '3m05s'."""
   s = int(round(s))
   return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -303,7 +288,7 @@ def dry_run(spec) -> tuple[str, RunPlan]:
   import jax.numpy as jnp
 
   if spec.model_preset:
-    cfg = model_preset_config(spec.model_preset)
+    cfg = families.preset(spec.model_preset)
   else:
     cfg = open_checkpoint(spec.model_path).config
   rules_plan = config_lib.check_model(spec, cfg)

@@ -29,7 +29,7 @@ import numpy as np
 import qdllm_jax
 from qdllm_jax import checkpoint as ckpt_lib
 from qdllm_jax import config_check as config_lib
-from qdllm_jax import multihost, sharding
+from qdllm_jax import hardware, multihost, sharding
 from qdllm_jax import plan as plan_lib
 from qdllm_jax import report as report_lib
 from qdllm_jax import workdir as workdir_lib
@@ -98,7 +98,7 @@ def prepare(spec) -> Prepared:
   stored = _DTYPES[reader.tensors[next(iter(hf.block_names(cfg, 0).values()))][2]]
   dtype = None if spec.dtype == "auto" else spec.dtype
   itemsize = np.dtype(jnp.dtype(dtype or stored)).itemsize
-  hw_name, hw = plan_lib.get_hardware(spec)
+  hw_name, hw = hardware.get_hardware(spec)
   rp = plan_lib.make_plan(spec, cfg, rules_plan, itemsize=itemsize, hw_name=hw_name, hw=hw)
   _step(0, "plan:\n%s", rp.text())
   for w in config_lib.ignored_keys(spec):
@@ -147,7 +147,7 @@ def _run_hooks(spec, prep: Prepared, cal: Calibrated, state_dir, digests, progre
     errs = [e["rel_err"] for e in rep]
     eta = (time.perf_counter() - t_start) / (s.next_block - done0[0]) * (cfg.n_layers - s.next_block)
     _step(2, "block %d/%d done in %.1fs (mean rel_err %.4f, max %.4f); ETA %s", s.next_block, cfg.n_layers, dt,
-          float(np.mean(errs)) if errs else 0.0, max(errs, default=0.0), plan_lib._hms(eta))
+          float(np.mean(errs)) if errs else 0.0, max(errs, default=0.0), plan_lib.format_hms(eta))
     t_block[0] = time.perf_counter()
     if not prep.primary:  # only process 0 saves the checkpoint; the others drop their copies of the blocks
       return dataclasses.replace(s, blocks=[None] * len(s.blocks))

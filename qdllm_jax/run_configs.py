@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from qdllm_jax import config_schema
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.models.families import get_family
 
 
 def _method(method, bits):
@@ -60,13 +61,12 @@ PRESETS = {
 DEFAULT_PRESET = "quant_dllm_w2"
 
 # The Quant-dLLM paper's run settings per family (arXiv 2510.03274, experimental settings and Table 1): C4
-# (en/c4-train.00000-of-01024), 128 windows of 4096 tokens, MCS masking (prefix 0.25, seed_x 0 for LLaDA / 100
-# for Dream), group 128, ABMP ratio 0.05 (LLaDA) / 0.10 (Dream).
+# (en/c4-train.00000-of-01024), 128 windows of 4096 tokens, MCS masking (prefix 0.25, seed_x the family's
+# `calib_seed`: 0 for LLaDA / 100 for Dream), group 128, ABMP ratio 0.05 (LLaDA) / 0.10 (Dream), on the
+# family's preset architecture (`Family.presets`).
 PAPER_SETTINGS = {
-    "llada": {"model_preset": "llada_8b", "calib.seed_x": 0, "quant.abmp_ratio": 0.05,
-              "eval.protocol": "quant_dllm_llada"},
-    "dream": {"model_preset": "dream_7b", "calib.seed_x": 100, "quant.abmp_ratio": 0.10,
-              "eval.protocol": "quant_dllm_dream"},
+    "llada": {"model_preset": "llada_8b", "quant.abmp_ratio": 0.05, "eval.protocol": "quant_dllm_llada"},
+    "dream": {"model_preset": "dream_7b", "quant.abmp_ratio": 0.10, "eval.protocol": "quant_dllm_dream"},
 }
 
 
@@ -105,4 +105,5 @@ def model_config(arg=None, **settings):
 def paper_config(family: str, arg=None):
   """The Quant-dLLM paper run config of `family` ("llada" or "dream"), then the presets named in `arg`."""
   return model_config(arg, **{"dtype": "auto", "calib.source": "c4", "calib.nsamples": 128, "calib.seqlen": 4096,
-                              "quant.group_size": 128, **PAPER_SETTINGS[family]})
+                              "calib.seed_x": get_family(family).calib_seed, "quant.group_size": 128,
+                              **PAPER_SETTINGS[family]})

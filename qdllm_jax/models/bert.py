@@ -253,9 +253,17 @@ def _ignored(name: str) -> bool:
   return any(name == p + n for p in PREFIXES for n in _IGNORED)
 
 
+# all-MiniLM-L6-v2's config.json (BertModel: no MLM head) with its tokenizer's [MASK] id, for plans without weights
+MINILM_L6 = {
+    "model_type": "bert", "architectures": ["BertModel"], "hidden_size": 384, "intermediate_size": 1536,
+    "num_hidden_layers": 6, "num_attention_heads": 12, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 512, "position_embedding_type": "absolute", "type_vocab_size": 2,
+    "vocab_size": 30522, "pad_token_id": 0, "mask_token_id": 103, "torch_dtype": "float32"}
+
 FAMILY = Family(
     name="bert", model_types=("bert",), parse_config=_bert_config, top_names=top_names, block_names=block_names,
     param_shapes=param_shapes, param_axes=PARAM_AXES, linear_groups=LINEAR_GROUPS, upstream=UPSTREAM,
     embed_keys=("embed", "pos_embed", "type_embed", "embed_norm", "embed_norm_bias"), embed=embed,
     block_context=block_context, block_forward=block_forward, head=head, forward=forward, calib_seed=0,
-    norm_kind="ln_post", refine=_refine, ignored_tensor=_ignored, scale_folds=SCALE_FOLDS)
+    norm_kind="ln_post", refine=_refine, ignored_tensor=_ignored, scale_folds=SCALE_FOLDS,
+    presets={"minilm_l6": _bert_config(MINILM_L6, "bert.MINILM_L6")})

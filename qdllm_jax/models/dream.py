@@ -51,14 +51,14 @@ def _dream_config(d: Mapping[str, Any], path: str) -> ModelConfig:
       positions_skip_padding=True, raw=freeze(dict(d)))
 
 
-# seed_x 100: the released Dream calibration script's default
-FAMILY = decoder_family("dream", ("Dream", "dream"), _dream_config, TOP_NAMES, BLOCK_NAMES, BLOCK_PREFIX,
-                        calib_seed=100)
-
-
 def dream_hf_config(base: dict = DREAM_7B, **overrides) -> dict:
   return dict(base, **overrides)
 
 
 def dream_config(base: dict = DREAM_7B, **overrides) -> ModelConfig:
   return _dream_config(dream_hf_config(base, **overrides), "config.json")
+
+
+# seed_x 100: the released Dream calibration script's default
+FAMILY = decoder_family("dream", ("Dream", "dream"), _dream_config, TOP_NAMES, BLOCK_NAMES, BLOCK_PREFIX,
+                        calib_seed=100, presets={"dream_7b": dream_config(DREAM_7B)})

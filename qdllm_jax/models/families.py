@@ -11,13 +11,16 @@ from typing import Any, Mapping
 
 import jax
 
-from qdllm_jax.errors import CheckpointError
+from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.models import bert, dream, llada
 from qdllm_jax.models.family import Family
 from qdllm_jax.models.model_config import ModelConfig
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llada.FAMILY, dream.FAMILY, bert.FAMILY)}
 _BY_MODEL_TYPE = {mt: f for f in FAMILIES.values() for mt in f.model_types}
+# {preset name: ModelConfig} over every family (`Family.presets`); a name is declared once
+PRESETS: dict[str, ModelConfig] = {n: c for f in FAMILIES.values() for n, c in f.presets.items()}
+assert len(PRESETS) == sum(len(f.presets) for f in FAMILIES.values()), "a preset name is declared twice"
 
 
 def get_family(arch: str) -> Family:
@@ -26,6 +29,14 @@ def get_family(arch: str) -> Family:
   if fam is None:
     raise CheckpointError(f"unknown arch {arch!r}; expected one of {tuple(FAMILIES)}")
   return fam
+
+
+def preset(name: str) -> ModelConfig:
+  """The ModelConfig of the preset `name` (`config.model_preset`); ConfigError naming the known presets."""
+  if name not in PRESETS:
+    raise ConfigError(f"config.model_preset={name!r}: expected one of {tuple(PRESETS)} (models/families.py: "
+                      "each family's presets), or '' with a model_path")
+  return PRESETS[name]
 
 
 def family_of(cfg: ModelConfig) -> Family:

@@ -47,6 +47,8 @@ class Family:
       "ln_post" (post-LN blocks with LayerNorm biases).
     refine: (cfg, set of tensor names, directory) -> cfg, run by the loader on a checkpoint directory.
     ignored_tensor: name -> True for tensors a checkpoint may hold that are not params (accepted, unread).
+    presets: {preset name: ModelConfig}: architectures planned without weights (`config.model_preset`, --dry_run);
+      names are unique across the registry (models/families.py `preset`).
     scale_folds: {tap: the op whose output is that tap, or None}: where a per-input-channel scale s of the tap's
       linear group (AWQ, arXiv 2306.00978 §3.2) folds exactly, W <- W diag(s) with the op's output divided by s:
       a norm weight [D] (pre-norm decoders: the tap is the norm's output and nothing else reads it) or a
@@ -74,6 +76,7 @@ class Family:
   norm_kind: str = "rms_pre"
   refine: Callable = _identity_refine
   ignored_tensor: Callable = _no_ignored
+  presets: Mapping = dataclasses.field(default_factory=dict)
   scale_folds: Mapping = dataclasses.field(default_factory=dict)
 
   @property

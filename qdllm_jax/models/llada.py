@@ -86,7 +86,7 @@ DECODER_SCALE_FOLDS = {"qkv": "attn_norm", "o": "v", "gate_up": "ff_norm", "down
 
 
 def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table: dict, prefix: str,
-                   calib_seed: int) -> Family:
+                   calib_seed: int, presets: dict) -> Family:
   """A Family on the shared pre-norm decoder (transformer.py) with its own names and config parser."""
   return Family(
       name=name, model_types=model_types, parse_config=parse_config, top_names=decoder_top_names(top),
@@ -95,11 +95,7 @@ def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table
       linear_groups=transformer.LINEAR_GROUPS, upstream=transformer.UPSTREAM, embed_keys=("embed",),
       embed=transformer.embed, block_context=transformer.block_context, block_forward=transformer.block_forward_ctx,
       head=transformer.head, forward=transformer.forward, calib_seed=calib_seed, norm_kind="rms_pre",
-      scale_folds=DECODER_SCALE_FOLDS)
-
-
-# seed_x 0: the released LLaDA calibration script's default
-FAMILY = decoder_family("llada", ("llada",), _llada_config, TOP_NAMES, BLOCK_NAMES, BLOCK_PREFIX, calib_seed=0)
+      scale_folds=DECODER_SCALE_FOLDS, presets=presets)
 
 
 def llada_hf_config(base: dict = LLADA_8B, **overrides) -> dict:
@@ -108,3 +104,14 @@ def llada_hf_config(base: dict = LLADA_8B, **overrides) -> dict:
 
 def llada_config(base: dict = LLADA_8B, **overrides) -> ModelConfig:
   return _llada_config(llada_hf_config(base, **overrides), "config.json")
+
+
+PRESETS = {
+    "llada_8b": llada_config(LLADA_8B),
+    # the shipped tiny LLaDA (scripts/make_tiny_model.py's architecture with the shipped tokenizer's ids)
+    "tiny_llada": llada_config(LLADA_8B, d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=1024,
+                               max_sequence_length=256, vocab_size=2048, embedding_size=2048, mask_token_id=2,
+                               eos_token_id=0, pad_token_id=0, bos_token_id=1, torch_dtype="float32")}
+# seed_x 0: the released LLaDA calibration script's default
+FAMILY = decoder_family("llada", ("llada",), _llada_config, TOP_NAMES, BLOCK_NAMES, BLOCK_PREFIX, calib_seed=0,
+                        presets=PRESETS)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from qdllm_jax import launch, plan_timing, sharding
+from qdllm_jax import hardware, launch, plan_timing, sharding
 from qdllm_jax import plan as plan_lib
 from qdllm_jax.models import bert, families, hf_checkpoint
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
@@ -123,7 +123,7 @@ def test_a_measured_figure_table_entry_gives_durations_counted_by_hand(monkeypat
   calibration 800-1600 s over its data axis of 4 (chunks)."""
   from qdllm_jax import config_check as config_lib
   spec = _spec("llada8b.py", ("plan.hardware", "tpu_v5e_8"), ("calib.chunk_size", "2"))
-  cfg = plan_lib.model_preset_config("llada_8b")
+  cfg = families.preset("llada_8b")
   rules_plan = config_lib.check_model(spec, cfg)
   factors, solves = plan_timing.workload(cfg, rules_plan)
   assert factors == {"inverse": {4096: 3 * 32, 12288: 32}} and sorted(solves.values()) == [32, 64, 128]
@@ -131,7 +131,7 @@ def test_a_measured_figure_table_entry_gives_durations_counted_by_hand(monkeypat
                                 solve={key: ((key[4] * key[5]) / 4096 ** 2,) * 2 for key in solves},
                                 calibration=(800.0, 1600.0), source="test figure")
   monkeypatch.setitem(plan_timing.MEASURED, "tpu_v5e_8", fig)
-  hw_name, hw = plan_lib.get_hardware(spec)
+  hw_name, hw = hardware.get_hardware(spec)
   rp = plan_lib.make_plan(spec, cfg, rules_plan, itemsize=2, hw_name=hw_name, hw=hw)
   assert rp.mesh == {"data": 4, "model": 2}
   assert rp.estimate_s["solvers"] == pytest.approx((688.0, 688.0))
@@ -147,7 +147,7 @@ def test_local_plan_solver_estimate_is_within_3x_of_the_measured_solves():
   from qdllm_jax import config_check as config_lib
   from qdllm_jax.models import transformer as tr
   spec = _spec("tiny.py:gptq_w3")
-  cfg = plan_lib.model_preset_config("tiny_llada")
+  cfg = families.preset("tiny_llada")
   rules_plan = config_lib.check_model(spec, cfg)
   factors, solves = plan_timing.workload(cfg, rules_plan)
   times = plan_timing.measure({k: set(v) for k, v in factors.items()}, set(solves))
