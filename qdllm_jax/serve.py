@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from qdllm_jax import batcher as batcher_lib
 from qdllm_jax import engine as engine_lib
 from qdllm_jax import serve_api
-from qdllm_jax.cli import split_overrides
+from qdllm_jax.cli import setup_logging, split_overrides
 from qdllm_jax.errors import ConfigError, QdllmError
 from qdllm_jax.generate import build_parser, prepare
 
@@ -128,15 +128,20 @@ def _not_found(path: str) -> serve_api.BadRequest:
                               "/v1/chat/completions, GET /health, GET /v1/models", None, "not_found")
 
 
-def make_server(engine, settings, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-                max_n: int = 8, batch_wait_s: float = 0.02, model_name: str | None = None) -> ThreadingHTTPServer:
-  """A ThreadingHTTPServer (not yet serving: call serve_forever) for `engine` with default sampler `settings`.
+def bind(host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+  """A ThreadingHTTPServer bound and listening on host:port (0 = a free port), with nothing attached yet.
 
-  port 0 binds a free port (server.server_address[1]). Close with server.shutdown(); server.batcher.close()."""
-  if max_batch < 1 or max_n < 1:
-    raise ConfigError(f"batch_size={max_batch}, max_n={max_n}: both must be >= 1")
+  OSError when the address is busy or not available: main binds before loading the model, so that this is
+  reported at once, not after minutes of loading an 8B checkpoint (connections made while the model loads wait in
+  the listen backlog)."""
   srv = ThreadingHTTPServer((host, port), Handler)
   srv.daemon_threads = True
+  return srv
+
+
+def attach(srv: ThreadingHTTPServer, engine, settings, *, max_batch: int = 8, max_n: int = 8,
+           batch_wait_s: float = 0.02, model_name: str | None = None) -> ThreadingHTTPServer:
+  """Give a bound server its engine, default sampler settings, name and batcher (starts the batcher's worker)."""
   srv.engine, srv.settings, srv.max_n = engine, settings, max_n
   path = os.path.normpath(os.path.abspath(engine.path))
   if os.path.basename(path) == "checkpoint":  # the launch's WORKDIR/checkpoint: name it by the workdir
@@ -144,6 +149,21 @@ def make_server(engine, settings, *, host: str = "127.0.0.1", port: int = 8000, 
   srv.model_name = model_name or os.path.basename(path)
   srv.batcher = batcher_lib.Batcher(engine, max_batch, batch_wait_s)
   return srv
+
+
+def _check_sizes(max_batch: int, max_n: int) -> None:
+  if max_batch < 1 or max_n < 1:
+    raise ConfigError(f"batch_size={max_batch}, max_n={max_n}: both must be >= 1")
+
+
+def make_server(engine, settings, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+                max_n: int = 8, batch_wait_s: float = 0.02, model_name: str | None = None) -> ThreadingHTTPServer:
+  """A ThreadingHTTPServer (not yet serving: call serve_forever) for `engine` with default sampler `settings`.
+
+  port 0 binds a free port (server.server_address[1]). Close with server.shutdown(); server.batcher.close()."""
+  _check_sizes(max_batch, max_n)
+  return attach(bind(host, port), engine, settings, max_batch=max_batch, max_n=max_n, batch_wait_s=batch_wait_s,
+                model_name=model_name)
 
 
 def _is_loopback(host: str) -> bool:
@@ -154,28 +174,36 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv=None) -> int:
-  """Run the server until interrupted; returns the exit status (2 on a user error)."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+  """Run the server until interrupted; returns the exit status (2 on a user error or a busy address)."""
+  setup_logging("INFO")  # the qdllm_jax log (startup, access lines) at INFO; Orbax / absl stay at WARNING
   ap = build_parser(PROG, __doc__)
   ap.add_argument("--host", default="127.0.0.1")
   ap.add_argument("--port", type=int, default=8000)
   ap.add_argument("--max_n", type=int, default=8)
   ap.add_argument("--batch_wait_ms", type=float, default=20.0)
   ap.add_argument("--model_name", default=None)
+  srv = None
   try:
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     overrides = split_overrides(rest, "--sampler.", PROG)
     _, _, tok, settings = prepare(args, overrides)
+    _check_sizes(args.batch_size, args.max_n)
+    try:
+      srv = bind(args.host, args.port)
+    except OSError as e:
+      print(f"error: cannot bind {args.host}:{args.port} ({e.strerror}); choose another --port (or --host)",
+            file=sys.stderr)
+      return 2
     if not _is_loopback(args.host):
       log.warning("binding %s: the endpoint is reachable from other machines and has no authentication", args.host)
+    log.info("bound http://%s:%d; loading %s", *srv.server_address[:2], args.model)
     eng = engine_lib.load_engine(args.model, dequantize=args.dequantize, tokenizer=tok, verify=not args.no_verify)
-    srv = make_server(eng, settings, host=args.host, port=args.port, max_batch=args.batch_size, max_n=args.max_n,
-                      batch_wait_s=args.batch_wait_ms / 1000, model_name=args.model_name)
+    attach(srv, eng, settings, max_batch=args.batch_size, max_n=args.max_n, batch_wait_s=args.batch_wait_ms / 1000,
+           model_name=args.model_name)
   except QdllmError as e:
+    if srv is not None:
+      srv.server_close()
     print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: cannot bind {args.host}:{args.port} ({e.strerror}); choose another --port", file=sys.stderr)
     return 2
   log.info("serving %s on http://%s:%d (%s)", srv.model_name, *srv.server_address[:2], eng.kernel_path)
   try:

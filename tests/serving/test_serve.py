@@ -3,6 +3,7 @@ sampler on load_quantized answers them, n / seed / chat, and >= 10 kinds of bad 
 error while the server keeps serving."""
 import http.client
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -153,3 +154,16 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_stays_up(server, q_dir,
   assert status == 200
   want = direct(q_dir, [tok(p)["input_ids"] for p in prompts])
   assert [c["text"] for c in r["choices"]] == [text_of(tok, w) for w in want]
+
+
+def test_busy_port_is_reported_before_the_model_loads(q_dir, monkeypatch, capsys):
+  """serve binds before load_engine: a busy port exits 2 at once, and the weights are never read."""
+  def no_load(*a, **k):
+    raise AssertionError("load_engine ran although the port is busy")
+  monkeypatch.setattr(serve.engine_lib, "load_engine", no_load)
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    assert serve.main(["--model", q_dir, "--port", str(port)]) == 2
+  assert f"cannot bind 127.0.0.1:{port}" in capsys.readouterr().err
