@@ -12,11 +12,13 @@ read, or reported as a CheckpointError when reading them fails.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import resource
 import sys
+import threading
 import time
 
 import jax
@@ -30,6 +32,32 @@ from qdllm_jax.quant.packed import QuantizedWeight
 from qdllm_jax.sampling import settings as settings_lib
 
 _STOP_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
+# JAX's compile-time events (jax/_src/dispatch.py): tracing to a jaxpr, lowering to MLIR, the backend compile (or a
+# persistent-cache read). Nested jits record their own spans inside the outer one, hence the union below.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+@contextlib.contextmanager
+def compile_timer():
+  """Yields a list that, on exit, holds one float: seconds this thread spent tracing and compiling inside the
+  block (the union of JAX's compile-event spans; 0.0 when every shape was already compiled)."""
+  owner, spans, out = threading.get_ident(), [], []
+
+  def listener(event, start, end, **_):
+    if event in COMPILE_EVENTS and threading.get_ident() == owner:
+      spans.append((start, end))
+  jax.monitoring.register_event_time_span_listener(listener)
+  try:
+    yield out
+  finally:
+    jax.monitoring.unregister_event_time_span_listener(listener)
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(spans):
+      if b > reach:
+        total += b - max(a, reach)
+        reach = b
+    out.append(total)
 
 
 def inspect_model_dir(path: str):
@@ -141,7 +169,9 @@ class Engine:
         with key fold_in(key(seed), 0)).
     Returns:
       ([int32 [gen_length] generated ids per prompt], stats dict: rows, tokens (rows * gen_length), steps
-      (denoising steps run), seconds, tokens_per_s, peak_device_bytes, peak_host_bytes, kernel_path).
+      (denoising steps run), seconds (wall, compilation included), compile_seconds (tracing + compiling in it),
+      tokens_per_s (tokens / (seconds - compile_seconds): the decode speed), peak_device_bytes,
+      peak_host_bytes, kernel_path).
     """
     if batch_size < 1:
       raise ConfigError(f"batch_size={batch_size}: expected a positive integer")
@@ -149,18 +179,21 @@ class Engine:
       check_context(len(ids), s, self.config)
     root = jax.random.key(seed)
     outs, steps, t0 = [], 0, time.perf_counter()
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-      ids, mask = self.pad_batch(prompts[start:start + batch_size])
-      x = settings_lib.run_sampler(self.model, ids, s, key=jax.random.fold_in(root, b), attention_mask=mask)
-      x = np.asarray(jax.block_until_ready(x))
-      outs.extend(x[:, ids.shape[1]:])
-      steps += s.steps
+    with compile_timer() as compile_s:
+      for b, start in enumerate(range(0, len(prompts), batch_size)):
+        ids, mask = self.pad_batch(prompts[start:start + batch_size])
+        x = settings_lib.run_sampler(self.model, ids, s, key=jax.random.fold_in(root, b), attention_mask=mask)
+        x = np.asarray(jax.block_until_ready(x))
+        outs.extend(x[:, ids.shape[1]:])
+        steps += s.steps
     seconds = time.perf_counter() - t0
+    compile_seconds = min(compile_s[0], seconds)
     dev, host = memory_peaks()
     tokens = len(prompts) * s.gen_length
+    decode = seconds - compile_seconds
     return outs, dict(rows=len(prompts), tokens=tokens, steps=steps, seconds=seconds,
-                      tokens_per_s=tokens / seconds if seconds > 0 else float("inf"), peak_device_bytes=dev,
-                      peak_host_bytes=host, kernel_path=self.kernel_path)
+                      compile_seconds=compile_seconds, tokens_per_s=tokens / decode if decode > 0 else float("inf"),
+                      peak_device_bytes=dev, peak_host_bytes=host, kernel_path=self.kernel_path)
 
   def pad_batch(self, rows: list[list[int]]):
     """(int32 [B, P] left-padded ids, int32 [B, P] attention mask or None when all rows have length P)."""
@@ -176,9 +209,11 @@ class Engine:
 
 
 def summary_line(stats: dict) -> str:
-  """One line: tokens, denoising steps, seconds, tokens/s, peak device and host memory, kernel path."""
+  """One line: tokens, denoising steps, seconds (and the compilation in them), decode tokens/s (compilation
+  excluded), peak device and host memory, kernel path."""
   return (f"[summary] rows {stats['rows']}  tokens {stats['tokens']}  denoising steps {stats['steps']}  "
-          f"seconds {stats['seconds']:.2f}  tokens/s {stats['tokens_per_s']:.1f}  peak device memory "
+          f"seconds {stats['seconds']:.2f} (compile {stats['compile_seconds']:.2f})  tokens/s "
+          f"{stats['tokens_per_s']:.1f} (excl. compile)  peak device memory "
           f"{_gib(stats['peak_device_bytes'])}  peak host memory {_gib(stats['peak_host_bytes'])}  "
           f"kernel path: {stats['kernel_path']}")
 
