@@ -5,7 +5,11 @@ A job is a list of prompt rows with sampler settings and a seed. Jobs whose sett
 unpadded row the same tokens whatever the other rows are, so they are merged, up to `max_batch` rows, with the
 jobs queued behind them that have equal settings and prompt length (waiting at most `wait_s` for more). A job
 whose settings draw noise runs alone with its own seed: the rows of a batch share random numbers, and a seeded
-request must get the same answer whatever else the server is doing.
+request must get the same answer whatever else the server is doing. Wider merging was weighed and not done: the
+samplers take one key per batch (per-row keys would change every sampler and their reference equality), and a
+left-padded row is not provably the same as its own run (LLaDA's positions ignore the padding; for any family the
+extra masked keys change the order of floating-point reductions). The rule is documented in serve --help and
+docs/generate.md.
 """
 from __future__ import annotations
 

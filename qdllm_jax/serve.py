@@ -7,8 +7,18 @@ r"""An OpenAI-style HTTP endpoint for a quantized checkpoint (packed weights) or
 
 Routes: POST /v1/completions, POST /v1/chat/completions (non-streaming; fields in serve_api.py: prompt or
 messages, max_tokens, temperature, n, seed, model, user), GET /health, GET /v1/models. Requests are decoded by one
-worker that merges compatible requests into batches of up to --batch_size rows (batcher.py). A bad request gets
-a 4xx JSON error {"error": {"message", "type", "param", "code"}} and the server keeps serving.
+worker thread. A bad request gets a 4xx JSON error {"error": {"message", "type", "param", "code"}} and the server
+keeps serving.
+
+Batching (batcher.py): requests share a batch (up to --batch_size rows, waiting up to --batch_wait_ms) ONLY when
+their settings draw no random numbers (LLaDA: temperature 0 and remasking low_confidence; Dream: temperature 0,
+alg_temp 0 and a confidence alg, i.e. not Dream's default alg=origin) AND their prompts have the same number of
+tokens. Every other request runs alone (its n choices are one batch). Reasons: the samplers draw one noise tensor
+per batch from one key, so a row's random numbers would depend on what else is in the batch and a seeded request
+would not be reproducible; and a left-padded row does not give the tokens of its own run (LLaDA numbers positions
+0..T-1 whatever the padding, as its reference does, and extra masked keys change the floating-point reductions),
+so rows of different prompt lengths are not merged. Throughput under load is therefore highest for greedy
+requests of equal length; a sampled or ragged workload is decoded one request at a time.
 Flags: those of `python -m qdllm_jax.generate` (--model, --chat_template, --batch_size, --dequantize, --no_verify,
 --sampler.KEY=VALUE) plus --host (default 127.0.0.1: loopback only), --port (default 8000; 0 = a free one),
 --max_n (default 8), --batch_wait_ms (default 20), --model_name (default the directory's name; the workdir's
