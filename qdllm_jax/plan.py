@@ -9,8 +9,9 @@ H heads, V vocabulary, b the param dtype's bytes, n_d / n_m the mesh's data / mo
             + the largest Hessian and its factors 4 c^2 x 4 + the solver's f32 copies 6 r c x 4
             + one chunk's forward on ceil(chunk / n_d) sequences (every chunk is split over the data axis):
               taps (3D + Hd + 2F) L x 4 and the attention scores H L^2 (4 + b)
-            evaluation: the params sharded by sharding.LOGICAL_RULES + logits B T V x 4 and attention
-              B H T^2 x 4 of one batch, split over the data axis
+            evaluation: the params sharded by the family's param_axes and sharding.LOGICAL_RULES + logits
+              B T V x 4 (an encoder without a head: hidden states B T D x 4) and attention B H T^2 x 4 of
+              the protocol's largest batch (`eval_batch`), split over the data axis
 A plan fits when every device needs at most 90 % of its memory and the host at most 90 % of its RAM.
 Duration (plan_timing.py): on this backend the real kernels are timed (factorisation per Hessian width, the
 solvers, one calibration block forward) and scaled to the run: a range, fastest to slowest of 3 runs. For a
@@ -24,6 +25,7 @@ import re
 
 from qdllm_jax import config_check as config_lib
 from qdllm_jax import plan_timing, sharding
+from qdllm_jax.eval import protocols
 from qdllm_jax.hardware import GiB, Hardware, get_hardware
 from qdllm_jax.models import families, open_checkpoint
 from qdllm_jax.quant import methods
@@ -88,11 +90,18 @@ def choose_mesh(spec, hw: Hardware, need_fn) -> dict:
   return {a: (options[-1] if a == "model" else n // options[-1]) for a in axes}
 
 
-def _eval_batch(protocol_name: str, arch: str) -> tuple[int, int]:
-  """(rows B, tokens T) of one evaluation forward, for the memory estimate."""
-  if protocol_name.startswith("tiny"):
+def eval_batch(protocol_name: str) -> tuple[int, int]:
+  """(rows B, tokens T) of the protocol's largest evaluation forward, for the memory estimate: an encoder's
+  fidelity batch of sentences; the shipped tasks' 256 rows of 128 tokens; else the largest likelihood MC batch of
+  few-shot prompts (about 1k tokens). (0, 0) without a protocol (nothing is evaluated)."""
+  if not protocol_name:
+    return 0, 0
+  proto = protocols.get_protocol(protocol_name)
+  if proto.fidelity is not None:
+    return proto.fidelity.batch, proto.fidelity.max_tokens
+  if proto.data == "shipped":
     return 256, 128
-  return (8 if arch == "llada" else 32), 1024  # likelihood batches of few-shot prompts (about 1k tokens)
+  return max((t.mc_batch for t in proto.likelihood), default=1), 1024
 
 
 @dataclasses.dataclass
@@ -185,7 +194,8 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
   ckpt = q_bytes + fp_lin_bytes + top_bytes + other_blk
   act = n * seq * d * itemsize
   max_c, max_rc = max(s[1] for s in lin.values()), max(math.prod(s) for s in lin.values())
-  eval_b, eval_t = _eval_batch(spec.eval.protocol, cfg.arch)
+  eval_b, eval_t = eval_batch(spec.eval.protocol)
+  out_width = cfg.vocab_size if cfg.has_head else d  # logits, or an encoder's hidden states
   fp_total = families.num_params(cfg) * itemsize
 
   def calib_device(axes, on_device):
@@ -201,8 +211,8 @@ def make_plan(spec, cfg, rules_plan, *, itemsize: int, hw_name: str, hw: Hardwar
   def eval_device(axes, params_bytes):
     nd = axes.get("data", 1)
     rows = -(-eval_b // nd)
-    vocab_split = axes.get("model", 1) if cfg.vocab_size % axes.get("model", 1) == 0 else 1
-    return params_bytes + rows * eval_t * (cfg.vocab_size * 4 // vocab_split + h * eval_t * 4)
+    vocab_split = axes.get("model", 1) if cfg.has_head and cfg.vocab_size % axes.get("model", 1) == 0 else 1
+    return params_bytes + rows * eval_t * (out_width * 4 // vocab_split + h * eval_t * 4)
 
   def need(axes):  # what the model axis decides: the FP evaluation (calibration does not depend on it)
     fp = spec.eval.protocol and spec.eval.fp

@@ -108,6 +108,11 @@ def test_dry_run_minilm_plans_the_bert_shapes(monkeypatch, capsys, tmp_path):
   assert f"{(embeddings + n_layers * block) / 1e9:.3f} B params" in out  # 0.023 B
   assert "bert, 6 blocks, d_model 384, mlp 1536" in out and "36 of 36 block linears quantized" in out
   assert "encoder.layer.*.intermediate.dense -> quant_dllm w2 g128" in out and "\nFITS" in out
+  _, rp = plan_lib.dry_run(_spec("minilm.py", ("plan.hardware", "tpu_v5e_8")))
+  assert rp.mesh == {"data": 8, "model": 1}
+  # FP eval: float32 params (replicated) + the fidelity batch (64 sentences x 64 tokens over 8 data shards) of
+  # hidden states [B, T, D] (no MLM head) and attention scores [B, H, T, T], float32
+  assert rp.device["evaluation, FP model"] == 4 * (embeddings + n_layers * block) + 8 * 64 * (d * 4 + 12 * 64 * 4)
 
 
 def _spec(config, *overrides):
