@@ -29,9 +29,9 @@ Flags:
   --sampler.KEY=VALUE   sampler settings, typed like the family's defaults (qdllm_jax/sampling/settings.py):
                         LLaDA gen_length steps block_length temperature cfg_scale remasking;
                         Dream gen_length steps temperature top_p top_k alg alg_temp eps
-The completions go to stdout (or --output); one summary line (tokens, denoising steps, seconds, tokens/s, peak
-device and host memory, kernel path) goes to stderr. Exit status 0, or 2 on a user error (the message names the
-fix).
+The completions go to stdout (or --output); one summary line (tokens, denoising steps, seconds with the compile
+time in them, tokens/s excluding compilation, peak device and host memory, kernel path) goes to stderr. Exit
+status 0, or 2 on a user error (the message names the fix).
 """
 from __future__ import annotations
 
