@@ -35,18 +35,16 @@ from qdllm_jax import cli, config_schema, fileio, run_configs, sharding
 from qdllm_jax import config_check as config_lib
 from qdllm_jax import report as report_lib
 from qdllm_jax import workdir as workdir_lib
-from qdllm_jax.baselines import awq, duquant, quarot, smoothquant, weight_activation
+from qdllm_jax.baselines.study_registry import REGISTRY, get_study_method
 from qdllm_jax.calib.calibration import calibration
 from qdllm_jax.errors import ConfigError, QdllmError
 from qdllm_jax.eval import paired, protocols, run_eval
 from qdllm_jax.key_tree import purpose_key
 from qdllm_jax.models import families, hf_checkpoint, hf_tokenizer
-from qdllm_jax.quant import pipeline, rules
 
 log = logging.getLogger("qdllm_jax.study")
 
-METHODS = {  # method: quantizes activations too (weight-activation)?
-    "fp": False, "rtn": False, "gptq": False, "awq": False, "smoothquant": True, "quarot": True, "duquant": True}
+FP = "fp"  # the full-precision reference row (every other row is a registered method: baselines/study_registry.py)
 _ENTRY = re.compile(r"^(?P<m>[a-z]+)(?::w(?P<w>\d+)a(?P<a>\d+))?$")
 
 
@@ -59,25 +57,26 @@ class Entry:
 
   @property
   def slug(self) -> str:
-    return "fp" if self.method == "fp" else f"{self.method}_w{self.w_bits}a{self.a_bits}"
+    return FP if self.method == FP else f"{self.method}_w{self.w_bits}a{self.a_bits}"
 
   @property
   def setting(self) -> str:
-    return "FP" if self.method == "fp" else f"W{self.w_bits}A{self.a_bits}"
+    return "FP" if self.method == FP else f"W{self.w_bits}A{self.a_bits}"
 
 
 def parse_entry(text: str) -> Entry:
   """'gptq:w4a16' -> Entry('gptq', 4, 16); 'fp' -> Entry('fp'). Raises ConfigError naming the fix."""
   m = _ENTRY.match(str(text).strip().lower())
-  if not m or m["m"] not in METHODS or (m["m"] == "fp") != (m["w"] is None):
-    raise ConfigError(f"study entry {text!r}: expected 'fp' or '<method>:w<bits>a<bits>' with method one of "
-                      f"{sorted(set(METHODS) - {'fp'})}, e.g. 'gptq:w4a16' or 'duquant:w4a4'")
-  if m["m"] == "fp":
-    return Entry("fp")
+  if not m or (m["m"] != FP and m["m"] not in REGISTRY) or (m["m"] == FP) != (m["w"] is None):
+    raise ConfigError(f"study entry {text!r}: expected '{FP}' or '<method>:w<bits>a<bits>' with method one of "
+                      f"{sorted(REGISTRY)}, e.g. 'gptq:w4a16' or 'duquant:w4a4'")
+  if m["m"] == FP:
+    return Entry(FP)
   e = Entry(m["m"], int(m["w"]), int(m["a"]))
-  wa = METHODS[e.method]
-  if not 2 <= e.w_bits <= 8 or e.a_bits not in range(2, 17) or (not wa and e.a_bits != 16) or (wa and e.a_bits == 16
-                                                                                            and e.method != "quarot"):
+  spec = REGISTRY[e.method]
+  wa = spec.weight_activation
+  if not 2 <= e.w_bits <= 8 or e.a_bits not in range(2, 17) or (not wa and e.a_bits != 16) or (
+      wa and e.a_bits == 16 and not spec.allows_a16):
     raise ConfigError(f"study entry {text!r}: weight bits must be 2..8; {e.method} is "
                       + ("weight-activation: activation bits 2..16" if wa else "weight-only: use a16"))
   return e
@@ -114,50 +113,28 @@ def validate(c: mlc.ConfigDict, workdir: str | None = None) -> tuple[dict, list[
   entries = [parse_entry(e) for e in d["entries"]]
   if len({e.slug for e in entries}) != len(entries):
     raise ConfigError(f"config.entries repeats an entry: {d['entries']}")
-  if not any(e.method == "fp" for e in entries):
-    raise ConfigError("config.entries needs 'fp': relative drops are computed against the FP model")
-  if d["quarot"]["w_method"] not in ("gptq", "rtn"):
-    raise ConfigError(f"config.quarot.w_method={d['quarot']['w_method']!r}; expected 'gptq' or 'rtn'")
+  if not any(e.method == FP for e in entries):
+    raise ConfigError(f"config.entries needs '{FP}': relative drops are computed against the FP model")
   if d["dtype"] not in ("float32", "bfloat16"):
     raise ConfigError(f"config.dtype={d['dtype']!r}; expected 'float32' or 'bfloat16'")
-  dq = d["duquant"]
-  if not (0 < dq["a_clip"] <= 1 and 0 < dq["w_clip"] <= 1):
-    raise ConfigError(f"config.duquant clip ratios a_clip={dq['a_clip']}, w_clip={dq['w_clip']} must be in (0, 1]")
+  for spec in REGISTRY.values():  # every method's own section, whether or not an entry uses it
+    why = spec.check(d)
+    if why:
+      raise ConfigError(why)
   return d, entries
 
 
 def build(entry: Entry, model, ids: np.ndarray, d: dict, key):
-  """The Model of one entry from the FP model and plain calibration windows ids int32 [N, L]."""
-  params, cfg, wo, w = model.params, model.config, d["weight_only"], entry.w_bits
-  if entry.method == "fp":
+  """The Model of one entry from the FP model and plain calibration windows ids int32 [N, L] (the registered
+  method's build; the FP row is the model itself)."""
+  if entry.method == FP:
     return model
-  if entry.method == "rtn":
-    qp = weight_activation.fake_quant_weights(params, w, group_size=wo["group_size"], sym=wo["sym"])
-    return weight_activation.make_model(qp, cfg)
-  if entry.method == "gptq":  # the packed streaming pipeline; calibration unmasked, as the study
-    plan = rules.default_rules("gptq", w, wo["group_size"], sym=wo["sym"], percdamp=wo["percdamp"])
-    qparams, _ = pipeline.quantize_model((params, cfg), ids, plan)
-    return model.replace_params(qparams)
-  if entry.method == "awq":
-    qp = awq.awq(params, cfg, ids, w_bits=w, group_size=wo["group_size"], **d["awq"])[0]
-    return weight_activation.make_model(qp, cfg)
-  if entry.method == "smoothquant":
-    qp = smoothquant.smoothquant(params, cfg, ids, w_bits=w, alpha=d["smoothquant"]["alpha"])
-    return weight_activation.make_model(qp, cfg, entry.a_bits)
-  if entry.method == "quarot":
-    q = d["quarot"]
-    qp, rots, _ = quarot.quarot(params, cfg, key, w_bits=w, rotate_ov=q["rotate_ov"], online_down=q["online_down"],
-                                w_method=q["w_method"], calib_ids=ids)
-    return weight_activation.make_model(qp, cfg, entry.a_bits, a_sym=True, rots=rots)
-  dq = d["duquant"]
-  qp, rots = duquant.duquant(params, cfg, ids, key, w_bits=w, alpha=dq["alpha"], block_size=dq["block_size"],
-                             max_steps=dq["max_steps"], w_clip=dq["w_clip"])
-  return weight_activation.make_model(qp, cfg, entry.a_bits, a_clip=dq["a_clip"], rots=rots)
+  return get_study_method(entry.method).build(model, ids, entry.w_bits, entry.a_bits, d, key)
 
 
 def _fingerprint(entry: Entry, d: dict, model_digest: str) -> str:
-  """Hash of what determines one entry's result: the shared settings and that method's own section."""
-  own = [k for k in (entry.method, "weight_only" if entry.method in ("rtn", "gptq", "awq") else "") if k in d]
+  """Hash of what determines one entry's result: the shared settings and the method's own sections."""
+  own = () if entry.method == FP else get_study_method(entry.method).sections
   shared = {k: d[k] for k in ("dtype", "seed", "calib", "eval", *own)}
   blob = json.dumps([dataclasses.asdict(entry), shared, model_digest], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -188,7 +165,7 @@ def table(rows: list[dict]) -> str:
   """Markdown table: one row per entry, task columns, Avg (mean of the task columns), relative drop vs FP
   ((Avg - Avg_FP) / Avg_FP), the ELBO perplexity with its relative change, and the paired ELBO and choice-NLL
   changes against FP with their t (`_paired_cells`)."""
-  fp = next(r for r in rows if r["entry"]["method"] == "fp")
+  fp = next(r for r in rows if r["entry"]["method"] == FP)
   cols = task_columns(fp["metrics"])
   avg = lambda m: float(np.mean([m[c] for c in cols])) if cols else float("nan")  # noqa: E731
   head = ["Method", "Setting"] + [c.replace("mc_acc/", "MC ").replace("gen_em/", "EM ") for c in cols]
@@ -197,10 +174,10 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     m, e = r["metrics"], r["entry"]
     a, ppl = avg(m), m.get("elbo_ppl", float("nan"))
-    drop = "–" if e["method"] == "fp" else f"{100 * (a - avg(fp['metrics'])) / avg(fp['metrics']):+.1f}%"
+    drop = "–" if e["method"] == FP else f"{100 * (a - avg(fp['metrics'])) / avg(fp['metrics']):+.1f}%"
     fp_ppl = fp["metrics"]["elbo_ppl"]
-    dppl = "–" if e["method"] == "fp" else f"{100 * (ppl - fp_ppl) / fp_ppl:+.2f}%"
-    cells = [e["method"] if e["method"] != "fp" else "–", r["setting"]] + [f"{100 * m[c]:.1f}" for c in cols]
+    dppl = "–" if e["method"] == FP else f"{100 * (ppl - fp_ppl) / fp_ppl:+.2f}%"
+    cells = [e["method"] if e["method"] != FP else "–", r["setting"]] + [f"{100 * m[c]:.1f}" for c in cols]
     out.append("| " + " | ".join(cells + [f"{100 * a:.1f}", drop, f"{ppl:.1f}", dppl] + _paired_cells(fp, r)) + " |")
   return "\n".join(out)
 
@@ -210,7 +187,7 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fp = next(r for r in rows if r["entry"]["method"] == "fp")
+  fp = next(r for r in rows if r["entry"]["method"] == FP)
   cols = task_columns(fp["metrics"])
   base = np.mean([fp["metrics"][c] for c in cols])
   rs = [r for r in rows if r is not fp]
@@ -238,9 +215,8 @@ def run(c: mlc.ConfigDict, workdir: str | None = None) -> dict:
   tok = hf_tokenizer.load_tokenizer(d["model_path"])
   config_lib.check_tokenizer(tok, model.config, d["model_path"])
   digest = workdir_lib.model_identity(hf_checkpoint.open_checkpoint(d["model_path"]))
-  calib = config_schema.CalibSpec(source=d["calib"]["source"], text_field=d["calib"]["text_field"],
-                               nsamples=d["calib"]["nsamples"], seqlen=d["calib"]["seqlen"], mcs=False,
-                               prefix_ratio=0.25, timesteps_per_sample=1, seed_x=0, chunk_size=8, offload="device")
+  # the run schema's calibration defaults with the study's section over them: plain text (no MCS), on device
+  calib = dataclasses.replace(config_schema.CalibSpec(), **d["calib"], mcs=False, offload="device")
   eval_spec = config_schema.build(config_schema.ProtocolSpec, dict(d["eval"], protocol=proto.name))
   _, ids, cinfo = calibration(calib, d["seed"], tok, model.config)
   log.info("calibration: %d plain windows x %d tokens of %s", ids.shape[0], ids.shape[1], calib.source)

@@ -5,6 +5,9 @@
                per-token activation quantizers and optional per-tap online transforms)
   smoothquant: collect_act_absmax, smooth_scales, smooth_params, smoothquant
   awq:         pseudo_quantize, scale_search, fold_scales, clip_search, awq
-  quarot:      hadamard_matrix, rotation, fuse_norms, rotate_params, gptq_weights, quarot
+  quarot:      hadamard_matrix, rotation, fuse_norms, rotate_params, sequential_weights, data_free_weights, quarot
   duquant:     greedy_rotation, zigzag_permutation, duquant_transform, duquant
+  weight_only: the study's RTN and GPTQ entries (the package's weight methods)
+Each of awq, smoothquant, quarot, duquant and weight_only declares its study entry (`StudyMethod`,
+study_method.py); study_registry.py lists them for study.py.
 """

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.baselines import weight_activation
+from qdllm_jax.baselines.study_method import StudyMethod
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import layers, llada
 from qdllm_jax.models.act_fake_quant import ONLINE
@@ -300,6 +301,16 @@ def online_nbytes(params: dict) -> int:
                  for v in p.get(ONLINE, {}).values()))
 
 
-__all__ = ["SCALE_GROUPS", "scale_groups", "group_grid", "pseudo_quantize", "grid_scale", "scale_search",
-           "block_scale_search", "best_scale", "fold_scales", "clip_search", "apply_clip", "awq_block", "awq",
-           "pack_weight", "online_nbytes"]
+def _study_build(model, calib_ids, w_bits, a_bits, settings, key):
+  """The study's AWQ W{w_bits}A16 entry: groups from `weight_only`, the search settings from `awq`."""
+  del a_bits, key
+  qp = awq(model.params, model.config, calib_ids, w_bits=w_bits, group_size=settings["weight_only"]["group_size"],
+           **settings["awq"])[0]
+  return weight_activation.make_model(qp, model.config)
+
+
+STUDY_METHOD = StudyMethod(name="awq", weight_activation=False, sections=("awq", "weight_only"), build=_study_build)
+
+__all__ = ["STUDY_METHOD", "SCALE_GROUPS", "scale_groups", "group_grid", "pseudo_quantize", "grid_scale",
+           "scale_search", "block_scale_search", "best_scale", "fold_scales", "clip_search", "apply_clip", "awq_block",
+           "awq", "pack_weight", "online_nbytes"]

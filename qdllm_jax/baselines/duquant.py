@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.baselines import quarot, smoothquant, weight_activation
+from qdllm_jax.baselines.study_method import StudyMethod
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import layers, transformer
 
@@ -134,4 +135,23 @@ def duquant(params: dict, cfg, calib_ids, key, *, w_bits: int = 4, alpha: float 
   return dict(params, blocks=blocks), rots
 
 
-__all__ = ["greedy_rotation", "zigzag_permutation", "duquant_transform", "duquant"]
+def _study_check(settings: dict) -> str | None:
+  """The clip ratios of the study's `duquant` section lie in (0, 1]."""
+  dq = settings["duquant"]
+  if not (0 < dq["a_clip"] <= 1 and 0 < dq["w_clip"] <= 1):
+    return f"config.duquant clip ratios a_clip={dq['a_clip']}, w_clip={dq['w_clip']} must be in (0, 1]"
+  return None
+
+
+def _study_build(model, calib_ids, w_bits, a_bits, settings, key):
+  """The study's DuQuant W{w_bits}A{a_bits} entry (activations per token, clipped by a_clip)."""
+  dq = settings["duquant"]
+  qp, rots = duquant(model.params, model.config, calib_ids, key, w_bits=w_bits, alpha=dq["alpha"],
+                     block_size=dq["block_size"], max_steps=dq["max_steps"], w_clip=dq["w_clip"])
+  return weight_activation.make_model(qp, model.config, a_bits, a_clip=dq["a_clip"], rots=rots)
+
+
+STUDY_METHOD = StudyMethod(name="duquant", weight_activation=True, sections=("duquant",), build=_study_build,
+                           check=_study_check)
+
+__all__ = ["STUDY_METHOD", "greedy_rotation", "zigzag_permutation", "duquant_transform", "duquant"]

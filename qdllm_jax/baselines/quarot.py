@@ -10,7 +10,8 @@
    o <- o blockdiag(H_d) (columns).
 4. Online Hadamard before the down projection: act <- act R_F in the forward (`rots` = [{"down": R_F}] per
    block), W_down <- W_down R_F.
-Then RTN (or GPTQ, `w_method="gptq"`, as the study's code) per output channel, symmetric, on every block
+Then a registered weight method (quant/methods.py; `w_method`: RTN by default, GPTQ in the study's code; one
+that needs a Hessian runs block by block on calibration windows) per output channel, symmetric, on every block
 linear, and symmetric per-token activations in `weight_activation.forward_actquant(..., a_sym=True, rots=...)`.
 Hadamard orders: 2^k (Sylvester) times 1 or q+1 with q a prime = 3 mod 4 (Paley I), e.g. 12288 = 12 * 1024;
 other sizes fall back to a random orthogonal matrix (QR of a Gaussian), reported by `rotation`'s flag.
@@ -24,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.baselines import weight_activation
+from qdllm_jax.baselines.study_method import StudyMethod
 from qdllm_jax.errors import ConfigError, QuantizationError
 from qdllm_jax.models import act_fake_quant, layers, transformer
-from qdllm_jax.quant.api import quantize_weights_shared
+from qdllm_jax.quant import methods
+from qdllm_jax.quant.api import quantize_weight, quantize_weights_shared
 
 IN_SIDE = ("q", "k", "v", "gate", "up")
 OUT_SIDE = ("o", "down")
@@ -163,8 +166,22 @@ def _taps(p, x, cfg, rots):
   return transformer.block_forward(p, x, cfg, cos, sin, None, return_taps=True)
 
 
-def gptq_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, percdamp: float = 0.01) -> dict:
-  """QuaRot's weight path: sequential GPTQ, per output channel, symmetric, on the (rotated) FP model.
+def weight_methods() -> tuple[str, ...]:
+  """The registered weight methods (quant/methods.py) that can quantize QuaRot's rotated weights: symmetric
+  (a `sym` option) per output channel (group_size -1) at every width 2..8."""
+  return tuple(name for name, m in methods.REGISTRY.items()
+               if "sym" in m.options and all(m.check_shape(b, -1, None) is None for b in range(2, 9)))
+
+
+def _weight_options(spec, percdamp: float) -> dict:
+  """QuaRot's options of a weight method: symmetric, float32 scales, and the damping where it takes one."""
+  return {k: v for k, v in dict(sym=True, scale_dtype="float32", percdamp=percdamp).items() if k in spec.options}
+
+
+def sequential_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, method: str = "gptq",
+                       percdamp: float = 0.01) -> dict:
+  """QuaRot's calibrated weight path: a Hessian method (GPTQ), per output channel, symmetric, sequentially on the
+  (rotated) FP model.
 
   Block by block and group by group (q/k/v, o, gate/up, down), H = (2/N) sum_s X_s^T X_s from the block's
   inputs with the earlier groups already quantized (after the online transforms `rots`, a list of
@@ -175,6 +192,7 @@ def gptq_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, percdamp: f
   ids = jnp.asarray(calib_ids)
   if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise QuantizationError(f"calib_ids must be int [N, L]; got shape {ids.shape}, dtype {ids.dtype}.")
+  opts = _weight_options(methods.get_method(method), percdamp)
   x = transformer.embed(params, ids)
   n = ids.shape[0]
   blocks = []
@@ -184,8 +202,8 @@ def gptq_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, percdamp: f
     for tap, names in transformer.LINEAR_GROUPS.items():
       a = _taps(p, x, cfg, r)[1][tap].astype(jnp.float32)
       h = (2.0 / n) * jnp.einsum("btc,btd->cd", a, a, precision=jax.lax.Precision.HIGHEST)
-      res = quantize_weights_shared([p[m] for m in names], h, method="gptq", bits=w_bits, group_size=-1,
-                                    sym=True, percdamp=percdamp, scale_dtype="float32", return_info=True)
+      res = quantize_weights_shared([p[m] for m in names], h, method=method, bits=w_bits, group_size=-1,
+                                    return_info=True, **opts)
       for m, (_, info) in zip(names, res):
         p[m] = info["w_hat"].astype(p[m].dtype)
     x = _taps(p, x, cfg, r)[0]
@@ -193,26 +211,63 @@ def gptq_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, percdamp: f
   return dict(params, blocks=blocks)
 
 
+def data_free_weights(params: dict, w_bits: int, *, method: str = "rtn") -> dict:
+  """Every block linear of params replaced by its per-output-channel symmetric fake quantization W^ with a weight
+  method that needs no Hessian (RTN), float32 scales; same shapes and dtypes."""
+  opts = _weight_options(methods.get_method(method), 0.01)
+  blocks = []
+  for p in params["blocks"]:
+    p = dict(p)
+    for n in [k for k in p if k != act_fake_quant.ONLINE and getattr(p[k], "ndim", 0) == 2]:
+      _, info = quantize_weight(p[n], None, method=method, bits=w_bits, group_size=-1, return_info=True, **opts)
+      p[n] = info["w_hat"].astype(p[n].dtype)
+    blocks.append(p)
+  return dict(params, blocks=blocks)
+
+
 def quarot(params: dict, cfg, key: jax.Array, *, w_bits: int = 4, rotate: bool = True, rotate_ov: bool = True,
            online_down: bool = True, w_method: str = "rtn", calib_ids=None):
-  """QuaRot W{w_bits} (per output channel, symmetric; "rtn" or "gptq" on calib_ids) after the rotation.
+  """QuaRot W{w_bits} (per output channel, symmetric; w_method one of `weight_methods()`, e.g. "rtn", or "gptq"
+  on calib_ids) after the rotation.
 
   Run with `weight_activation.forward_actquant(qp, cfg, ids, a_bits, a_sym=True, rots=rots)`.
   Returns (fake-quantized params, rots or None, info).
   """
   weight_activation.check_bits(w_bits, "w_bits", allow_none=False)
-  if w_method not in ("rtn", "gptq"):
-    raise QuantizationError(f"w_method={w_method!r} is unknown; expected 'rtn' or 'gptq'.")
-  if w_method == "gptq" and calib_ids is None:
-    raise QuantizationError("w_method='gptq' needs calib_ids int [N, L] (WikiText-2 windows in the study).")
+  if w_method not in weight_methods():
+    raise QuantizationError(f"w_method={w_method!r} cannot quantize QuaRot's weights; expected one of "
+                            f"{weight_methods()} (registered methods with symmetric per-channel grids).")
+  spec = methods.get_method(w_method)
+  if spec.needs_hessian and calib_ids is None:
+    raise QuantizationError(f"w_method={w_method!r} needs calib_ids int [N, L] (WikiText-2 windows in the study).")
   info, rots = {}, None
   if rotate:
     params, rots, info = rotate_params(params, cfg, key, rotate_ov=rotate_ov, online_down=online_down)
   if w_bits >= 16:
     return params, rots, info
-  if w_method == "gptq":
-    return gptq_weights(params, cfg, calib_ids, rots, w_bits=w_bits), rots, info
-  return weight_activation.fake_quant_weights(params, w_bits, group_size=-1, sym=True), rots, info
+  if spec.needs_hessian:
+    return sequential_weights(params, cfg, calib_ids, rots, w_bits=w_bits, method=w_method), rots, info
+  return data_free_weights(params, w_bits, method=w_method), rots, info
 
 
-__all__ = ["hadamard_matrix", "rotation", "fuse_norms", "rotate_params", "gptq_weights", "quarot"]
+def _study_check(settings: dict) -> str | None:
+  """The study's `quarot.w_method` is a weight method QuaRot can use."""
+  w = settings["quarot"]["w_method"]
+  if w not in weight_methods():
+    return f"config.quarot.w_method={w!r}; expected one of {weight_methods()}"
+  return None
+
+
+def _study_build(model, calib_ids, w_bits, a_bits, settings, key):
+  """The study's QuaRot W{w_bits}A{a_bits} entry (symmetric per-token activations, the online Hadamards)."""
+  q = settings["quarot"]
+  qp, rots, _ = quarot(model.params, model.config, key, w_bits=w_bits, rotate_ov=q["rotate_ov"],
+                       online_down=q["online_down"], w_method=q["w_method"], calib_ids=calib_ids)
+  return weight_activation.make_model(qp, model.config, a_bits, a_sym=True, rots=rots)
+
+
+STUDY_METHOD = StudyMethod(name="quarot", weight_activation=True, allows_a16=True, sections=("quarot",),
+                           build=_study_build, check=_study_check)
+
+__all__ = ["STUDY_METHOD", "hadamard_matrix", "rotation", "fuse_norms", "rotate_params", "weight_methods",
+           "sequential_weights", "data_free_weights", "quarot"]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qdllm_jax.baselines import weight_activation
+from qdllm_jax.baselines.study_method import StudyMethod
 from qdllm_jax.errors import QuantizationError
 from qdllm_jax.models import layers, transformer
 
@@ -143,4 +144,14 @@ def smoothquant(params: dict, cfg, calib_ids, *, w_bits: int = 8, alpha: float =
   return weight_activation.fake_quant_weights(params, w_bits, group_size=-1, sym=False)
 
 
-__all__ = ["SMOOTH_GROUPS", "collect_act_absmax", "smooth_scales", "smooth_params", "smoothquant"]
+def _study_build(model, calib_ids, w_bits, a_bits, settings, key):
+  """The study's SmoothQuant W{w_bits}A{a_bits} entry (per-token asymmetric activations)."""
+  del key
+  qp = smoothquant(model.params, model.config, calib_ids, w_bits=w_bits, alpha=settings["smoothquant"]["alpha"])
+  return weight_activation.make_model(qp, model.config, a_bits)
+
+
+STUDY_METHOD = StudyMethod(name="smoothquant", weight_activation=True, sections=("smoothquant",),
+                           build=_study_build)
+
+__all__ = ["STUDY_METHOD", "SMOOTH_GROUPS", "collect_act_absmax", "smooth_scales", "smooth_params", "smoothquant"]

@@ -92,3 +92,6 @@ def test_quarot_gptq_beats_rtn(cfg, ids):
   assert e["gptq"] < 0.8 * e["rtn"], e
   with pytest.raises(QuantizationError, match="calib_ids"):
     quarot.quarot(params, cfg, jax.random.PRNGKey(0), w_method="gptq")
+  # the binary-plane method has no per-channel symmetric grid: refused, naming the registered ones that have
+  with pytest.raises(QuantizationError, match=r"quant_dllm.*\('gptq', 'rtn'\)"):
+    quarot.quarot(params, cfg, jax.random.PRNGKey(0), w_method="quant_dllm", calib_ids=ids)

@@ -34,6 +34,35 @@ def test_parse_entry_refuses(bad):
     study.parse_entry(bad)
 
 
+def test_registered_methods_parse_and_declare_schema_sections():
+  """Every registered study method is an entry name, and the sections it fingerprints are study config sections."""
+  from qdllm_jax import config_schema
+  from qdllm_jax.baselines import study_registry
+  sections = set(config_schema.sections(config_schema.StudySpec))
+  for name, m in study_registry.REGISTRY.items():
+    assert m.name == name and set(m.sections) <= sections, name
+    e = study.parse_entry(f"{name}:w4a4" if m.weight_activation else f"{name}:w4a16")
+    assert e.method == name
+  assert {study.parse_entry(e).method for e in study.defaults().entries} <= set(study_registry.REGISTRY) | {"fp"}
+
+
+def test_fingerprint_hashes_the_shared_settings_and_the_methods_sections():
+  """The cache key of a row, written out: sha256 of [entry, {dtype, seed, calib, eval, own sections}, model digest]
+  (unchanged configs keep their cached rows); another method's section does not change it."""
+  import hashlib
+  d = study.defaults().to_dict()
+  own = {"fp": (), "gptq:w4a16": ("weight_only",), "awq:w3a16": ("awq", "weight_only"),
+         "quarot:w4a4": ("quarot",), "duquant:w8a8": ("duquant",)}
+  for text, sections in own.items():
+    e = study.parse_entry(text)
+    shared = {k: d[k] for k in ("dtype", "seed", "calib", "eval", *sections)}
+    blob = json.dumps([{"method": e.method, "w_bits": e.w_bits, "a_bits": e.a_bits}, shared, "digest"], sort_keys=True)
+    assert study._fingerprint(e, d, "digest") == hashlib.sha256(blob.encode()).hexdigest()[:16], text
+  e = study.parse_entry("gptq:w4a16")
+  assert study._fingerprint(e, dict(d, awq={"n_grid": 3}), "x") == study._fingerprint(e, d, "x")
+  assert study._fingerprint(e, dict(d, weight_only={"group_size": 64}), "x") != study._fingerprint(e, d, "x")
+
+
 def test_table_arithmetic():
   """Avg = mean of the per-family task cells, Drop = (Avg - Avg_FP) / Avg_FP, PPL change relative; by hand."""
   fp = dict(entry=dict(method="fp", w_bits=16, a_bits=16), setting="FP",
