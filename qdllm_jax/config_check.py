@@ -136,8 +136,9 @@ def _check_quant(d):
     _err("quant.scale_dtype", d["scale_dtype"], f"one of {SCALE_DTYPES}")
   if d["act_order"] and "act_order" not in methods.get_method(m).options:
     _err("quant.act_order", True, f"False: method {m!r} has no act-order")
-  if d["module_order"] not in ("standard", "llada_runner"):
-    _err("quant.module_order", d["module_order"], "'standard' or 'llada_runner'")
+  orders = sorted({"standard"}.union(*(f.module_orders for f in families.FAMILIES.values())))
+  if d["module_order"] not in orders:  # the model's family is checked in check_model
+    _err("quant.module_order", d["module_order"], f"one of {orders}")
   for k in [k for k in ("embeddings", "head") if d[k] != "fp"]:
     _err(f"quant.{k}", d[k], "'fp': embeddings and the LM head stay full precision (both papers)")
   table = rules_table_from(d)
@@ -251,10 +252,13 @@ def check_model(spec: RunSpec, cfg):
   """Checks that need the model's ModelConfig (from config.json or a preset); returns the resolved rules Plan.
 
   group sizes dividing every linear's in_features, calibration seqlen within the model context, a [MASK] id
-  for MCS, the evaluation protocol's architecture, and the full rules table (resolve_rules + check_plan).
+  for MCS, the evaluation protocol's architecture, the full rules table (resolve_rules + check_plan) and the
+  module order against the model's family.
   """
   q = spec.quant
-  widths = {"q/k/v/gate/up (d_model)": cfg.d_model, "o (heads x head_dim)": cfg.q_dim, "down (mlp)": cfg.mlp_hidden}
+  family = families.family_of(cfg)
+  block = family.param_shapes(cfg)["blocks"][0]
+  widths = {"/".join(names): block[names[0]][1] for names in family.linear_groups.values()}  # in_features per tap
   if not q.rules and q.group_size != -1:
     bad = {k: w for k, w in widths.items() if w % q.group_size}
     if bad:
@@ -273,7 +277,10 @@ def check_model(spec: RunSpec, cfg):
     pipeline.check_plan(plan, cfg)
   except ConfigError as e:
     raise ConfigError(f"config.quant: {e}") from e
-  pipeline.module_groups(q.module_order)
+  try:
+    pipeline.module_groups(q.module_order, family)
+  except ConfigError as e:
+    raise ConfigError(f"config.quant.{e}") from e
   return plan
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -22,7 +23,7 @@ from qdllm_jax import report as report_lib
 from qdllm_jax.checkpoint import integrity, quantized
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.models import hf
-from qdllm_jax.quant import pipeline
+from qdllm_jax.quant.block_source import ReaderSource
 
 log = logging.getLogger("qdllm_jax.run")
 OUTPUTS = ("fingerprint.json", "state", "checkpoint", "hf", "plots", "quant_report.json", "eval_fp.json",
@@ -175,7 +176,7 @@ class SourceDigests:
 
 
 def checked_source(reader, dtype, digests: SourceDigests):
-  """`pipeline.ReaderSource(reader, dtype)` whose every tensor read is digested and checked by `digests` (the
+  """`block_source.ReaderSource(reader, dtype)` whose every tensor read is digested and checked by `digests` (the
   stored array is digested, then cast to `dtype`)."""
 
   def cast(a):
@@ -199,7 +200,7 @@ def checked_source(reader, dtype, digests: SourceDigests):
     def load(self):
       return read({0: self.lazy.name})[0]
 
-  class CheckedSource(pipeline.ReaderSource):
+  class CheckedSource(ReaderSource):
     def block(self, i):
       return read(hf.block_names(self.config, i))
 
@@ -248,7 +249,6 @@ class Progress:
     self.current = None
 
   def start(self, resumed_from: int | None, skipped: bool, timings: dict) -> None:
-    import time
     self.current = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed_from_block": resumed_from,
                     "skipped_quantization": skipped, "timings_s": timings}
     self.runs.append(self.current)

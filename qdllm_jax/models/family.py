@@ -47,6 +47,8 @@ class Family:
       "ln_post" (post-LN blocks with LayerNorm biases).
     refine: (cfg, set of tensor names, directory) -> cfg, run by the loader on a checkpoint directory.
     ignored_tensor: name -> True for tensors a checkpoint may hold that are not params (accepted, unread).
+    module_orders: {name: groups of linears}: named quantization orders beside "standard" (`standard_order`) that
+      `quant.module_order` may pick (the decoders: "llada_runner", the published LLaDA runner's order).
     presets: {preset name: ModelConfig}: architectures planned without weights (`config.model_preset`, --dry_run);
       names are unique across the registry (models/families.py `preset`).
     scale_folds: {tap: the op whose output is that tap, or None}: where a per-input-channel scale s of the tap's
@@ -77,6 +79,7 @@ class Family:
   refine: Callable = _identity_refine
   ignored_tensor: Callable = _no_ignored
   presets: Mapping = dataclasses.field(default_factory=dict)
+  module_orders: Mapping = dataclasses.field(default_factory=dict)
   scale_folds: Mapping = dataclasses.field(default_factory=dict)
 
   @property

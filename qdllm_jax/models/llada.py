@@ -83,6 +83,8 @@ def decoder_block_names(table: dict, prefix: str):
 # the pre-norm decoder's exact scale folds (llm-awq's LLaMA mapping): RMSNorm weights before q/k/v and gate/up,
 # v's rows before o (only when q_dim == kv_dim; AWQ skips it under GQA), up's rows before down (SwiGLU)
 DECODER_SCALE_FOLDS = {"qkv": "attn_norm", "o": "v", "gate_up": "ff_norm", "down": "up"}
+# the published LLaDA runner's order: singleton groups attn_out, ff_out, q, k, v, ff_proj, up_proj (Quant-dLLM §6)
+DECODER_MODULE_ORDERS = {"llada_runner": (("o",), ("down",), ("q",), ("k",), ("v",), ("gate",), ("up",))}
 
 
 def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table: dict, prefix: str,
@@ -95,7 +97,7 @@ def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table
       linear_groups=transformer.LINEAR_GROUPS, upstream=transformer.UPSTREAM, embed_keys=("embed",),
       embed=transformer.embed, block_context=transformer.block_context, block_forward=transformer.block_forward_ctx,
       head=transformer.head, forward=transformer.forward, calib_seed=calib_seed, norm_kind="rms_pre",
-      scale_folds=DECODER_SCALE_FOLDS, presets=presets)
+      scale_folds=DECODER_SCALE_FOLDS, module_orders=DECODER_MODULE_ORDERS, presets=presets)
 
 
 def llada_hf_config(base: dict = LLADA_8B, **overrides) -> dict:

@@ -1,15 +1,17 @@
-"""Sequential, streaming post-training quantization of a LLaDA/Dream model (Quant-dLLM §0, GPTQ convention).
+"""Sequential, streaming post-training quantization of a model of any family (Quant-dLLM §0, GPTQ convention).
 
 Only one block's weights plus the calibration activations are resident. With x_0 = Embed[calib_ids]:
 
   for block b = 0..n_layers-1:
-    for each group of linears G, in `module_order` (default [q,k,v] -> [o] -> [gate,up] -> [down]):
+    for each group of linears G, in `module_order` (default: the family's linear groups in block order,
+                                    e.g. the decoders' [q,k,v] -> [o] -> [gate,up] -> [down]):
       H_G = (2/n) sum_s X_s^T X_s    over the block run on x_b with the already quantized groups in place
       W_hat = quantize(W, H_G)       for every linear of G (one shared-H call per rule), per the plan
     x_{b+1} = block_b(x_b) with all of its quantized weights              (sequential propagation)
 
-`module_order="llada_runner"` gives the published LLaDA runner's singleton groups attn_out, ff_out, q, k,
-v, ff_proj, up_proj (§6). A tap's H depends only on the quantized modules upstream of it, so H is cached
+`module_order` "standard" is the family's block order; a family may name others (`Family.module_orders`: the
+decoders' "llada_runner" gives the published LLaDA runner's singleton groups attn_out, ff_out, q, k, v, ff_proj,
+up_proj, §6). A tap's H depends only on the quantized modules upstream of it, so H is cached
 per (tap, quantized upstream set) and groups reading the same input share one capture.
 
 Global ABMP (`global_abmp=...`): sequential propagation only knows a block's H when it gets there, so
@@ -19,8 +21,8 @@ exact bits budget with `abmp.allocate_orders_global`, and the sequential pass th
 orders. The per-matrix default (`abmp_ratio` inside the rule) needs no extra pass.
 
 The state between blocks is explicit (`PipelineState`: next block index, its input activations, the done
-blocks' quantized params, the report so far, fixed orders); `callback(state, block_report)` runs after
-every block, and `quantize_model(..., resume=state)` continues from a saved state.
+blocks' quantized params, the report so far, fixed orders); `hooks.on_block(state, block_report)` runs after
+every block (`BlockHooks`), and `quantize_model(..., resume=state)` continues from a saved state.
 
 Per matrix the report logs the relative output error on the calibration data,
     rel_err = ||(W - W_hat) X|| / ||W X|| = sqrt(tr(E H E^T) / tr(W H W^T)),  E = W - W_hat,
@@ -39,21 +41,15 @@ import numpy as np
 
 from qdllm_jax.calib import capture, salience
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import transformer
 from qdllm_jax.models.families import family_of
 from qdllm_jax.models.family import Family
 from qdllm_jax.models.model_config import ModelConfig
 from qdllm_jax.quant import api, methods, packed
 from qdllm_jax.quant import rules as rules_lib
-from qdllm_jax.quant.block_source import ReaderSource, as_source, embed_inputs, release_host_memory  # noqa: F401
+from qdllm_jax.quant.block_source import as_source, embed_inputs, release_host_memory
 from qdllm_jax.sharding import host_tree
 
 log = logging.getLogger(__name__)
-
-STANDARD_ORDER = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # the decoder families' own order
-LLADA_RUNNER_ORDER = (("o",), ("down",), ("q",), ("k",), ("v",), ("gate",), ("up",))
-MODULE_ORDERS = {"standard": STANDARD_ORDER, "llada_runner": LLADA_RUNNER_ORDER}
-
 
 @dataclasses.dataclass
 class PipelineState:
@@ -92,24 +88,24 @@ class BlockHooks:
   on_block: Callable | None = None
 
 
-def module_groups(module_order, family: Family | None = None) -> tuple:
-  """Groups of canonical linear names in processing order, from "standard" (the family's block order),
-  "llada_runner" or a list of lists. Every linear must appear exactly once and a group's linears must read the
-  same input (shared H). family: the model's (models/families.py); None: the LLaDA/Dream decoder's linears."""
-  linears, tap_of = (transformer.LINEARS, transformer.TAP_OF) if family is None else (family.linears, family.tap_of)
-  if module_order == "standard" and family is not None:
-    module_order = family.standard_order
-  groups = MODULE_ORDERS.get(module_order) if isinstance(module_order, str) else module_order
-  if groups is None:
-    raise ConfigError(f"module_order={module_order!r}; expected one of {sorted(MODULE_ORDERS)} or a list of groups")
-  groups = tuple(tuple(g) for g in groups)
+def module_groups(module_order, family: Family) -> tuple:
+  """Groups of canonical linear names in processing order, from "standard" (the family's block order), one of
+  the family's named `module_orders` or a list of lists. Every linear of `family` must appear exactly once and a
+  group's linears must read the same input (shared H). ConfigError otherwise, naming what this family accepts."""
+  if isinstance(module_order, str):
+    named = {"standard": family.standard_order, **family.module_orders}
+    if module_order not in named:
+      raise ConfigError(f"module_order={module_order!r}; expected one of {sorted(named)} for {family.name} models, "
+                        "or a list of groups of its linears")
+    module_order = named[module_order]
+  groups = tuple(tuple(g) for g in module_order)
   flat = [n for g in groups for n in g]
-  if sorted(flat) != sorted(linears):
-    raise ConfigError(f"module_order {groups} must list each of {linears} exactly once")
+  if sorted(flat) != sorted(family.linears):
+    raise ConfigError(f"module_order {groups} must list each of {family.linears} exactly once")
   for g in groups:
-    if len({tap_of[n] for n in g}) != 1:
+    if len({family.tap_of[n] for n in g}) != 1:
       raise ConfigError(f"module_order group {g} mixes linears with different inputs; a group shares one H, "
-                        f"so it may only hold linears of one tap ({tap_of})")
+                        f"so it may only hold linears of one tap ({family.tap_of})")
   return groups
 
 
@@ -257,7 +253,8 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
     source: a CheckpointReader (only one block is read at a time), a Model, or (params, ModelConfig).
     calib_ids: int32 [N, L] calibration ids, already MCS-masked (`calib.mcs.calibration_inputs`).
     plan: a rules table (`rules.default_rules(...)`, a list of (regex, rule)) or a resolved `rules.Plan`.
-    module_order: "standard", "llada_runner" or a list of groups of canonical names.
+    module_order: "standard", a name of the family's `module_orders` ("llada_runner") or a list of groups of
+      canonical names (`module_groups`).
     chunk_size: sequences per jitted block pass.
     key_mask: optional bool [N, L] (False at padding; None for full windows).
     global_abmp: None (per-matrix ABMP from each rule's abmp_ratio) or kwargs of

@@ -10,6 +10,7 @@ from launch_common import ROOT, fast_argv
 from qdllm_jax import config_check as config_lib
 from qdllm_jax import launch
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.models import families
 
 CONFIGS = ["tiny", "llada8b", "llada8b_instruct", "llada15", "dream7b", "dream7b_instruct"]
 
@@ -128,6 +129,20 @@ def test_group_size_must_divide_the_model_widths(model_dir):
   spec = config_lib.validate(_cfg("tiny", ("calib.seqlen", "512")), dry_run=True)
   with pytest.raises(ConfigError, match="seqlen"):
     config_lib.check_model(spec, cfg)
+
+
+def test_module_order_and_group_size_are_checked_against_the_models_family():
+  """BERT's linears are q/k/v, o, up, down: the decoders' llada_runner order and their width labels do not apply."""
+  mini = families.preset("minilm_l6")  # widths: q/k/v, o, up read 384 channels; down reads 1536
+  spec = config_lib.validate(_cfg("tiny", ("eval.protocol", ""), ("quant.module_order", "llada_runner")),
+                             dry_run=True)
+  with pytest.raises(ConfigError, match=r"config.quant.module_order='llada_runner'; expected one of \['standard'\] "
+                                        "for bert models"):
+    config_lib.check_model(spec, mini)
+  assert len(config_lib.check_model(spec, families.preset("tiny_llada")).modules) == 4 * 7
+  spec = config_lib.validate(_cfg("tiny", ("eval.protocol", ""), ("quant.group_size", "256")), dry_run=True)
+  with pytest.raises(ConfigError, match=r"group_size=256.*\{'q/k/v': 384, 'o': 384, 'up': 384\} are not"):
+    config_lib.check_model(spec, mini)
 
 
 def _copy_with(src, dst, **config_changes):

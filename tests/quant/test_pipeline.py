@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import layers, transformer
+from qdllm_jax.models import layers, llada, transformer
 from qdllm_jax.models.llada import LLADA_TINY_TEST, llada_config
 from qdllm_jax.models.model import Model
 from qdllm_jax.quant import api, pipeline, rules
@@ -78,7 +78,7 @@ def test_rtn_is_per_matrix_and_activation_independent():
 @pytest.mark.parametrize("order", ["standard", "llada_runner"])
 def test_gptq_sequential_matches_direct_loop(order):
   model, ids = _model(), _ids()
-  groups = pipeline.module_groups(order)
+  groups = pipeline.module_groups(order, llada.FAMILY)
   params, report = pipeline.quantize_model(model, ids, rules.default_rules("gptq", 2, G), module_order=order,
                                            chunk_size=3)
   want = _reference(model, ids, "gptq", groups)
@@ -93,7 +93,7 @@ def test_gptq_sequential_matches_direct_loop(order):
   diff = np.mean(np.abs(np.asarray(fp[1]["down"]) - _dense(params["blocks"][1]["down"])) > 1e-5)
   assert diff > 0.01
   if order == "llada_runner":  # attn_out's H sees FP q/k/v here, quantized ones in the standard order
-    std = _reference(model, ids, "gptq", pipeline.module_groups("standard"))
+    std = _reference(model, ids, "gptq", pipeline.module_groups("standard", llada.FAMILY))
     assert np.mean(np.asarray(std[0]["o"]) != _dense(params["blocks"][0]["o"])) > 0.01
 
 
@@ -142,9 +142,9 @@ def test_argument_errors():
   with pytest.raises(ConfigError, match="module_order"):
     pipeline.quantize_model(model, ids, rules.default_rules("rtn", 2, G), module_order="reverse")
   with pytest.raises(ConfigError, match="mixes"):
-    pipeline.module_groups([("q", "o"), ("k",), ("v",), ("gate", "up"), ("down",)])
+    pipeline.module_groups([("q", "o"), ("k",), ("v",), ("gate", "up"), ("down",)], llada.FAMILY)
   with pytest.raises(ConfigError, match="exactly once"):
-    pipeline.module_groups([("q", "k", "v"), ("o",), ("gate", "up")])
+    pipeline.module_groups([("q", "k", "v"), ("o",), ("gate", "up")], llada.FAMILY)
   with pytest.raises(ConfigError, match="outside the vocabulary"):
     pipeline.quantize_model(model, ids + CFG.vocab_size, rules.default_rules("rtn", 2, G))
   with pytest.raises(ConfigError, match="ff_out.*unknown option"):
