@@ -3,7 +3,7 @@
 What is timed (after one compile, 3 runs each; the range is the fastest to the slowest run):
   factorisation  `prepare_hessian` at each distinct Hessian width c (at most PROBE_CHOL columns; wider ones are
                  scaled by (c / c_probe)^3, the Cholesky's flops); GPTQ factor "cholesky", Quant-dLLM "inverse"
-  solver         the method's solver (gptq_quantize / daq_quantize / rtn_quantize) on a [r, c] matrix, plus the
+  solver         the method's solver kernel (its `solve_kernel`, quant/method_spec.py) on a [r, c] matrix, plus the
                  diagnostics the pipeline reports for it (layer_errors, scaled by r c^2), at the
                  real shape up to DIRECT_SOLVE weights; larger shapes from two probes [r0, c1] and [r0, c2]
                  (r0 = PROBE_SOLVE): t = r / r0 (a c + b c^2), the per-column loop plus the cross-block update
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.models import families
-from qdllm_jax.quant import daq, gptq, hessian, methods, rtn
+from qdllm_jax.quant import hessian, methods
 
 PROBE_CHOL = 4096
 PROBE_SOLVE = 1024
@@ -70,20 +70,14 @@ def factor_kind(method: str) -> str | None:
 
 
 def solver_fn(method: str, bits: int, group_size: int, options: dict, rows: int, cols: int):
-  """A zero-argument callable running `method`'s solver once on a random [rows, cols] layer (inputs prepared)."""
+  """A zero-argument callable running `method`'s solver kernel (its `solve_kernel`) once on a random [rows, cols]
+  layer, its Hessian factor (if it has one) prepared from a random SPD H."""
+  spec = methods.get_method(method)
   rng = np.random.default_rng(1)
   w = jnp.asarray(0.02 * rng.standard_normal((rows, cols)).astype(np.float32))
-  sd = options.get("scale_dtype", "float16")
-  if method == "rtn":
-    return lambda: rtn.rtn_quantize(w, bits=bits, group_size=group_size, sym=bool(options.get("sym", False)),
-                                    scale_dtype=sd)
-  ph = hessian.prepare_hessian(w, _spd(cols), factor=factor_kind(method))
-  if method == "gptq":
-    return lambda: gptq.gptq_quantize(ph.w, None, v=ph.v, bits=bits, group_size=group_size,
-                                      sym=bool(options.get("sym", False)), scale_dtype=sd)
-  orders = np.full(cols // group_size, bits, np.int8)
-  return lambda: daq.daq_quantize(ph.w, ph.u, orders, block=group_size, iters=int(options.get("rsr_iters", 15)),
-                                  scale_dtype=sd)
+  kind = spec.hessian_factor
+  ph = None if kind is None else hessian.prepare_hessian(w, _spd(cols), factor=kind)
+  return spec.solve_kernel(w, ph, bits, group_size, spec.resolve_options(options))
 
 
 def _factor_of(ph):
@@ -138,11 +132,12 @@ def measure(widths: dict, solves: set, calibration=lambda: (0.0, 0.0)) -> Kernel
 
 def _diagnostics_times(method: str, r: int, c: int, probes: dict) -> tuple[float, float]:
   """(min, max) s of the per-matrix diagnostics the pipeline reports (hessian.layer_errors: two [r, c] x [c, c]
-  products; GPTQ's solve gives tr(E H E^T), only tr(W H W^T) is left: output_energy), timed at
+  products; a method whose solve reports tr(E H E^T) (`reports_layer_loss`, GPTQ) leaves only tr(W H W^T):
+  output_energy), timed at
   [min(r, PROBE_CHOL), min(c, PROBE_CHOL)] and scaled by r c^2; `probes` keeps each probe's time for the
   other shapes that share it."""
   r0, c0 = min(r, PROBE_CHOL), min(c, PROBE_CHOL)
-  kind = "energy" if method == "gptq" else "errors"
+  kind = "energy" if methods.get_method(method).reports_layer_loss else "errors"
   if (kind, r0, c0) not in probes:
     w = jnp.asarray(np.random.default_rng(3).standard_normal((r0, c0)).astype(np.float32))
     h = _spd(c0)

@@ -11,8 +11,8 @@ fixed. Differences from the per-matrix rule: H comes from FP-propagated activati
 other linears in FP (the sequential pass would see quantized upstream weights), and blocks compete across
 matrices and layers.
 
-Participants: linears whose rule is quant_dllm with bits 2 (the ABMP setting); they must share one
-group_size (the column block) and scale_dtype.
+Participants: linears whose rule's method mixes orders at its rule's bits (`abmp_bits` in quant/methods.py:
+Quant-dLLM at 2 bits); they must share one group_size (the column block) and scale_dtype.
 """
 from __future__ import annotations
 
@@ -26,17 +26,20 @@ from qdllm_jax.models.families import family_of
 from qdllm_jax.quant import abmp, hessian, methods
 
 log = logging.getLogger(__name__)
-SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
+SCALE_BITS = {d: 8 * jnp.dtype(d).itemsize for d in methods.SCALE_DTYPES}  # bits of one stored scale
 
 
 def participants(plan, cfg) -> dict:
-  """{(layer, name): Rule} of the linears that take part in the global allocation (quant_dllm, 2 bits)."""
+  """{(layer, name): Rule} of the linears that take part in the global allocation (rule bits == the method's
+  abmp_bits)."""
   out = {}
   for path, rule in plan.modules.items():
     if rule is not None and methods.get_method(rule.method).abmp_bits == rule.bits:
       out[plan.names[path]] = rule
   if not out:
-    raise ConfigError("global ABMP needs linears quantized with method 'quant_dllm' at bits=2; the plan has none")
+    mixed = " or ".join(f"method {m.name!r} at bits={m.abmp_bits}" for m in methods.REGISTRY.values()
+                        if m.abmp_bits is not None)
+    raise ConfigError(f"global ABMP needs linears quantized with {mixed}; the plan has none")
   sizes = {(r.group_size, dict(r.options).get("scale_dtype", "float16")) for r in out.values()}
   if len(sizes) != 1:
     raise ConfigError(f"global ABMP needs one column block and scale dtype for all its matrices; the plan mixes "

@@ -126,18 +126,9 @@ def _validate(ws, hessian, method, bits, group_size, abmp_ratio, options):
     _err(f"{field}={value!r} is not supported by {method}; expected {want}.")
   if not 0.0 <= float(abmp_ratio) <= 1.0:
     _err(f"abmp_ratio={abmp_ratio} must lie in [0, 1] (0.05 LLaDA, 0.10 Dream, 0 = uniform).")
-  why = spec.check_options(opt)
+  why = spec.check_options(opt) or spec.check_option_shapes(opt, group_size, n, len(ws))
   if why:
     _err(why)
-  if opt.get("orders") is not None:
-    o = np.asarray(opt["orders"])
-    g = group_size
-    nb = n // g
-    want = (nb,) if o.ndim < 2 or len(ws) == 1 else (len(ws), nb)
-    if o.shape != want or not np.issubdtype(o.dtype, np.integer) or o.min() < 1 or o.max() > 3:
-      _err(f"orders must be {nb} integers in 1..3 (one per {g}-column block"
-           + ("; or one such row per matrix" if len(ws) > 1 else "") + f"); got shape {o.shape}, dtype {o.dtype}"
-           + (f", range {o.min()}..{o.max()}." if o.size and np.issubdtype(o.dtype, np.number) else "."))
   return ws, h, opt
 
 

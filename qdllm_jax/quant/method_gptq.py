@@ -97,6 +97,13 @@ def solve(ws, h, bits, group_size, abmp_ratio, opt):
   return results
 
 
+def solve_kernel(w, ph, bits, group_size, opt):
+  """gptq_quantize once on the prepared ph.w [out, in] with the Cholesky factor ph.v (w itself unused)."""
+  del w
+  return lambda: gptq_quantize(ph.w, None, v=ph.v, bits=bits, group_size=group_size, sym=bool(opt["sym"]),
+                               scale_dtype=opt["scale_dtype"])
+
+
 METHOD = QuantMethod(
     name="gptq",
     summary="GPTQ, asymmetric min/max groups by default, damp 0.01, optional act-order; bits 2..8",
@@ -108,5 +115,7 @@ METHOD = QuantMethod(
     check_options=check_damping,
     packed_bytes=uniform_bytes,
     solve=solve,
+    solve_kernel=solve_kernel,
     hessian_factor="cholesky",
+    reports_layer_loss=True,
 )

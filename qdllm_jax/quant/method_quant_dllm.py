@@ -25,7 +25,7 @@ def check_shape(bits, group_size, n_in) -> tuple[str, str] | None:
 
 
 def check_options(opt: dict) -> str | None:
-  """Ranges of the DAQ options (the explicit `orders` are checked against the shapes by the caller)."""
+  """Ranges of the DAQ options (the explicit `orders` are checked against the shapes by `check_orders`)."""
   if opt["z_diag"] not in ("chol", "inv_diag"):
     return f"z_diag={opt['z_diag']!r} is unknown; expected 'chol' or 'inv_diag'."
   if opt["comp_mode"] not in ("diag", "block"):
@@ -39,6 +39,21 @@ def check_options(opt: dict) -> str | None:
   if opt["outlier_z"] <= 0:
     return f"outlier_z={opt['outlier_z']} must be > 0."
   return check_damping(opt)
+
+
+def check_orders(opt: dict, group_size: int, n_in: int, n_matrices: int) -> str | None:
+  """Explicit `orders`: int [in / group_size] in 1..3 (one per column block), or [n_matrices, in / group_size]
+  (one row per matrix sharing the Hessian, e.g. from global ABMP)."""
+  if opt.get("orders") is None:
+    return None
+  o = np.asarray(opt["orders"])
+  nb = n_in // group_size
+  want = (nb,) if o.ndim < 2 or n_matrices == 1 else (n_matrices, nb)
+  if o.shape != want or not np.issubdtype(o.dtype, np.integer) or o.min() < 1 or o.max() > MAX_ORDER:
+    return (f"orders must be {nb} integers in 1..{MAX_ORDER} (one per {group_size}-column block"
+            + ("; or one such row per matrix" if n_matrices > 1 else "") + f"); got shape {o.shape}, dtype {o.dtype}"
+            + (f", range {o.min()}..{o.max()}." if o.size and np.issubdtype(o.dtype, np.number) else "."))
+  return None
 
 
 def planes_bytes(rows: int, cols: int, bits: int, group_size: int, opt: dict) -> int:
@@ -83,6 +98,15 @@ def solve(ws, h, bits, group_size, abmp_ratio, opt):
   return results
 
 
+def solve_kernel(w, ph, bits, group_size, opt):
+  """daq_quantize once on the prepared ph.w [out, in] with U = ph.u, every column block at order `bits` (w itself
+  unused)."""
+  del w
+  orders = np.full(ph.w.shape[1] // group_size, bits, np.int8)
+  return lambda: daq_quantize(ph.w, ph.u, orders, block=group_size, iters=int(opt["rsr_iters"]),
+                              scale_dtype=opt["scale_dtype"])
+
+
 METHOD = QuantMethod(
     name="quant_dllm",
     summary=("DAQ + cross-block compensation; bits = mean binary planes per weight in {1, 2, 3}; at bits 2 with "
@@ -95,8 +119,10 @@ METHOD = QuantMethod(
                  "compensation", "comp_mode", "z_diag", "percdamp", "scale_dtype"),
     check_shape=check_shape,
     check_options=check_options,
+    check_option_shapes=check_orders,
     packed_bytes=planes_bytes,
     solve=solve,
+    solve_kernel=solve_kernel,
     abmp_bits=2,
     hessian_factor="inverse",
 )

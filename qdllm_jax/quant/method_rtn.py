@@ -36,6 +36,13 @@ def solve(ws, h, bits, group_size, abmp_ratio, opt):
   return out
 
 
+def solve_kernel(w, ph, bits, group_size, opt):
+  """rtn_quantize once on w float32 [out, in] (ph unused: RTN has no Hessian factor)."""
+  del ph
+  return lambda: rtn_quantize(w, bits=bits, group_size=group_size, sym=bool(opt["sym"]),
+                              scale_dtype=opt["scale_dtype"])
+
+
 METHOD = QuantMethod(
     name="rtn",
     summary="uniform min/max round-to-nearest per group (H ignored, may be None); bits 2..8",
@@ -46,4 +53,5 @@ METHOD = QuantMethod(
     check_options=lambda opt: None,
     packed_bytes=uniform_bytes,
     solve=solve,
+    solve_kernel=solve_kernel,
 )

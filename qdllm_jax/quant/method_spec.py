@@ -9,10 +9,17 @@ line in quant/methods.py. Everything that differs between methods lives in that 
   config_keys              the run config's `quant.*` keys it reads (the rest are ignored for it)
   check_shape              (bits, group_size, in_features or None) -> None, or (field, what is expected)
   check_options            resolved options -> None, or a message naming the bad option and its range
+  check_option_shapes      (resolved options, group_size, in_features, number of matrices) -> None, or a message:
+                           the options whose shape depends on the matrices (quant_dllm's explicit `orders`)
   packed_bytes             (rows, cols, bits, group_size, options) -> exact bytes of the packed weight
   solve                    (ws, h, bits, group_size, abmp_ratio, options) -> [(QuantizedWeight, w_hat, info)]
+  solve_kernel             (w, ph, bits, group_size, options) -> a zero-argument callable running the solver's
+                           kernel once on a prepared float32 [out, in] w (ph: `prepare_hessian(w, H,
+                           factor=hessian_factor)`, None without a factor): what the planner times (plan_timing.py)
   abmp_bits                the bits at which ABMP mixes orders 1/2/3 per column block (None: no ABMP)
   hessian_factor           the factor of H its solver reads ("cholesky", "inverse" or None), for the planner
+  reports_layer_loss       its solve reports info["layer_loss"] = tr(E H E^T) itself, so the per-matrix
+                           diagnostics need only tr(W H W^T) (`hessian.output_energy`; else `hessian.layer_errors`)
 """
 from __future__ import annotations
 
@@ -38,8 +45,11 @@ class QuantMethod:
   check_options: Callable[[dict], str | None]
   packed_bytes: Callable[[int, int, int, int, dict], int]
   solve: Callable
+  solve_kernel: Callable
+  check_option_shapes: Callable[[dict, int, int, int], str | None] = lambda opt, group_size, n_in, n_matrices: None
   abmp_bits: int | None = None
   hessian_factor: str | None = None
+  reports_layer_loss: bool = False
 
   def resolve_options(self, given: Mapping[str, Any]) -> dict:
     """The full option dict: `given` over the defaults (unknown names are the caller's check)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import hf
@@ -222,12 +222,3 @@ def resolve_rules(table: Sequence, cfg: ModelConfig, *, quantize_embeddings: boo
                         f"is taken by the earlier entry {matched[first]} ({entries[matched[first]][0]!r}); "
                         "move it up or remove it")
   return Plan(table=[(src, r) for src, _, r in entries], modules=modules, matched=matched, names=names)
-
-
-def parse_rules(spec: Any) -> list:
-  """A rules table from JSON-like data: a list of [regex, rule dict | "skip"] (e.g. from a config file)."""
-  if isinstance(spec, str):
-    spec = json.loads(spec)
-  if not isinstance(spec, list):
-    raise ConfigError(f"rules spec is a {type(spec).__name__}; expected a list of [regex, rule] pairs")
-  return [tuple(e) if isinstance(e, list) else e for e in spec]

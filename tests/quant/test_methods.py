@@ -3,11 +3,13 @@
 by one registration is usable through quantize_weight, rules and the config check with no other change."""
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qdllm_jax import plan_timing
 from qdllm_jax.errors import ConfigError, QuantizationError
-from qdllm_jax.quant import api, method_rtn, methods, packed, rules
+from qdllm_jax.quant import api, hessian, method_rtn, methods, packed, rules
 
 
 def _wh(rows=16, cols=256, seed=0):
@@ -46,6 +48,30 @@ def test_shape_checks_name_the_field(name, bits, group, n_in, field):
   assert methods.get_method(name).check_shape(bits, group, n_in)[0] == field
 
 
+@pytest.mark.parametrize("name", methods.METHODS)
+def test_solve_kernel_is_the_solver_the_api_runs(name, bits=2, group=64):
+  """What the planner times (`solve_kernel` on the prepared factor) reconstructs the weight the API returns."""
+  w, h = _wh(seed=1)
+  m = methods.get_method(name)
+  ph = None if m.hessian_factor is None else hessian.prepare_hessian(jnp.asarray(w), jnp.asarray(h),
+                                                                     factor=m.hessian_factor)
+  opts = dict(rsr_iters=1) if name == "quant_dllm" else {}
+  out = m.solve_kernel(jnp.asarray(w), ph, bits, group, m.resolve_options(opts))()
+  w_hat = out[3] if isinstance(out, tuple) else out["w_hat"]  # rtn_quantize's tuple, the solvers' dicts
+  qw = api.quantize_weight(w, h, method=name, bits=bits, group_size=group, abmp_ratio=0.0, **opts)
+  np.testing.assert_allclose(np.asarray(w_hat), np.asarray(qw.dequantize()), rtol=1e-6, atol=1e-6)
+
+
+def test_orders_checked_against_the_column_blocks():
+  w, h = _wh()
+  with pytest.raises(QuantizationError, match=r"orders must be 4 integers in 1..3 .*shape \(3,\)"):
+    api.quantize_weight(w, h, method="quant_dllm", bits=2, group_size=64, orders=[2, 2, 2])
+  with pytest.raises(QuantizationError, match="range 1..4"):
+    api.quantize_weight(w, h, method="quant_dllm", bits=2, group_size=64, orders=[1, 2, 4, 2])
+  with pytest.raises(QuantizationError, match="one such row per matrix"):
+    api.quantize_weights_shared([w, w], h, method="quant_dllm", bits=2, group_size=64, orders=[[2] * 4] * 3)
+
+
 def test_every_method_accepts_its_own_defaults():
   for m in methods.REGISTRY.values():
     assert m.check_options(m.resolve_options({})) is None
@@ -61,6 +87,11 @@ def test_one_registration_makes_a_method_usable(monkeypatch):
   ref = api.quantize_weight(w, None, method="rtn", bits=3, group_size=64, sym=True)
   np.testing.assert_array_equal(np.asarray(got.dequantize()), np.asarray(ref.dequantize()))
   assert rules.Rule("rtn_sym", 3, 64).method == "rtn_sym"
+  # the planner times the new method's own kernel, with its own defaults (symmetric)
+  timed = plan_timing.solver_fn("rtn_sym", 3, 64, {}, 16, 256)()[3]
+  w_rand = 0.02 * np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)  # solver_fn's layer
+  ref_rand = api.quantize_weight(w_rand, None, method="rtn", bits=3, group_size=64, sym=True)
+  np.testing.assert_array_equal(np.asarray(timed), np.asarray(ref_rand.dequantize()))
   monkeypatch.delitem(methods.REGISTRY, "rtn_sym")
   with pytest.raises(QuantizationError, match="rtn_sym"):
     api.quantize_weight(w, None, method="rtn_sym", bits=3, group_size=64)
