@@ -26,9 +26,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 
-from qdllm_jax.data import corpus, sequences, task_eval, tasks, tokenizer
+from qdllm_jax.data import corpus, sequences, tasks, tokenizer
+from qdllm_jax.eval import protocols, suite
 from qdllm_jax.models import hf_checkpoint, transformer
 from qdllm_jax.models.llada import LLADA_8B, llada_config
+from qdllm_jax.models.model import Model
 from qdllm_jax.train import trainer
 
 ARCH = dict(d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=1024, max_sequence_length=256,
@@ -41,6 +43,16 @@ TRAIN_FAMILIES = tasks.GEN_FAMILIES * 3 + tasks.MC_FAMILIES
 # docs/evaluation.md measures a continuation ("900:8:96:1.0,1200:16:32:0.5": twice the corpus windows, a third of
 # the task rows at half weight) that leaves the plateau but is no more sensitive to 2-bit RTN, so it is not shipped.
 PHASES = "900:8:96:1.0"
+# The `tiny` evaluation protocol's task rows (every shipped MC and generation example; no ELBO windows, no answer
+# NLL): what the training log and the model card report.
+TASK_ROWS = dataclasses.replace(protocols.TINY, name="tiny_tasks", perplexity=None, generation=tuple(
+    dataclasses.replace(t, answer_nll_mc=0) for t in protocols.TINY.generation))
+
+
+def task_scores(model, tok) -> dict:
+  """{"gen": exact match, "mc": accuracy}, each {family: float in [0, 1], "all": ...}, by the evaluation suite."""
+  r = suite.evaluate(model, tok, TASK_ROWS, seed=0)
+  return {"gen": r["generation"]["exact_match"], "mc": r["multiple_choice"]["accuracy"]}
 
 
 def build_tokenizer(splits, tok_dir: str, seed: int, vocab: int):
@@ -127,13 +139,11 @@ def main(argv=None):
   tc = trainer.TrainConfig(seed=args.seed, phases=[trainer.Phase.parse(p) for p in args.phases.split(",")],
                            task_width=args.task_width, lr=args.lr, warmup=args.warmup)
   log(f"train: {stream.shape[0]} corpus tokens; {tc}")
-  gen_set, mc_set = tasks.load_eval_set("gen"), tasks.load_eval_set("mc")
   ckpt = os.path.join(args.workdir, "ckpt")
 
   def eval_fn(params, step):
     hf_checkpoint.save_pretrained(params, cfg, ckpt, tokenizer_from=tok_dir, overwrite=True)
-    return {"gen": task_eval.eval_generation(params, cfg, tok, gen_set),
-            "mc": task_eval.eval_multiple_choice(params, cfg, tok, mc_set)}
+    return task_scores(Model(params=params, config=cfg), tok)
 
   t_train = time.time()
   params, history = trainer.train(cfg, tc, stream, tok, TRAIN_FAMILIES, log=log, eval_fn=eval_fn,
@@ -142,8 +152,8 @@ def main(argv=None):
   train_s = time.time() - t_train
   hf_checkpoint.save_pretrained(params, cfg, args.out, tokenizer_from=tok_dir, overwrite=True)
   model = hf_checkpoint.load_pretrained(args.out)  # score what was shipped
-  gen = task_eval.eval_generation(model.params, cfg, tok, gen_set)
-  mc = task_eval.eval_multiple_choice(model.params, cfg, tok, mc_set)
+  scores = task_scores(model, tok)
+  gen, mc = scores["gen"], scores["mc"]
   held = heldout_loss(model.params, cfg, tok, splits["heldout"], args.seed)
   summary = {"command": "python3 scripts/make_tiny_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "full_command": f"python3 scripts/make_tiny_model.py --out {args.out} --seed {args.seed} "

@@ -1,15 +1,17 @@
-"""The shipped tiny LLaDA (qdllm_jax/shipped/tiny-llada): format constraints and that the FP model solves its tasks."""
+"""The shipped tiny LLaDA (qdllm_jax/shipped/tiny-llada): format constraints and that the FP model solves its tasks,
+scored by the package's evaluation (eval/suite.py, the `tiny` protocol's task rows) and checked against the
+written-out references of tests/data/task_reference.py."""
+import dataclasses
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from task_reference import greedy_remasking, single_token_choice_scores
 
-from qdllm_jax.data import sequences, task_eval, tasks, tokenizer
+from qdllm_jax.data import sequences, tasks, tokenizer
 from qdllm_jax.data.shipped import TINY_MODEL_DIR
-from qdllm_jax.models import transformer
+from qdllm_jax.eval import protocols, suite
 from qdllm_jax.models.llada import LLADA_8B
 
 MODEL_DIR = TINY_MODEL_DIR
@@ -41,57 +43,45 @@ def test_format_and_size(shipped):
     assert os.path.isfile(os.path.join(MODEL_DIR, f)), f
 
 
+# the `tiny` protocol's multiple-choice rows and its generation rows (without the answer NLL), each alone
+MC_ONLY = dataclasses.replace(protocols.TINY, name="tiny_mc", perplexity=None, generation=())
+GEN_ONLY = dataclasses.replace(protocols.TINY, name="tiny_gen", perplexity=None, likelihood=(), generation=tuple(
+    dataclasses.replace(t, answer_nll_mc=0) for t in protocols.TINY.generation))
+
+
 def test_multiple_choice_accuracy(shipped):
   model, tok = shipped
-  acc = task_eval.eval_multiple_choice(model.params, model.config, tok, tasks.load_eval_set("mc"))
+  acc = suite.evaluate(model, tok, MC_ONLY, seed=0)["multiple_choice"]["accuracy"]
   assert acc["all"] >= 0.70, acc
 
 
-@pytest.mark.slow
-def test_mc_scores_match_official_estimator(shipped):
-  """Exact single-token scores vs the project's LLaDA Monte-Carlo estimator (exact for 1-token answers)."""
-  lik = pytest.importorskip("qdllm_jax.eval.likelihood")
+def test_mc_scores_match_the_exact_single_token_loglik(shipped):
+  """The suite's choice scores (its Monte-Carlo estimator, one sample) equal the one-forward closed form."""
   model, tok = shipped
-  exs = tasks.load_eval_set("mc")[::130]
-  mine = task_eval.mc_choice_scores(model.params, model.config, tok, exs)
-  for ex, s in zip(exs, mine):
-    ctx, _ = sequences.mc_ids(tok, ex.prompt, ex.choices[0])
-    ans = [sequences.mc_ids(tok, ex.prompt, c)[1] for c in ex.choices]
-    ref = lik.llada_loglikelihood(model, [ctx] * len(ans), ans, mask_id=model.config.mask_id,
-                                  key=jax.random.PRNGKey(0), mc_num=1, batch_size=1)
-    np.testing.assert_allclose(np.asarray(ref), s, rtol=1e-4, atol=1e-4)
+  r = suite.evaluate(model, tok, MC_ONLY, seed=0, limit=4, return_details=True)
+  for fam, scores in r["details"]["choice_scores"].items():
+    exs = [e for e in tasks.load_eval_set("mc") if e.family == fam][:4]
+    np.testing.assert_allclose(np.stack(scores), np.stack(single_token_choice_scores(model, tok, exs)),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_generation_exact_match(shipped):
   model, tok = shipped
-  acc = task_eval.eval_generation(model.params, model.config, tok, tasks.load_eval_set("gen"))
+  acc = suite.evaluate(model, tok, GEN_ONLY, seed=0)["generation"]["exact_match"]
   assert acc["all"] >= 0.80, acc
 
 
-def _greedy_reference(params, cfg, prompts, gen_len):
-  """Low-confidence remasking written out (the ML-GSAI/LLaDA generate.py loop at T=0, one block, one position per
-  step): l = model(x); x0 = argmax l; conf = max softmax(l) at masked generated positions; commit the argmax."""
-
-  b, p = prompts.shape
-  x = jnp.concatenate([jnp.asarray(prompts, jnp.int32), jnp.full((b, gen_len), cfg.mask_id, jnp.int32)], 1)
-  for _ in range(gen_len):
-    logits = transformer.forward_jit(params, cfg, x)
-    x0 = jnp.argmax(logits, -1).astype(jnp.int32)
-    conf = jnp.max(jax.nn.softmax(logits, -1), -1)
-    conf = jnp.where((x == cfg.mask_id) & (jnp.arange(x.shape[1]) >= p), conf, -jnp.inf)
-    x = jnp.where(jax.nn.one_hot(jnp.argmax(conf, -1), x.shape[1], dtype=bool), x0, x)
-  return np.asarray(x[:, p:])
-
-
 def test_generation_matches_the_written_out_loop(shipped):
-  """The scorer's generation (the package sampler) equals the greedy remasking loop written out here."""
+  """The suite's generation (the package sampler, left-padded batches) equals the greedy remasking loop written
+  out, on 16 examples whose prompts need no padding."""
   model, tok = shipped
-  gen = tasks.load_eval_set("gen")
-  plen = len(sequences.gen_prompt_ids(tok, gen[0]))
-  exs = [e for e in gen if len(sequences.gen_prompt_ids(tok, e)) == plen][:16]
+  fam = tasks.GEN_FAMILIES[0]
+  exs = [e for e in tasks.load_eval_set("gen") if e.family == fam][:16]
+  plen = len(sequences.gen_prompt_ids(tok, exs[0]))
+  assert all(len(sequences.gen_prompt_ids(tok, e)) == plen for e in exs)
+  got = suite.evaluate(model, tok, GEN_ONLY, seed=0, limit=16, return_details=True)["details"]["generated_ids"][fam]
   prompts = np.asarray([sequences.gen_prompt_ids(tok, e) for e in exs], np.int32)
-  mine = task_eval.greedy_generate(model.params, model.config, prompts, sequences.GEN_LEN)
-  ref = _greedy_reference(model.params, model.config, prompts, sequences.GEN_LEN)
-  np.testing.assert_array_equal(ref, mine)
-  hits = [sequences.decode_answer(tok, g) == e.answer.strip() for e, g in zip(exs, mine)]
+  ref = greedy_remasking(model, prompts, sequences.GEN_LEN)
+  np.testing.assert_array_equal(ref, got)
+  hits = [sequences.decode_answer(tok, g) == e.answer.strip() for e, g in zip(exs, got)]
   assert np.mean(hits) >= 0.5, hits
