@@ -28,6 +28,8 @@ from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import protocols as protocols_lib
 from qdllm_jax.eval.elbo import elbo_nll
 from qdllm_jax.eval.likelihood import dream_loglikelihood, llada_greedy_check, llada_loglikelihood
+from qdllm_jax.models import load_pretrained, load_tokenizer
+from qdllm_jax.models.families import family_of
 from qdllm_jax.sampling import dream_generate, llada_generate
 
 try:
@@ -58,26 +60,28 @@ class QdllmLM(LM):
     if model is None:
       if pretrained is None:
         raise ConfigError("QdllmLM needs pretrained=<checkpoint dir> or model=<qdllm_jax Model> + tokenizer.")
-      from qdllm_jax.models import load_pretrained, load_tokenizer
       model = load_pretrained(pretrained, dtype=dtype)
       tokenizer = load_tokenizer(pretrained) if tokenizer is None else tokenizer
     if tokenizer is None:
       raise ConfigError("QdllmLM(model=...) needs tokenizer= as well.")
     self.model, self.tok = model, tokenizer
-    cfg = getattr(model, "config", None)
-    self.arch = getattr(cfg, "arch", "llada")
+    cfg = model.config
+    self.sampler = family_of(cfg).sampler  # "llada" or "dream": the estimator and sampler of the model's family
+    if self.sampler not in protocols_lib.SAMPLERS:
+      raise ConfigError(f"a {cfg.arch} model does not generate (its family has no masked-diffusion sampler); lm-eval "
+                        f"tasks need a family with one of {protocols_lib.SAMPLERS}, e.g. LLaDA or Dream")
     self.mask_id = int(mask_id if mask_id is not None else getattr(model, "mask_id", tokenizer.mask_token_id))
-    self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(cfg, "eos_id", None)
+    self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_id
     if self.eos_id is None or self.eos_id == self.mask_id:
       raise ConfigError(f"the tokenizer's EOS id {self.eos_id} is missing or equals the mask id; expected an EOS.")
     self.bos_id = tokenizer.bos_token_id if add_bos_token else None
     if add_bos_token and self.bos_id is None:
       raise ConfigError("add_bos_token=True but the tokenizer has no BOS token; pass add_bos_token=False.")
-    self.max_length = int(max_length or getattr(cfg, "max_seq_len", 4096))
+    self.max_length = int(max_length or cfg.max_seq_len)
     self.mc_num, self.mc_batch, self.cfg_scale = int(mc_num), int(mc_batch), float(cfg_scale)
     self.greedy_check = bool(greedy_check)
     self.gen = dict(gen_length=int(gen_length), steps=int(steps), temperature=float(temperature))
-    if self.arch == "dream":
+    if self.sampler == "dream":
       if cfg_scale and not ignore_cfg:
         raise ConfigError(f"cfg_scale={cfg_scale}: dream_generate has no classifier-free guidance; pass "
                           "cfg_scale=0, or ignore_cfg=True to run without it (the card records the choice).")
@@ -111,7 +115,7 @@ class QdllmLM(LM):
     if not cont:
       raise ConfigError(f"continuation {continuation!r} encodes to no token; expected a non-empty answer.")
     prompt = self._prefix() + ctx
-    room = self.max_length - len(cont) - (1 if self.arch == "dream" else 0)
+    room = self.max_length - len(cont) - (1 if self.sampler == "dream" else 0)
     if room < 0:
       raise ConfigError(f"continuation of {len(cont)} tokens exceeds max_length={self.max_length}.")
     return prompt[len(prompt) - room:] if len(prompt) > room else prompt, cont
@@ -126,13 +130,13 @@ class QdllmLM(LM):
     kw = dict(mask_id=self.mask_id, key=self._next_key("loglikelihood"), mc_num=self.mc_num,
               batch_size=self.mc_batch, bucket=self.bucket, pad_id=self.eos_id,
               pairs_per_call=max(1, self.rows_per_call // self.mc_batch))
-    if self.arch == "dream":
+    if self.sampler == "dream":
       ll = dream_loglikelihood(self.model, prompts, [a + [self.eos_id] for a in answers], **kw)
     else:
       ll = llada_loglikelihood(self.model, prompts, answers, cfg_scale=self.cfg_scale, **kw)
     out = []
     for r, (p, a), v in zip(requests, pairs, np.atleast_1d(ll)):
-      greedy = bool(self.greedy_check and self.arch == "llada" and
+      greedy = bool(self.greedy_check and self.sampler == "llada" and
                     llada_greedy_check(self.model, p, a, mask_id=self.mask_id, cfg_scale=self.cfg_scale))
       out.append((float(v), greedy))
       self.cache_hook.add_partial("loglikelihood", r.args, out[-1])
@@ -150,7 +154,7 @@ class QdllmLM(LM):
       for ctx, pred in map(lm_utils.make_disjoint_window, wins):
         owner.append(i), prompts.append(list(ctx)), answers.append(list(pred))
     key = self._next_key("loglikelihood_rolling")
-    if self.arch == "dream":
+    if self.sampler == "dream":
       ll = dream_loglikelihood(self.model, prompts, [a + [self.eos_id] for a in answers], mask_id=self.mask_id,
                                key=key, mc_num=self.elbo_n_mc, batch_size=self.elbo_mc_batch, bucket=self.bucket,
                                pad_id=self.eos_id, pairs_per_call=max(1, self.rows_per_call // self.elbo_mc_batch))
@@ -185,7 +189,7 @@ class QdllmLM(LM):
       for j, p in enumerate(rows):
         ids[j, width - len(p):], am[j, width - len(p):] = p, 1
       key = self._next_key("generate_until")
-      if self.arch == "dream":
+      if self.sampler == "dream":
         g = self.gen
         x = dream_generate(self.model, ids, mask_id=self.mask_id, max_new_tokens=g["gen_length"], steps=g["steps"],
                            temperature=g["temperature"], top_p=g["top_p"], alg=g["alg"], attention_mask=am, key=key)

@@ -20,9 +20,11 @@ from typing import Optional
 from qdllm_jax.data.sequences import GEN_LEN
 from qdllm_jax.data.tasks import GEN_FAMILIES, MC_FAMILIES
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.models.families import FAMILIES
 
-SAMPLERS = ("llada", "dream")
-ENCODERS = ("bert",)  # model archs scored by fidelity protocols (eval/fidelity.py): quantized encoder vs FP source
+SAMPLERS = ("llada", "dream")  # the masked-diffusion samplers (sampling/): what a family's `sampler` names
+# families scored by fidelity protocols (eval/fidelity.py: quantized encoder vs FP source): `Family.encoder`
+ENCODERS = tuple(name for name, fam in FAMILIES.items() if fam.encoder)
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
@@ -125,9 +127,11 @@ class Protocol:
 
   def validate(self) -> "Protocol":
     """Raise ConfigError on inconsistent settings; returns self."""
-    _check(self.arch in SAMPLERS + ENCODERS, self, f"arch={self.arch!r}, expected one of {SAMPLERS + ENCODERS}")
-    f = self.fidelity
-    _check((self.arch in ENCODERS) == (f is not None), self, "an encoder protocol has a fidelity spec and only it")
+    _check(self.arch in FAMILIES, self, f"arch={self.arch!r}, expected a model family of {tuple(FAMILIES)}")
+    fam, f = FAMILIES[self.arch], self.fidelity
+    _check(fam.encoder == (f is not None), self, "an encoder protocol has a fidelity spec and only it")
+    _check(fam.encoder or fam.sampler in SAMPLERS, self, f"the {fam.name} family's sampler {fam.sampler!r} is "
+           f"not one of {SAMPLERS}")
     if f is not None:
       _check(not (self.likelihood or self.generation or self.perplexity) and self.data == "shipped", self,
              "an encoder protocol scores fidelity on the shipped corpus only (no tasks, no perplexity)")
@@ -148,7 +152,8 @@ class Protocol:
       _check(t.metric in ("acc", "acc_norm"), self, f"{t.name}: metric={t.metric!r}, expected acc or acc_norm")
     for t in self.generation:
       _check(isinstance(t, GenerationTask), self, f"generation entry {t!r} is not a GenerationTask")
-      _check(t.sampler == self.arch, self, f"{t.name}: sampler {t.sampler!r} differs from arch {self.arch!r}")
+      _check(t.sampler == fam.sampler, self, f"{t.name}: sampler {t.sampler!r} differs from the {self.arch} "
+             f"family's {fam.sampler!r}")
       _check(t.gen_length >= 1 and t.steps >= 1 and t.temperature >= 0, self,
              f"{t.name}: gen_length, steps must be >= 1 and temperature >= 0")
       _check(t.answer_nll_mc >= 0 and t.answer_nll_batch >= 1 and t.answer_nll_mc % t.answer_nll_batch == 0, self,

@@ -47,6 +47,10 @@ class Family:
       "ln_post" (post-LN blocks with LayerNorm biases).
     refine: (cfg, set of tensor names, directory) -> cfg, run by the loader on a checkpoint directory.
     ignored_tensor: name -> True for tensors a checkpoint may hold that are not params (accepted, unread).
+    sampler: the masked-diffusion sampler and likelihood convention the family uses ("llada": LLaDA's sampler and
+      Monte-Carlo estimator, logits aligned with the tokens; "dream": Dream's, logits shifted by one), or None for
+      a model that does not generate (an encoder).
+    encoder: scored by fidelity protocols against its FP source (eval/fidelity.py) instead of task protocols.
     module_orders: {name: groups of linears}: named quantization orders beside "standard" (`standard_order`) that
       `quant.module_order` may pick (the decoders: "llada_runner", the published LLaDA runner's order).
     presets: {preset name: ModelConfig}: architectures planned without weights (`config.model_preset`, --dry_run);
@@ -78,6 +82,8 @@ class Family:
   norm_kind: str = "rms_pre"
   refine: Callable = _identity_refine
   ignored_tensor: Callable = _no_ignored
+  sampler: str | None = None
+  encoder: bool = False
   presets: Mapping = dataclasses.field(default_factory=dict)
   module_orders: Mapping = dataclasses.field(default_factory=dict)
   scale_folds: Mapping = dataclasses.field(default_factory=dict)

@@ -1,6 +1,11 @@
-"""Sampler settings of each model family with the papers' defaults, typed overrides, and one call to decode.
+"""Settings of each masked-diffusion sampler with the papers' defaults, typed overrides, and one call to decode.
+
+A model family names the sampler it uses (`Family.sampler`: "llada" or "dream"); the settings are keyed by that
+sampler kind (the ConfigDict's fixed "family" key holds it), so a new family on an existing sampler needs nothing
+here.
 
   settings = default_settings("llada")                     # ml_collections.ConfigDict, typed defaults
+  settings = settings_for(model.config)                    # the same, for the sampler of the model's family
   apply_overrides(settings, [("steps", "64")])             # the launch's typed parsing (--sampler.steps=64)
   ids = run_sampler(model, prompt_ids, settings, key=key)  # llada_generate / dream_generate
 
@@ -17,6 +22,7 @@ import ml_collections as mlc
 
 from qdllm_jax.cli import set_override
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.models.families import family_of
 from qdllm_jax.sampling.dream_sampler import ALGS, dream_generate
 from qdllm_jax.sampling.llada_sampler import REMASKING, llada_generate
 
@@ -27,23 +33,33 @@ DREAM = dict(gen_length=512, steps=512, temperature=0.0, top_p=1.0, top_k=0, alg
 DEFAULTS = {"llada": LLADA, "dream": DREAM}
 
 
-def default_settings(arch: str) -> mlc.ConfigDict:
-  """The family's defaults as a ConfigDict (keys of LLADA or DREAM plus "family")."""
-  if arch not in DEFAULTS:
-    raise ConfigError(f"no sampler for model family {arch!r}; expected one of {sorted(DEFAULTS)}")
-  return mlc.ConfigDict(dict(DEFAULTS[arch], family=arch))
+def default_settings(sampler: str) -> mlc.ConfigDict:
+  """The sampler's defaults as a ConfigDict (keys of LLADA or DREAM plus "family" = the sampler kind)."""
+  if sampler not in DEFAULTS:
+    raise ConfigError(f"no sampler {sampler!r}; expected one of {sorted(DEFAULTS)}")
+  return mlc.ConfigDict(dict(DEFAULTS[sampler], family=sampler))
+
+
+def settings_for(config) -> mlc.ConfigDict:
+  """`default_settings` of the sampler of ModelConfig `config`'s family; ConfigError for a family that does not
+  generate (an encoder)."""
+  fam = family_of(config)
+  if fam.sampler is None:
+    raise ConfigError(f"a {fam.name} model does not generate (its family has no masked-diffusion sampler); "
+                      f"serve or sample a model of a family with one of {sorted(DEFAULTS)}, e.g. LLaDA or Dream")
+  return default_settings(fam.sampler)
 
 
 def apply_overrides(settings: mlc.ConfigDict, overrides) -> mlc.ConfigDict:
   """Set [(key, text or value)] on `settings` (typed like the defaults), then `validate`; returns settings.
 
-  A key of the other family gets an error naming the family of this model."""
+  A key of the other sampler gets an error naming the sampler of this model."""
   fam = settings.family
   for key, value in overrides:
     other = [f for f, d in DEFAULTS.items() if f != fam and key in d]
     if key not in settings and other:
-      raise ConfigError(f"--sampler.{key} is a {other[0]} setting; this is a {fam} model, whose settings are "
-                        f"{sorted(DEFAULTS[fam])}")
+      raise ConfigError(f"--sampler.{key} is a {other[0]} setting; this model uses the {fam} sampler, whose "
+                        f"settings are {sorted(DEFAULTS[fam])}")
     if key == "family":
       raise ConfigError("--sampler.family is fixed by the model's config.json; it cannot be overridden")
     set_override(settings, key, value, prefix="--sampler.", hidden=("family",))
@@ -123,7 +139,8 @@ def run_sampler(model, prompt_ids, s: mlc.ConfigDict, *, key: jax.Array, attenti
 
   `key` is passed to the sampler unchanged, so the result equals calling llada_generate / dream_generate with
   `sampler_kwargs(s, model.config)` and the same key."""
-  if s.family != model.config.arch:
-    raise ConfigError(f"sampler settings of family {s.family!r} for a {model.config.arch} model")
+  if s.family != family_of(model.config).sampler:
+    raise ConfigError(f"settings of the {s.family!r} sampler for a {model.config.arch} model, whose family samples "
+                      f"with {family_of(model.config).sampler!r}")
   fn = llada_generate if s.family == "llada" else dream_generate
   return fn(model, prompt_ids, key=key, attention_mask=attention_mask, **sampler_kwargs(s, model.config))

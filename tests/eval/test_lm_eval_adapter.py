@@ -14,6 +14,7 @@ from qdllm_jax.errors import ConfigError  # noqa: E402
 from qdllm_jax.eval.elbo import elbo_nll  # noqa: E402
 from qdllm_jax.eval.likelihood import llada_greedy_check, llada_loglikelihood  # noqa: E402
 from qdllm_jax.eval.lm_eval_adapter import QdllmLM, adapter_kwargs  # noqa: E402
+from qdllm_jax.models import Model, families  # noqa: E402
 from qdllm_jax.sampling import llada_generate  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -101,6 +102,8 @@ def test_adapter_kwargs_and_errors(small_model, small_tok):
     QdllmLM(model=small_model, tokenizer=small_tok, mcnum=3)
   with pytest.raises(ConfigError, match="pretrained"):
     QdllmLM()
+  with pytest.raises(ConfigError, match="a bert model does not generate"):  # an encoder family has no sampler
+    QdllmLM(model=Model(params={}, config=families.preset("minilm_l6")), tokenizer=small_tok)
 
 
 def test_simple_evaluate_on_local_tasks(small_model, small_tok, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 from qdllm_jax.data import sequences, tasks
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.protocols import PROTOCOLS, GenerationTask, LikelihoodTask, get_protocol
+from qdllm_jax.models import families, llada
 
 
 def test_every_protocol_constructs_and_is_consistent():
@@ -82,3 +83,15 @@ def test_inconsistent_protocols_raise(change):
 def test_unknown_protocol_raises():
   with pytest.raises(ConfigError, match="unknown protocol"):
     get_protocol("tinyy")
+
+
+def test_protocol_architectures_are_families_of_the_registry(monkeypatch):
+  """A protocol names a family; a new family on LLaDA's sampler runs LLaDA generation tasks, an encoder family
+  only fidelity protocols."""
+  monkeypatch.setitem(families.FAMILIES, "llada_like", dataclasses.replace(llada.FAMILY, name="llada_like"))
+  tiny = get_protocol("tiny")
+  assert get_protocol(dataclasses.replace(tiny, name="tiny_like", arch="llada_like")).arch == "llada_like"
+  with pytest.raises(ConfigError, match="encoder protocol has a fidelity spec"):
+    get_protocol(dataclasses.replace(tiny, arch="bert"))
+  with pytest.raises(ConfigError, match="sampler 'llada' differs from the dream family's 'dream'"):
+    get_protocol(dataclasses.replace(tiny, arch="dream"))

@@ -1,8 +1,11 @@
 """Sampler settings: the papers' defaults, typed overrides, the mapping onto the samplers' keyword arguments, and
 max_tokens rescaling (closed forms; no model is run)."""
+import dataclasses
+
 import pytest
 
 from qdllm_jax.errors import ConfigError
+from qdllm_jax.models import families, llada
 from qdllm_jax.models.dream import DREAM_7B, dream_config
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.sampling import settings as S
@@ -45,3 +48,13 @@ def test_with_gen_length_keeps_steps_per_token(gen, block, steps):
   assert S.with_gen_length(S.default_settings("dream"), 100).steps == 100
   llada_kw = S.sampler_kwargs(S.with_gen_length(base, gen), llada_config(LLADA_8B))
   assert llada_kw["mask_id"] == 126336 and llada_kw["gen_length"] == gen
+
+
+def test_settings_follow_the_sampler_of_the_models_family(monkeypatch):
+  """A new family on LLaDA's sampler gets LLaDA's settings without an entry here; an encoder gets none."""
+  monkeypatch.setitem(families.FAMILIES, "llada_like", dataclasses.replace(llada.FAMILY, name="llada_like"))
+  cfg = dataclasses.replace(llada_config(LLADA_8B), arch="llada_like")
+  assert S.settings_for(cfg).to_dict() == S.default_settings("llada").to_dict()
+  assert S.settings_for(dream_config(DREAM_7B)).family == "dream"
+  with pytest.raises(ConfigError, match="a bert model does not generate"):
+    S.settings_for(families.preset("minilm_l6"))
