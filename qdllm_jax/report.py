@@ -22,7 +22,7 @@ import numpy as np
 
 from qdllm_jax import fileio
 from qdllm_jax.eval import paired as paired_lib
-from qdllm_jax.models import transformer
+from qdllm_jax.models.families import get_family
 
 PLOTS = {"layer_errors": "plots/layer_errors.png", "abmp_orders": "plots/abmp_orders.png",
          "metrics": "plots/metrics.png"}
@@ -45,10 +45,11 @@ def write_json(path: str, data: dict) -> None:
   fileio.atomic_write_text(path, json.dumps(data, indent=1, default=json_default, allow_nan=True) + "\n")
 
 
-def orders_matrix(layers: list, n_layers: int):
-  """(M float [n_layers * 7, max blocks] of orders (NaN where a matrix has fewer blocks or no orders),
-  row labels "L{layer}.{name}") from the per-matrix report entries."""
-  names = transformer.LINEARS
+def orders_matrix(layers: list, n_layers: int, linears: tuple):
+  """(M float [n_layers * len(linears), max blocks] of orders (NaN where a matrix has fewer blocks or no orders),
+  row labels "L{layer}.{name}") from the per-matrix report entries; linears: the family's block linears in order
+  (`Family.linears`)."""
+  names = tuple(linears)
   width = max((len(e["orders"]) for e in layers if e.get("orders")), default=0)
   m = np.full((n_layers * len(names), max(width, 1)), np.nan)
   for e in layers:
@@ -62,12 +63,13 @@ def _legend_outside(ax, ncol: int = 1) -> None:
   ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=ncol, frameon=False)
 
 
-def plot_layer_errors(layers: list, path: str) -> None:
-  """Relative output error per block (integer ticks), one line per linear (log scale), legend outside."""
+def plot_layer_errors(layers: list, linears: tuple, path: str) -> None:
+  """Relative output error per block (integer ticks), one line per linear of `linears` (log scale), legend
+  outside."""
   import matplotlib.pyplot as plt
   from matplotlib.ticker import MaxNLocator
   fig, ax = plt.subplots(figsize=(7.5, 4))
-  for name in transformer.LINEARS:
+  for name in linears:
     pts = sorted((e["layer"], e["rel_err"]) for e in layers if e["name"] == name)
     if pts:
       ax.plot(*zip(*pts), marker="o", ms=3, label=name)
@@ -82,11 +84,11 @@ def plot_layer_errors(layers: list, path: str) -> None:
   plt.close(fig)
 
 
-def plot_orders(layers: list, n_layers: int, path: str) -> bool:
+def plot_orders(layers: list, n_layers: int, linears: tuple, path: str) -> bool:
   """Heat map of the ABMP orders (layers x linears rows, column blocks columns). False when no orders."""
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
-  m, labels = orders_matrix(layers, n_layers)
+  m, labels = orders_matrix(layers, n_layers, linears)
   if np.all(np.isnan(m)):
     return False
   fig, ax = plt.subplots(figsize=(min(16, 3 + 0.08 * m.shape[1]), min(30, 1.5 + 0.14 * m.shape[0])))
@@ -164,9 +166,11 @@ def write_plots(workdir: str, report: dict) -> list[str]:
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
   out = []
   if report.get("layers"):
-    plot_layer_errors(report["layers"], os.path.join(workdir, PLOTS["layer_errors"]))
+    linears = get_family(report["model"]["arch"]).linears
+    plot_layer_errors(report["layers"], linears, os.path.join(workdir, PLOTS["layer_errors"]))
     out.append(PLOTS["layer_errors"])
-    if plot_orders(report["layers"], report["model"]["n_layers"], os.path.join(workdir, PLOTS["abmp_orders"])):
+    if plot_orders(report["layers"], report["model"]["n_layers"], linears,
+                   os.path.join(workdir, PLOTS["abmp_orders"])):
       out.append(PLOTS["abmp_orders"])
   if plot_metrics(report.get("metrics", {}), os.path.join(workdir, PLOTS["metrics"]), report.get("comparison")):
     out.append(PLOTS["metrics"])

@@ -29,12 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.models import transformer
 from qdllm_jax.models.families import family_of
 from qdllm_jax.models.model_config import ModelConfig
 from qdllm_jax.sharding import host_array
-
-TAPS = tuple(transformer.LINEAR_GROUPS)  # the LLaDA/Dream decoder's; a model's own: family_of(cfg).linear_groups
 
 
 @dataclasses.dataclass

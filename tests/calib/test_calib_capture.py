@@ -45,7 +45,7 @@ def test_chunked_equals_unchunked(chunk):
   full = capture.capture_block(p, xs, cfg, chunk_size=5)
   part = capture.capture_block(p, xs, cfg, chunk_size=chunk)
   np.testing.assert_allclose(np.asarray(part.outputs), np.asarray(full.outputs), rtol=1e-6, atol=1e-6)
-  for tap in capture.TAPS:
+  for tap in transformer.LINEAR_GROUPS:
     a, b = np.asarray(part.hessians[tap]), np.asarray(full.hessians[tap])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
 

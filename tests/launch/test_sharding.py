@@ -38,7 +38,7 @@ def test_sharded_calibration_hessian_equals_single_device(params, shape, axes):
   assert xs_sh.sharding.spec == P("data", None, None)
   assert len({d for s in xs_sh.addressable_shards for d in [s.device]}) == 8
   got = capture.capture_block(blk, xs_sh, CFG, chunk_size=8)
-  for tap in capture.TAPS:
+  for tap in transformer.LINEAR_GROUPS:
     np.testing.assert_allclose(np.asarray(got.hessians[tap]), np.asarray(ref.hessians[tap]), rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got.outputs), np.asarray(ref.outputs), rtol=1e-5, atol=1e-6)
   x64 = xs.astype(np.float64)
@@ -71,7 +71,7 @@ def test_data_parallel_chunks_use_every_device(params, n, chunk, host_buffer, mo
   ref = cap_lib.capture_block(blk, xs, CFG, chunk_size=chunk)
   # float32 matmuls of 8 row shards vs one batch: XLA:CPU picks other kernels (seen here: 2.3e-6 on |x| ~ 0.03)
   np.testing.assert_allclose(np.asarray(got.outputs), np.asarray(ref.outputs), rtol=1e-5, atol=1e-5)
-  for tap in cap_lib.TAPS:  # float32 sums in another order
+  for tap in transformer.LINEAR_GROUPS:  # float32 sums in another order
     np.testing.assert_allclose(np.asarray(got.hessians[tap]), np.asarray(ref.hessians[tap]), rtol=2e-5, atol=1e-5)
 
 
@@ -168,5 +168,5 @@ def test_host_activation_chunks_are_split_over_the_data_axis(params, monkeypatch
   assert seen == [8, 8] and isinstance(got.outputs, np.ndarray)
   ref = cap_lib.capture_block(params["blocks"][0], xs, CFG, chunk_size=8)
   np.testing.assert_allclose(got.outputs, ref.outputs, rtol=1e-5, atol=1e-6)
-  for tap in cap_lib.TAPS:
+  for tap in transformer.LINEAR_GROUPS:
     np.testing.assert_allclose(np.asarray(got.hessians[tap]), np.asarray(ref.hessians[tap]), rtol=2e-5, atol=1e-5)
