@@ -14,7 +14,7 @@ import os
 import ml_collections as mlc
 
 from qdllm_jax.calib.calibration import CALIB_SUFFIXES
-from qdllm_jax.config_schema import RunSpec, build, defaults, non_semantic_keys
+from qdllm_jax.config_schema import RunSpec, build, defaults
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval import protocols
 from qdllm_jax.hardware import HARDWARE
@@ -26,8 +26,6 @@ from qdllm_jax.quant.methods import SCALE_DTYPES
 DTYPES = ("auto", "float32", "bfloat16")
 CALIB_NAMED = ("corpus", "c4", "wikitext2")
 MESH_AXES = ("data", "model")
-# Keys that do not change the quantized checkpoint (left out of the workdir fingerprint).
-NON_SEMANTIC = non_semantic_keys(RunSpec)
 # Keys each method reads (the others are ignored by it): declared by the method (quant/method_<name>.py).
 METHOD_KEYS = {name: m.config_keys for name, m in methods.REGISTRY.items()}
 

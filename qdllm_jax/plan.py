@@ -23,6 +23,9 @@ import dataclasses
 import math
 import re
 
+import jax
+import jax.numpy as jnp
+
 from qdllm_jax import config_check as config_lib
 from qdllm_jax import plan_timing, sharding
 from qdllm_jax.eval import protocols
@@ -279,8 +282,6 @@ def abstract_model(cfg, dtype, batch: int, seqlen: int):
 
   Nothing is allocated: init_params and forward are traced abstractly for int32 ids [batch, seqlen].
   """
-  import jax
-  import jax.numpy as jnp
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), families.param_shapes(cfg),
                         is_leaf=lambda s: isinstance(s, tuple))
   logits = jax.eval_shape(lambda p, x: families.forward(p, cfg, x), params,
@@ -294,9 +295,6 @@ def dry_run(spec) -> tuple[str, RunPlan]:
 
   Returns (the printed text, the RunPlan). Raises ConfigError for configs that are invalid for the model.
   """
-  import jax
-  import jax.numpy as jnp
-
   if spec.model_preset:
     cfg = families.preset(spec.model_preset)
   else:

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -88,7 +89,6 @@ def host_array(a) -> np.ndarray:
   all-gathered, so this is a collective there: every process must call it, and every process gets the whole
   array."""
   if isinstance(a, jax.Array) and not a.is_fully_addressable:
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))
   return np.asarray(a)
 

@@ -1,8 +1,8 @@
 """The run's workdir: its fingerprint (what the outputs were made from) and a content digest of checkpoints.
 
 The fingerprint hashes three components: the model (config.json, weight file names and sizes, every tensor's
-name/shape/dtype from the safetensors headers), the calibration ids, and the semantic config (config_check.py
-NON_SEMANTIC keys left out) with the resolved mesh, the package version and the JAX backend. `prepare`
+name/shape/dtype from the safetensors headers), the calibration ids, and the semantic config (the keys of
+config_schema.non_semantic_keys left out) with the resolved mesh, the package version and the JAX backend. `prepare`
 records it in workdir/fingerprint.json and refuses a workdir that holds another run unless overwrite=True.
 """
 from __future__ import annotations

@@ -22,11 +22,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qdllm_jax import fileio
 from qdllm_jax.checkpoint import quantized, store, tree
 from qdllm_jax.errors import CheckpointError, FormatError
 from qdllm_jax.models import hf
 from qdllm_jax.models.families import config_from_hf
-from qdllm_jax.models.hf_checkpoint import _np_dtype, save_pretrained
+from qdllm_jax.models.hf_checkpoint import np_dtype, save_pretrained
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig, config_to_hf
 
@@ -63,7 +64,7 @@ def export_hf(path_q: str, out_dir: str, dtype: str | None = "bfloat16", *, max_
     out_dir (absolute). Tensor o of a packed linear equals dequantize()[o] cast to dtype, bit for bit.
   """
   what = "export_hf"
-  dt = _np_dtype(dtype)
+  dt = np_dtype(dtype)
   out = _refuse_source(path_q, out_dir, what)
   params, cfg, side = quantized.read_params(path_q, host=True)
 
@@ -110,7 +111,7 @@ def export_packed_safetensors(path_q: str, out_dir: str, *, overwrite: bool = Fa
   tok = side["tokenizer"]["files"]
   need = sum(a.nbytes for a in tensors.values()) + len(header) + len(qconfig)
   target = store.preflight(out, need, overwrite=overwrite, what=what)
-  with store.atomic_dir(target, overwrite=overwrite, what=what) as tmp:
+  with fileio.atomic_dir(target, overwrite=overwrite, what=what) as tmp:
     save_file(tensors, os.path.join(tmp, PACKED_WEIGHTS), metadata={"format": "qdllm-packed", HEADER_KEY: header})
     store.write_text(os.path.join(tmp, QUANT_CONFIG), qconfig)
     store.write_text(os.path.join(tmp, quantized.CONFIG), store.to_json(config_to_hf(cfg), quantized.CONFIG))

@@ -27,6 +27,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 
+from qdllm_jax import fileio
 from qdllm_jax import sharding as sharding_lib
 from qdllm_jax.checkpoint import integrity, store, tree
 from qdllm_jax.errors import CheckpointError
@@ -144,7 +145,7 @@ def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: di
   if tokenizer_from is not None and os.path.realpath(tokenizer_from) == os.path.realpath(target):
     raise CheckpointError(f"{where}: target {target} is the tokenizer_from directory; choose another target")
   digests = {}
-  with store.atomic_dir(target, overwrite=overwrite, what=where) as tmp:
+  with fileio.atomic_dir(target, overwrite=overwrite, what=where) as tmp:
     for name, prefix, value, want in parts:
       arrays, got = tree.encode(value.load() if _is_lazy(value) else value, f"{where}.{name}")
       if got != want:

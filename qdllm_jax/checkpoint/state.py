@@ -26,6 +26,7 @@ import shutil
 
 import numpy as np
 
+from qdllm_jax import fileio
 from qdllm_jax.checkpoint import integrity, store, tree
 from qdllm_jax.errors import CheckpointError, ConfigError
 from qdllm_jax.quant.pipeline import PipelineState
@@ -108,7 +109,7 @@ def _write_block(directory: str, i: int, block: dict, fingerprint: str) -> None:
                         "spec": spec, "digests": integrity.tree_digests(arrays)}, f"save_state: block {i}")
   need = sum(tree.leaf_nbytes(s) for _, s in tree.iter_specs(spec)) + len(meta)
   target = store.preflight(_block_dir(directory, i), need, overwrite=True, what="save_state")
-  with store.atomic_dir(target, overwrite=True, what="save_state") as tmp:
+  with fileio.atomic_dir(target, overwrite=True, what="save_state") as tmp:
     store.save_arrays(tmp, arrays)
     store.write_text(os.path.join(tmp, BLOCK_JSON), meta)
 
@@ -166,7 +167,7 @@ def save_state(directory: str, state: PipelineState, *, fingerprint: str) -> str
       "global_bits": state.global_bits, "report": list(state.report)}, "save_state: the report")
   need = int(np.prod(np.shape(state.x))) * np.dtype(state.x.dtype).itemsize + len(meta)
   target = store.preflight(os.path.join(directory, f"state-{k:06d}"), need, overwrite=True, what="save_state")
-  with store.atomic_dir(target, overwrite=True, what="save_state") as tmp:
+  with fileio.atomic_dir(target, overwrite=True, what="save_state") as tmp:
     store.save_arrays(tmp, arrays)
     store.write_text(os.path.join(tmp, STATE_JSON), meta)
   for j, path in _states(directory):

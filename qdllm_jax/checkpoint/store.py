@@ -1,6 +1,6 @@
-"""Atomic checkpoint directories, JSON sidecars, and Orbax array trees.
+"""JSON sidecars and Orbax array trees of checkpoint directories (written inside `fileio.atomic_dir`).
 
-`atomic_dir(target, ...)` yields a fresh temporary directory beside `target`; on success it is renamed into
+`fileio.atomic_dir(target, ...)` yields a fresh temporary directory beside `target`; on success it is renamed into
 place (an existing target, with overwrite=True, is moved aside first and deleted after the swap), on any
 failure it is deleted. The target therefore either holds a complete checkpoint or is untouched; a kill -9
 mid-write leaves only a hidden `.<name>.tmp-p<pid>@<host>-*` sibling, never a half-written `target`; the launch
@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdllm_jax.errors import CheckpointError, ConfigError
-from qdllm_jax.fileio import atomic_dir  # noqa: F401  (re-exported: savers call store.atomic_dir)
 
 ARRAYS_DIR = "arrays"
 

@@ -32,9 +32,8 @@ from scipy import stats as sp_stats
 
 from qdllm_jax.data import corpus
 from qdllm_jax.errors import ConfigError
-from qdllm_jax.eval.paired import _stat, paired_mean
+from qdllm_jax.eval.paired import paired_mean, paired_stat
 
-SENTENCE_METRICS = ("rel_err", "emb_cos")
 SIM_METRICS = ("sim_pearson", "sim_spearman")
 
 
@@ -197,8 +196,9 @@ def jackknife_sim_delta(e_ref, e_a, e_b, groups: int = 32) -> dict:
     ca, cb = similarity_correlations(e_ref, e_a, keep), similarity_correlations(e_ref, e_b, keep)
     for m in SIM_METRICS:
       loo[m][g] = cb[m] - ca[m]
-  return {m: _stat(full_b[m] - full_a[m], np.sqrt((g_count - 1) / g_count * np.sum((loo[m] - loo[m].mean()) ** 2)),
-                   n) for m in SIM_METRICS}
+  return {m: paired_stat(full_b[m] - full_a[m],
+                         np.sqrt((g_count - 1) / g_count * np.sum((loo[m] - loo[m].mean()) ** 2)), n)
+          for m in SIM_METRICS}
 
 
 def paired_fidelity(values_b: dict, values_a: dict | None = None, *, groups: int = 32) -> dict:

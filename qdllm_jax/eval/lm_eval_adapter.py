@@ -237,7 +237,7 @@ def run_protocol(model, tokenizer, protocol, *, tasks=None, task_map=None, inclu
   (e.g. a local-data copy from include_path). limit: examples per task (testing only). Returns
   {"protocol": card, "results": {task: lm-eval metrics dict}, "n_shot": {task: shots}, "ignore_cfg": bool}.
   """
-  from lm_eval import simple_evaluate
+  from lm_eval import simple_evaluate  # lm_eval.evaluator and its task registry: heavy, only when tasks run
   from lm_eval.tasks import TaskManager
   proto = protocols_lib.get_protocol(protocol)
   specs = {t.name: t for t in proto.likelihood + proto.generation}

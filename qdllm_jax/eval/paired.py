@@ -26,7 +26,8 @@ from qdllm_jax.errors import ConfigError
 DETAIL_KEYS = ("window_nll", "window_tokens", "choice_nll", "gen_hits")  # the per-item results compare reads
 
 
-def _stat(delta: float, se: float, n: int) -> dict:
+def paired_stat(delta: float, se: float, n: int) -> dict:
+  """{"delta", "se", "t" = delta / se (+-inf for a nonzero delta with se 0), "n"}: one paired comparison's record."""
   t = delta / se if se > 0 else (0.0 if delta == 0 else float(np.sign(delta)) * float("inf"))
   return {"delta": float(delta), "se": float(se), "t": float(t), "n": int(n)}
 
@@ -36,7 +37,7 @@ def paired_mean(d) -> dict:
   d = np.asarray(d, np.float64).reshape(-1)
   if d.size < 2:
     raise ConfigError(f"a paired comparison needs >= 2 items; got {d.size}.")
-  return _stat(d.mean(), d.std(ddof=1) / np.sqrt(d.size), d.size)
+  return paired_stat(d.mean(), d.std(ddof=1) / np.sqrt(d.size), d.size)
 
 
 def paired_ratio(diff, n_tokens) -> dict:
@@ -48,7 +49,7 @@ def paired_ratio(diff, n_tokens) -> dict:
                       f"{n_tokens.size} counts.")
   delta = diff.sum() / n_tokens.sum()
   se = np.sqrt(w / (w - 1) * np.sum((diff - delta * n_tokens) ** 2)) / n_tokens.sum()
-  return _stat(delta, se, w)
+  return paired_stat(delta, se, w)
 
 
 def _by_family(per_item: dict, fn) -> dict:

