@@ -39,7 +39,8 @@ class Rule:
   Attributes:
     method: a registered method name (quant/methods.py: "quant_dllm", "gptq", "rtn").
     bits: bits per weight (quant_dllm: binary planes / base order).
-    group_size: input columns per quantization group / DAQ block (128 in the papers).
+    group_size: input columns per quantization group / DAQ block (128 in the papers; -1 = one group per row where
+      the method allows it).
     options: extra keyword options for the quantizer, as a sorted tuple of (key, value) (JSON values).
   """
   method: str = "quant_dllm"
@@ -50,10 +51,10 @@ class Rule:
   def __post_init__(self):
     if self.method not in methods.REGISTRY:
       raise ConfigError(f"rule method {self.method!r} is unknown; expected one of {tuple(methods.REGISTRY)}")
-    if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
-      raise ConfigError(f"rule bits={self.bits!r}; expected an int in 1..8")
-    if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-      raise ConfigError(f"rule group_size={self.group_size!r}; expected a positive int (128 in the papers)")
+    bad = methods.REGISTRY[self.method].check_shape(self.bits, self.group_size, None)  # the method's own ranges
+    if bad is not None:
+      field, want = bad
+      raise ConfigError(f"rule {field}={getattr(self, field)!r} is not supported by {self.method}; expected {want}")
     opts = dict(self.options)
     try:
       json.dumps(opts)

@@ -31,6 +31,18 @@ def test_first_match_wins_and_skip():
   assert len(plan.quantized()) == 13
 
 
+def test_rule_ranges_are_the_methods_own():
+  """A rule accepts what its method accepts (per-channel -1 for GPTQ/RTN, as the run config documents) and
+  refuses the rest with the method's message."""
+  plan = rules.resolve_rules(rules.default_rules("gptq", 3, -1, sym=True), LCFG)
+  assert {r.group_size for r in plan.modules.values()} == {-1}
+  for args, msg in ((("quant_dllm", 2, -1), "group_size=-1 is not supported by quant_dllm"),
+                    (("quant_dllm", 4, 128), "bits=4 is not supported by quant_dllm; expected 1, 2 or 3"),
+                    (("rtn", 9, 128), "bits=9 is not supported by rtn"), (("gptq", 3, 0), "group_size=0")):
+    with pytest.raises(ConfigError, match=msg):
+      rules.Rule(*args)
+
+
 def test_unmatched_modules_stay_fp():
   plan = rules.resolve_rules([(r"mlp\.down_proj$", rules.Rule("rtn", 2, 32))], dream_config(DREAM_TINY_TEST))
   assert plan.quantized() == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
@@ -70,7 +82,7 @@ def test_errors_name_the_culprit():
   with pytest.raises(ConfigError, match="bits"):
     rules.Rule("rtn", 0, 32)
   with pytest.raises(ConfigError, match="group_size"):
-    rules.Rule("rtn", 2, -1)
+    rules.Rule("rtn", 2, -2)  # (-1 is RTN's per-channel grid: accepted)
   with pytest.raises(ConfigError, match="JSON"):
     rules.Rule("rtn", 2, 32, (("f", object()),))
   with pytest.raises(ConfigError, match="not a rule"):
