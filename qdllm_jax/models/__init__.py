@@ -9,7 +9,16 @@
 The family of a checkpoint comes from config.json `model_type` (models/families.py, one module per family).
 """
 from qdllm_jax.models.dream import DREAM_7B, dream_config
-from qdllm_jax.models.families import FAMILIES, config_from_hf, family_for_model_type, get_family
+from qdllm_jax.models.families import (
+                                      FAMILIES,
+                                      PRESETS,
+                                      config_from_hf,
+                                      family_for_model_type,
+                                      family_of,
+                                      forward,
+                                      get_family,
+                                      num_params,
+)
 from qdllm_jax.models.hf_checkpoint import (
                                            CheckpointReader,
                                            load_pretrained,
@@ -22,4 +31,3 @@ from qdllm_jax.models.hf_tokenizer import load_tokenizer
 from qdllm_jax.models.llada import LLADA_8B, llada_config
 from qdllm_jax.models.model import Model
 from qdllm_jax.models.model_config import ModelConfig, config_to_hf
-from qdllm_jax.models.transformer import block_forward, forward, init_params, num_params

@@ -21,7 +21,7 @@ class Model:
   float32 logits [B, T, vocab], the same convention as the PyTorch original's forward (Dream: unshifted);
   a BERT checkpoint without an MLM head (`config.has_head` False, e.g. all-MiniLM-L6-v2) returns its last
   hidden states float32 [B, T, d_model] instead.
-  `act` (static, optional): an `act_quant.ActQuant` applied to every block linear's input (W8A8 / W4A4
+  `act` (static, optional): an `act_fake_quant.ActQuant` applied to every block linear's input (W8A8 / W4A4
   baselines); the blocks' online transforms, if any, live in the params (`p["online"]`).
   """
   params: dict
