@@ -34,7 +34,9 @@ class Family:
     name: the `ModelConfig.arch` value ("llada", "dream", "bert").
     model_types: config.json `model_type` values it loads.
     parse_config: (config.json dict, path) -> ModelConfig; CheckpointError on unsupported fields.
-    top_names, block_names: (cfg[, layer]) -> {canonical name: HF tensor name}.
+    top_names, block_names: (cfg[, layer]) -> {canonical name: HF tensor name}. A block linear's tensor name is
+      "<module path>.<param>" (the HF convention, e.g. "...q_proj.weight"): rules tables and reports name the
+      linear by its module path (models/hf.py `module_path`), so the paths of a block's linears are distinct.
     param_shapes: cfg -> the params pytree's shapes ({"blocks": [...], top names...}).
     param_axes: {canonical param name: its logical axes}, one name per dimension (None: replicated), mapped to
       mesh axes by sharding.LOGICAL_RULES; every name of `param_shapes` has an entry.
