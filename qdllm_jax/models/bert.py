@@ -266,4 +266,5 @@ FAMILY = Family(
     embed_keys=("embed", "pos_embed", "type_embed", "embed_norm", "embed_norm_bias"), embed=embed,
     block_context=block_context, block_forward=block_forward, head=head, forward=forward, calib_seed=0,
     norm_kind="ln_post", refine=_refine, ignored_tensor=_ignored, scale_folds=SCALE_FOLDS,
-    presets={"minilm_l6": _bert_config(MINILM_L6, "bert.MINILM_L6")}, encoder=True)
+    presets={"minilm_l6": _bert_config(MINILM_L6, "bert.MINILM_L6")}, encoder=True,
+    description="BERT / MiniLM encoders")

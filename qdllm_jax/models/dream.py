@@ -61,4 +61,5 @@ def dream_config(base: dict = DREAM_7B, **overrides) -> ModelConfig:
 
 # seed_x 100: the released Dream calibration script's default
 FAMILY = decoder_family("dream", ("Dream", "dream"), _dream_config, TOP_NAMES, BLOCK_NAMES, BLOCK_PREFIX,
-                        calib_seed=100, presets={"dream_7b": dream_config(DREAM_7B)}, sampler="dream")
+                        calib_seed=100, presets={"dream_7b": dream_config(DREAM_7B)}, sampler="dream",
+                        description="Dream-v0-Base/Instruct-7B")

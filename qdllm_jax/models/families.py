@@ -48,8 +48,8 @@ def family_for_model_type(model_type, path: str = "config.json") -> Family:
   """The family loading config.json `model_type`; CheckpointError naming the known ones otherwise."""
   fam = _BY_MODEL_TYPE.get(model_type)
   if fam is None:
-    raise CheckpointError(f"{path}: unknown model_type {model_type!r}; expected one of {tuple(_BY_MODEL_TYPE)} "
-                          "('llada': LLaDA-8B, LLaDA-1.5; 'Dream': Dream-v0-7B; 'bert': BERT / MiniLM encoders)")
+    known = "; ".join(f"{'/'.join(map(repr, f.model_types))}: {f.description}" for f in FAMILIES.values())
+    raise CheckpointError(f"{path}: unknown model_type {model_type!r}; expected one of {known} (models/families.py)")
   return fam
 
 

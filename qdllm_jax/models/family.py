@@ -49,6 +49,7 @@ class Family:
       "ln_post" (post-LN blocks with LayerNorm biases).
     refine: (cfg, set of tensor names, directory) -> cfg, run by the loader on a checkpoint directory.
     ignored_tensor: name -> True for tensors a checkpoint may hold that are not params (accepted, unread).
+    description: the checkpoints it loads, for messages (e.g. "LLaDA-8B, LLaDA-1.5").
     sampler: the masked-diffusion sampler and likelihood convention the family uses ("llada": LLaDA's sampler and
       Monte-Carlo estimator, logits aligned with the tokens; "dream": Dream's, logits shifted by one), or None for
       a model that does not generate (an encoder).
@@ -84,6 +85,7 @@ class Family:
   norm_kind: str = "rms_pre"
   refine: Callable = _identity_refine
   ignored_tensor: Callable = _no_ignored
+  description: str = ""
   sampler: str | None = None
   encoder: bool = False
   presets: Mapping = dataclasses.field(default_factory=dict)

@@ -88,7 +88,7 @@ DECODER_MODULE_ORDERS = {"llada_runner": (("o",), ("down",), ("q",), ("k",), ("v
 
 
 def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table: dict, prefix: str,
-                   calib_seed: int, presets: dict, sampler: str) -> Family:
+                   calib_seed: int, presets: dict, sampler: str, description: str) -> Family:
   """A Family on the shared pre-norm decoder (transformer.py) with its own names, config parser and sampler."""
   return Family(
       name=name, model_types=model_types, parse_config=parse_config, top_names=decoder_top_names(top),
@@ -98,7 +98,7 @@ def decoder_family(name: str, model_types: tuple, parse_config, top: dict, table
       embed=transformer.embed, block_context=transformer.block_context, block_forward=transformer.block_forward_ctx,
       head=transformer.head, forward=transformer.forward, calib_seed=calib_seed, norm_kind="rms_pre",
       scale_folds=DECODER_SCALE_FOLDS, module_orders=DECODER_MODULE_ORDERS, presets=presets,
-      sampler=sampler)
+      sampler=sampler, description=description)
 
 
 def llada_hf_config(base: dict = LLADA_8B, **overrides) -> dict:
@@ -117,4 +117,4 @@ PRESETS = {
                                eos_token_id=0, pad_token_id=0, bos_token_id=1, torch_dtype="float32")}
 # seed_x 0: the released LLaDA calibration script's default
 FAMILY = decoder_family("llada", ("llada",), _llada_config, TOP_NAMES, BLOCK_NAMES, BLOCK_PREFIX, calib_seed=0,
-                        presets=PRESETS, sampler="llada")
+                        presets=PRESETS, sampler="llada", description="LLaDA-8B-Base/Instruct, LLaDA-1.5")

@@ -79,7 +79,7 @@ def test_a_new_family_is_one_module_plus_its_registry_entry(monkeypatch, tmp_pat
   FAMILIES (with the model_type table derived from it) loads, calibrates, quantizes, saves and reloads with no
   other change. Reference: the same params quantized directly (api.quantize_weight per linear: RTN needs no H)."""
   toy = llada.decoder_family("toy", ("toy",), _toy_config, TOY_TOP, TOY_BLOCK, "layers.{}.", calib_seed=7,
-                             presets={}, sampler="llada")
+                             presets={}, sampler="llada", description="a toy decoder")
   monkeypatch.setitem(families.FAMILIES, "toy", toy)
   monkeypatch.setitem(families._BY_MODEL_TYPE, "toy", toy)
   cfg = families.config_from_hf({"model_type": "toy", "vocab": 64, "width": 32, "depth": 2, "heads": 4, "ffn": 64,
