@@ -81,7 +81,7 @@ def _is_lazy(x) -> bool:
 def _parts(params: dict, where: str) -> list[tuple[str, tuple, object, dict]]:
   """[(part name, path prefix, value or lazy value, tree spec)] in write order (top-level params, then blocks)."""
   if not isinstance(params, dict) or not isinstance(params.get("blocks"), (list, tuple)):
-    raise CheckpointError(f"{where}: params must be a dict with a 'blocks' list (transformer.py layout)")
+    raise CheckpointError(f"{where}: params must be a dict with a 'blocks' list (the family's param_shapes layout)")
   out = []
   for k, v in params.items():
     items = enumerate(v) if k == "blocks" else [(None, v)]
@@ -110,7 +110,7 @@ def save_quantized(path: str, params: dict, config: ModelConfig, *, metadata: di
 
   Args:
     path: target directory; written to a temporary sibling and renamed into place.
-    params: the params pytree (transformer.py layout) with dense arrays and QuantizedWeight leaves
+    params: the params pytree (the family's layout, `Family.param_shapes`) with dense arrays and QuantizedWeight leaves
       (e.g. `quantize_model(...)[0]`); arrays are stored bit-exactly in their own dtypes. A block may also be a
       `SpilledBlock` and a top-level param a `LazyTensor`: it is read only while its part is written, so the
       host holds one part at a time (the launch saves an 8B model this way).

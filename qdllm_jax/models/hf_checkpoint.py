@@ -172,7 +172,7 @@ class CheckpointReader:
     return self._read({name: name}, dtype, numpy)[name]
 
   def block(self, i: int, dtype=None, numpy: bool = False) -> dict:
-    """Block i's params {canonical name: array} (see transformer.py), reading only its tensors."""
+    """Block i's params {canonical name: array} (the family's block layout), reading only its tensors."""
     if not 0 <= i < self.config.n_layers:
       raise CheckpointError(f"{self.path}: block {i} out of range; the model has {self.config.n_layers} blocks")
     return self._read(hf.block_names(self.config, i), dtype, numpy)
@@ -186,7 +186,7 @@ class CheckpointReader:
     return {k: LazyTensor(self, name, dtype) for k, name in hf.top_names(self.config).items()}
 
   def load_params(self, dtype=None, numpy: bool = False) -> dict:
-    """The whole params pytree (transformer.py layout)."""
+    """The whole params pytree (the family's layout, `Family.param_shapes`)."""
     params = self.top(dtype, numpy)
     params["blocks"] = [self.block(i, dtype, numpy) for i in range(self.config.n_layers)]
     return params
@@ -277,7 +277,7 @@ def _flat_params(params: dict, cfg: ModelConfig) -> list[tuple[str, object]]:
   family = family_of(cfg)
   shapes = family.param_shapes(cfg)
   if not isinstance(params, dict):
-    raise CheckpointError(f"params must be a dict pytree (transformer.py layout), found {type(params).__name__}")
+    raise CheckpointError(f"params must be a dict pytree (the family's layout), found {type(params).__name__}")
   extra, blocks = sorted(set(params) - set(shapes)), params.get("blocks")
   if extra or not isinstance(blocks, (list, tuple)) or len(blocks) != cfg.n_layers:
     raise CheckpointError(f"params do not match the config: unexpected keys {extra}, blocks {type(blocks).__name__}"
@@ -316,7 +316,7 @@ def save_pretrained(model_or_params, cfg: ModelConfig | None, path: str, max_sha
   """Write an HF checkpoint directory atomically: config.json + model.safetensors (or shards + index).
 
   Args:
-    model_or_params: a Model (cfg may be None) or a params pytree in the transformer.py layout (dense arrays).
+    model_or_params: a Model (cfg may be None) or a params pytree in the family's layout (dense arrays).
     cfg: the ModelConfig parsed from config.json (its fields are written back unchanged).
     path: target directory. Written to a temporary sibling, then renamed into place.
     max_shard_bytes: shard when the total exceeds this (a tensor larger than it gets its own shard).
