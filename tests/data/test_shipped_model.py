@@ -7,12 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from task_reference import greedy_remasking, single_token_choice_scores
 
 from qdllm_jax.data import sequences, tasks, tokenizer
 from qdllm_jax.data.shipped import TINY_MODEL_DIR
 from qdllm_jax.eval import protocols, suite
 from qdllm_jax.models.llada import LLADA_8B
+from tests.data.task_reference import greedy_remasking, single_token_choice_scores
 
 MODEL_DIR = TINY_MODEL_DIR
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL_DIR, "model.safetensors")),
