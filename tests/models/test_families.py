@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from qdllm_jax import checkpoint
+from qdllm_jax import checkpoint, config_check, plan, run_configs
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.models import Model, bert, families, hf, llada, open_checkpoint, save_pretrained, transformer
 from qdllm_jax.models.model_config import ModelConfig, freeze
@@ -77,7 +77,8 @@ def _toy_config(d, path):
 def test_a_new_family_is_one_module_plus_its_registry_entry(monkeypatch, tmp_path):
   """A family declared like models/llada.py (a config parser, tensor names; the shared decoder) and registered in
   FAMILIES (with the model_type table derived from it) loads, calibrates, quantizes, saves and reloads with no
-  other change. Reference: the same params quantized directly (api.quantize_weight per linear: RTN needs no H)."""
+  other change, and plans without weights. Reference: the same params quantized directly (api.quantize_weight
+  per linear: RTN needs no H)."""
   toy = llada.decoder_family("toy", ("toy",), _toy_config, TOY_TOP, TOY_BLOCK, "layers.{}.", calib_seed=7,
                              presets={}, sampler="llada", description="a toy decoder")
   monkeypatch.setitem(families.FAMILIES, "toy", toy)
@@ -95,6 +96,11 @@ def test_a_new_family_is_one_module_plus_its_registry_entry(monkeypatch, tmp_pat
     for n in toy.linears:
       want = api.quantize_weight(params["blocks"][b][n], None, method="rtn", bits=4, group_size=32)
       np.testing.assert_array_equal(np.asarray(qparams["blocks"][b][n].dequantize()), np.asarray(want.dequantize()))
+  spec = config_check.validate(run_configs.model_config(**{
+      "model_path": src, "calib.seqlen": 16, "quant.group_size": 32, "eval.protocol": "",
+      "plan.hardware": "tpu_v5e_8"}), dry_run=True)
+  text, rp = plan.dry_run(spec)  # planned from its config.json, sharded by the decoder's param_axes
+  assert "toy, 2 blocks" in text and rp.n_quantized == 14 and rp.fits
   loaded = checkpoint.load_quantized(checkpoint.save_quantized(str(tmp_path / "q"), qparams, cfg))
   assert loaded.config == cfg
   np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(Model(params=qparams, config=cfg)(ids)))
