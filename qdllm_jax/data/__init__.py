@@ -7,5 +7,4 @@
   sequences.decode_answer(tok, gen_ids)     -> text up to the first EOS, stripped; == ex.answer.strip()
   sequences.mc_ids(tok, ex.prompt, choice)  -> (context ids, continuation ids) for a likelihood query
   sequences.encode_stream(tok, docs)        -> [BOS] doc [EOS] ... token stream (held-out perplexity)
-  task_eval.eval_generation / eval_multiple_choice(params, cfg, tok, examples) -> accuracies per family
 """

@@ -85,7 +85,7 @@ Optimizer: AdamW (b1 {b1}, b2 {b2}, wd {wd} on matrices), peak lr {lr}, {warmup}
 Generation runs the LLaDA sampler with low-confidence remasking, temperature 0, `gen_length = steps = block_length = 8`.
 The prompt is `[BOS] prompt`. The decoded text up to the first EOS, stripped, must equal the answer exactly.
 Multiple choice takes the argmax over the choices of the LLaDA conditional log-likelihood of `choice | [BOS] prompt`.
-Every choice is one token, so one Monte-Carlo sample is exact. Scorers: `qdllm_jax/data/task_eval.py`.
+Every choice is one token, so one Monte-Carlo sample is exact. Scorer: `qdllm_jax/eval/suite.py` (the `tiny` protocol).
 
 ## Training curve
 

@@ -64,7 +64,7 @@ def choice_nll(scores, labels) -> float:
 
 
 def normalize_answer(text: str) -> str:
-  """The exact-match normalisation: surrounding whitespace stripped (as task_eval and lm-eval's default)."""
+  """The exact-match normalisation: surrounding whitespace stripped (as lm-eval's default)."""
   return text.strip()
 
 

@@ -1,14 +1,15 @@
-"""suite.evaluate on a random LLaDA: determinism, agreement with the independent scorers of
-qdllm_jax.data.task_eval (exact single-token log-likelihoods, unpadded greedy decoding), metric bookkeeping."""
+"""suite.evaluate on a random LLaDA: determinism, agreement with the written-out scorers of
+tests/data/task_reference.py (exact single-token log-likelihoods, unpadded greedy decoding), metric bookkeeping."""
 import json
 
 import numpy as np
 import pytest
 
-from qdllm_jax.data import task_eval, tasks
+from qdllm_jax.data import sequences, tasks
 from qdllm_jax.errors import ConfigError
 from qdllm_jax.eval.suite import choice_accuracy, evaluate, exact_match
 from qdllm_jax.quant.packed import QuantizedWeight
+from tests.data.task_reference import greedy_remasking, single_token_choice_scores
 
 LIMIT = 4
 
@@ -43,7 +44,7 @@ def test_choice_scores_match_exact_single_token_loglik(runs, small_model, small_
   a = runs[0]
   chosen = _chosen("mc", tasks.MC_FAMILIES)
   for n, exs in chosen.items():
-    ref = task_eval.mc_choice_scores(small_model.params, small_model.config, small_tok, exs)
+    ref = single_token_choice_scores(small_model, small_tok, exs)
     got = a["details"]["choice_scores"][n]
     np.testing.assert_allclose(np.stack(got), np.stack(ref), atol=1e-4, rtol=1e-5)
     assert a["multiple_choice"]["accuracy"][n] == choice_accuracy(ref, [e.label for e in exs])
@@ -56,11 +57,10 @@ def test_choice_scores_match_exact_single_token_loglik(runs, small_model, small_
 
 def test_generation_matches_unpadded_greedy_decoding(runs, small_model, small_tok):
   a = runs[0]
-  from qdllm_jax.data import sequences
   for n, exs in _chosen("gen", tasks.GEN_FAMILIES).items():
     for e, got in zip(exs, a["details"]["generated_ids"][n]):
       prompt = np.asarray([sequences.gen_prompt_ids(small_tok, e)], np.int32)
-      ref = task_eval.greedy_generate(small_model.params, small_model.config, prompt, sequences.GEN_LEN)[0]
+      ref = greedy_remasking(small_model, prompt, sequences.GEN_LEN)[0]
       np.testing.assert_array_equal(got, ref)
     preds = a["details"]["predictions"][n]
     assert a["generation"]["exact_match"][n] == np.mean([exact_match(p, e.answer) for p, e in zip(preds, exs)])
