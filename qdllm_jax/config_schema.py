@@ -163,7 +163,8 @@ class SmoothQuantSpec:
 
 @dataclasses.dataclass(frozen=True)
 class QuaRotSpec:
-  w_method: str = key("gptq", "'gptq' | 'rtn' for the rotated weights")
+  w_method: str = key("gptq", "a registered weight method with a symmetric per-channel grid ('gptq' | 'rtn') "
+                      "for the rotated weights")
   rotate_ov: bool = key(True, "the online value/output rotation")
   online_down: bool = key(True, "the online Hadamard before the down projection")
 

@@ -70,7 +70,7 @@ def prepare(args, overrides):
   tok = load_tokenizer(args.model)
   if args.chat_template:
     chat_template.set_template(tok, args.chat_template)
-  settings = settings_lib.apply_overrides(settings_lib.default_settings(cfg.arch), overrides)
+  settings = settings_lib.apply_overrides(settings_lib.settings_for(cfg), overrides)
   if args.batch_size < 1:
     raise ConfigError(f"--batch_size={args.batch_size}: expected a positive integer")
   return kind, cfg, tok, settings

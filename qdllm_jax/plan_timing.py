@@ -32,7 +32,7 @@ PROBE_TOKENS = 256
 PROBE_CHUNK_TOKENS = 2048
 REPEATS = 3
 
-# Figures measured on named hardware presets (plan.HARDWARE keys): {name: KernelTimes}. None has been measured on
+# Figures measured on named hardware presets (hardware.HARDWARE keys): {name: KernelTimes}. None has been measured on
 # a TPU or GPU yet (no accelerator was lent), so the plan prints no duration for any preset.
 MEASURED: dict = {}
 
