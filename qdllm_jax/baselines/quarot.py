@@ -18,8 +18,6 @@ other sizes fall back to a random orthogonal matrix (QR of a Gaussian), reported
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +25,9 @@ import numpy as np
 from qdllm_jax.baselines import weight_activation
 from qdllm_jax.baselines.study_method import StudyMethod
 from qdllm_jax.errors import ConfigError, QuantizationError
-from qdllm_jax.models import act_fake_quant, layers, transformer
-from qdllm_jax.quant import methods
-from qdllm_jax.quant.api import quantize_weight, quantize_weights_shared
+from qdllm_jax.models import act_fake_quant
+from qdllm_jax.quant import methods, pipeline, rules
+from qdllm_jax.quant.api import quantize_weight
 
 IN_SIDE = ("q", "k", "v", "gate", "up")
 OUT_SIDE = ("o", "down")
@@ -157,15 +155,6 @@ def rotate_params(params: dict, cfg, key: jax.Array, *, rotate_ov: bool = True, 
   return out, rots, {"residual_hadamard": q_had, "down_hadamard": f_had}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _taps(p, x, cfg, rots):
-  b, t, _ = x.shape
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  cos, sin = layers.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-  p = dict(p, **({act_fake_quant.ONLINE: rots} if rots else {}))
-  return transformer.block_forward(p, x, cfg, cos, sin, None, return_taps=True)
-
-
 def weight_methods() -> tuple[str, ...]:
   """The registered weight methods (quant/methods.py) that can quantize QuaRot's rotated weights: symmetric
   (a `sym` option) per output channel (group_size -1) at every width 2..8."""
@@ -181,34 +170,26 @@ def _weight_options(spec, percdamp: float) -> dict:
 def sequential_weights(params: dict, cfg, calib_ids, rots, *, w_bits: int, method: str = "gptq",
                        percdamp: float = 0.01) -> dict:
   """QuaRot's calibrated weight path: a Hessian method (GPTQ), per output channel, symmetric, sequentially on the
-  (rotated) FP model.
+  (rotated) FP model, through the package's one block loop (`pipeline.quantize_model`).
 
   Block by block and group by group (q/k/v, o, gate/up, down), H = (2/N) sum_s X_s^T X_s from the block's
   inputs with the earlier groups already quantized (after the online transforms `rots`, a list of
   {tap: [C, C]} per block or None; QuaRot: down reads act R_F); the next block
   reads the quantized block's outputs. Activations are not quantized during calibration (as QuaRot).
+  All N windows go through a block in one pass (as QuaRot's own script), so H is one sum, not a sum of chunks.
   QuaRot's `--w_clip` MSE clipping grid is not implemented (plain min/max GPTQ grid).
+  Returns params with every block linear replaced by its fake-quantized weight (same dtypes, no online entries).
   """
   ids = jnp.asarray(calib_ids)
   if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise QuantizationError(f"calib_ids must be int [N, L]; got shape {ids.shape}, dtype {ids.dtype}.")
   opts = _weight_options(methods.get_method(method), percdamp)
-  x = transformer.embed(params, ids)
-  n = ids.shape[0]
-  blocks = []
-  for i, p in enumerate(params["blocks"]):
-    p = dict(p)
-    r = None if rots is None else rots[i]
-    for tap, names in transformer.LINEAR_GROUPS.items():
-      a = _taps(p, x, cfg, r)[1][tap].astype(jnp.float32)
-      h = (2.0 / n) * jnp.einsum("btc,btd->cd", a, a, precision=jax.lax.Precision.HIGHEST)
-      res = quantize_weights_shared([p[m] for m in names], h, method=method, bits=w_bits, group_size=-1,
-                                    return_info=True, **opts)
-      for m, (_, info) in zip(names, res):
-        p[m] = info["w_hat"].astype(p[m].dtype)
-    x = _taps(p, x, cfg, r)[0]
-    blocks.append(p)
-  return dict(params, blocks=blocks)
+  blocks = [dict(p, **({act_fake_quant.ONLINE: rots[i]} if rots is not None else {}))
+            for i, p in enumerate(params["blocks"])]
+  plan = rules.default_rules(method, w_bits, -1, **opts)
+  qp, _ = pipeline.quantize_model((dict(params, blocks=blocks), cfg), ids, plan, chunk_size=int(ids.shape[0]),
+                                  dequantize=True)
+  return dict(params, blocks=[{k: v for k, v in b.items() if k != act_fake_quant.ONLINE} for b in qp["blocks"]])
 
 
 def data_free_weights(params: dict, w_bits: int, *, method: str = "rtn") -> dict:

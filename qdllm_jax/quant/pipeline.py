@@ -302,7 +302,7 @@ def quantize_model(source, calib_ids, plan, *, module_order="standard", chunk_si
                         "resume with the state saved by the same run")
     state = dataclasses.replace(resume, x=place(resume.x))
   for b in range(state.next_block, cfg.n_layers):
-    p = {k: jnp.asarray(v) for k, v in src.block(b).items()}
+    p = jax.tree.map(jnp.asarray, src.block(b))  # a block may carry online transforms (a dict: QuaRot)
     qp, out, rep = quantize_block(p, state.x, cfg, b, plan, groups=groups, chunk_size=chunk_size,
                                   key_mask=key_mask, orders=state.orders, row_sharding=row_sharding,
                                   chunk_sharding=chunk_sharding, on_matrix=hooks.on_matrix)
