@@ -120,16 +120,10 @@ def _check_quant(d):
          f"({[(n, x.abmp_bits) for n, x in methods.REGISTRY.items() if x.abmp_bits]}: ABMP orders 1/2/3)")
   if d["target_bpw"] < 0 or (d["target_bpw"] > 0 and d["abmp_scope"] != "global"):
     _err("quant.target_bpw", d["target_bpw"], "0, or a positive bits/weight target with abmp_scope='global'")
-  for k in [k for k in ("outlier_z", "salient_weight") if d[k] <= 0]:
-    _err(f"quant.{k}", d[k], "a positive number")
-  if d["rsr_iters"] < 0:
-    _err("quant.rsr_iters", d["rsr_iters"], "an integer >= 0 (15 in the released code)")
-  if not 0.0 < d["percdamp"] <= 10.0:
-    _err("quant.percdamp", d["percdamp"], "a damping fraction in (0, 10] (0.01 in the papers)")
-  if d["z_diag"] not in ("chol", "inv_diag"):
-    _err("quant.z_diag", d["z_diag"], "'chol' or 'inv_diag'")
-  if d["comp_mode"] not in ("diag", "block"):
-    _err("quant.comp_mode", d["comp_mode"], "'diag' (released code) or 'block' (exact block OBS update)")
+  meth = methods.get_method(m)  # its options' ranges are the method's own check (quant/method_<name>.py)
+  bad = meth.check_options(meth.resolve_options({k: d[k] for k in meth.config_keys if k in meth.options}))
+  if bad is not None:
+    raise ConfigError(f"config.quant (method {m!r}): {bad} Set the quant.* key it names.")
   if d["scale_dtype"] not in SCALE_DTYPES:
     _err("quant.scale_dtype", d["scale_dtype"], f"one of {SCALE_DTYPES}")
   if d["act_order"] and "act_order" not in methods.get_method(m).options:

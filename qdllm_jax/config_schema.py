@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import ml_collections as mlc
 
+from qdllm_jax.quant import methods
+
 
 def key(default: Any, doc: str, *, non_semantic: bool = False):
   """A schema field: its default (immutable: numbers, strings, tuples, or a section class) and its meaning."""
@@ -21,6 +23,14 @@ def key(default: Any, doc: str, *, non_semantic: bool = False):
   if isinstance(default, type) and dataclasses.is_dataclass(default):
     return dataclasses.field(default_factory=default, metadata=meta)
   return dataclasses.field(default=default, metadata=meta)
+
+
+def _option(name: str):
+  """The default of a method option (quant/method_<name>.py declares it; every method that takes it agrees)."""
+  values = {repr(m.options[name]) for m in methods.REGISTRY.values() if name in m.options}
+  if len(values) != 1:
+    raise AssertionError(f"method option {name!r}: registered defaults {values} (expected one)")
+  return next(m.options[name] for m in methods.REGISTRY.values() if name in m.options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +56,18 @@ class QuantSpec:
   abmp_ratio: float = key(0.05, "0.05 LLaDA, 0.10 Dream; 0 = uniform order (quant_dllm bits=2 only)")
   abmp_scope: str = key("matrix", "'matrix' (released code) | 'global' (one budget across the model)")
   target_bpw: float = key(0.0, "global scope: true bits/weight target (0 = the cost of uniform order 2)")
-  dor: bool = key(True, "data-aware objective reweighting (salience)")
-  outlier_z: float = key(2.0, "DOR: z-score above which a weight counts as salient")
-  salient_weight: float = key(3.0, "DOR: weight of a salient entry's squared error")
-  rsr_iters: int = key(15, "row/column re-scaling sweeps per block")
-  compensation: bool = key(True, "cross-block GPTQ/OBC error compensation")
-  comp_mode: str = key("diag", "'diag': E = (W1 - W^1) / diag(U_bb) (released code) | 'block': exact block OBS "
-                       "update E = (W1 - W^1) U_bb^-1 (ours; docs/results.md)")
-  z_diag: str = key("chol", "'chol' | 'inv_diag'")
-  percdamp: float = key(0.01, "Hessian damping as a fraction of its mean diagonal")
-  scale_dtype: str = key("float16", "stored scales: 'float16' | 'bfloat16' | 'float32'")
-  sym: bool = key(False, "gptq/rtn: symmetric grid (False = asymmetric min/max, as original GPTQ)")
-  act_order: bool = key(False, "gptq only: columns in decreasing Hessian diagonal order")
+  dor: bool = key(_option("dor"), "data-aware objective reweighting (salience)")
+  outlier_z: float = key(_option("outlier_z"), "DOR: z-score above which a weight counts as salient")
+  salient_weight: float = key(_option("salient_weight"), "DOR: weight of a salient entry's squared error")
+  rsr_iters: int = key(_option("rsr_iters"), "row/column re-scaling sweeps per block")
+  compensation: bool = key(_option("compensation"), "cross-block GPTQ/OBC error compensation")
+  comp_mode: str = key(_option("comp_mode"), "'diag': E = (W1 - W^1) / diag(U_bb) (released code) | 'block': "
+                       "exact block OBS update E = (W1 - W^1) U_bb^-1 (ours; docs/results.md)")
+  z_diag: str = key(_option("z_diag"), "'chol' | 'inv_diag'")
+  percdamp: float = key(_option("percdamp"), "Hessian damping as a fraction of its mean diagonal")
+  scale_dtype: str = key(_option("scale_dtype"), "stored scales: 'float16' | 'bfloat16' | 'float32'")
+  sym: bool = key(_option("sym"), "gptq/rtn: symmetric grid (False = asymmetric min/max, as original GPTQ)")
+  act_order: bool = key(_option("act_order"), "gptq only: columns in decreasing Hessian diagonal order")
   module_order: str = key("standard", "'standard' | 'llada_runner'")
   rules: tuple = key((), "((regex, {method, bits, group_size, options} or 'skip'), ...), first match wins; "
                      "empty: every block linear gets the rule made of the keys above")
