@@ -108,25 +108,26 @@ def _check_quant(d):
   m, bits, g = d["method"], d["bits"], d["group_size"]
   if m not in methods.REGISTRY:
     _err("quant.method", m, f"one of {tuple(methods.REGISTRY)}", "or use a preset: --config configs/<model>.py:gptq_w2")
-  bad = methods.get_method(m).check_shape(bits, g, None)  # the widths are checked against the model later
+  meth = methods.get_method(m)
+  bad = meth.check_shape(bits, g, None)  # the widths are checked against the model later
   if bad is not None:
     _err(f"quant.{bad[0]}", bits if bad[0] == "bits" else g, bad[1])
   if not 0.0 <= d["abmp_ratio"] <= 1.0:
     _err("quant.abmp_ratio", d["abmp_ratio"], "a fraction in [0, 1] (0.05 LLaDA, 0.10 Dream, 0 = uniform)")
   if d["abmp_scope"] not in ("matrix", "global"):
     _err("quant.abmp_scope", d["abmp_scope"], "'matrix' (released code) or 'global'")
-  if d["abmp_scope"] == "global" and methods.get_method(m).abmp_bits != bits:
+  if d["abmp_scope"] == "global" and meth.abmp_bits != bits:
     _err("quant.abmp_scope", "global", "'matrix' unless the method mixes orders at these bits "
          f"({[(n, x.abmp_bits) for n, x in methods.REGISTRY.items() if x.abmp_bits]}: ABMP orders 1/2/3)")
   if d["target_bpw"] < 0 or (d["target_bpw"] > 0 and d["abmp_scope"] != "global"):
     _err("quant.target_bpw", d["target_bpw"], "0, or a positive bits/weight target with abmp_scope='global'")
-  meth = methods.get_method(m)  # its options' ranges are the method's own check (quant/method_<name>.py)
+  # the options' ranges are the method's own check (quant/method_<name>.py)
   bad = meth.check_options(meth.resolve_options({k: d[k] for k in meth.config_keys if k in meth.options}))
   if bad is not None:
     raise ConfigError(f"config.quant (method {m!r}): {bad} Set the quant.* key it names.")
   if d["scale_dtype"] not in SCALE_DTYPES:
     _err("quant.scale_dtype", d["scale_dtype"], f"one of {SCALE_DTYPES}")
-  if d["act_order"] and "act_order" not in methods.get_method(m).options:
+  if d["act_order"] and "act_order" not in meth.options:
     _err("quant.act_order", True, f"False: method {m!r} has no act-order")
   orders = sorted({"standard"}.union(*(f.module_orders for f in families.FAMILIES.values())))
   if d["module_order"] not in orders:  # the model's family is checked in check_model

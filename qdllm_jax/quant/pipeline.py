@@ -51,6 +51,7 @@ from qdllm_jax.sharding import host_tree
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass
 class PipelineState:
   """Everything `quantize_model` needs to continue after a block.
